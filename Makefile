@@ -1,0 +1,63 @@
+# pgwarden developer commands. `make test` is what CI runs (see .ci/run and README).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PGWARDEN_CACHE ?= /var/tmp/pgwarden-cache
+export PGWARDEN_CACHE
+
+.PHONY: venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets
+
+$(BIN)/pgwarden: pyproject.toml constraints.txt
+	@echo ">>> creating $(VENV) and installing pgwarden with test tools"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	@touch $@
+
+venv: $(BIN)/pgwarden
+
+# PostgreSQL binaries and the control plane are fetched/built once and cached outside the checkout.
+assets: venv
+	@echo ">>> PostgreSQL binaries ($${PGWARDEN_PG_VERSIONS:-15 18})"
+	$(BIN)/python -m tests.harness.pgbinaries
+	@echo ">>> control plane binaries (etcd, kube-apiserver, kubectl)"
+	$(BIN)/python -m tests.harness.controlplane_assets
+
+lint: venv
+	@echo ">>> ruff"
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff format --check operator tests bench
+	@echo ">>> import layering"
+	$(BIN)/lint-imports
+
+typecheck: venv
+	@echo ">>> mypy --strict"
+	$(BIN)/mypy
+
+pytest: assets
+	@echo ">>> pytest"
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+devcluster: assets
+	$(BIN)/python -m tests.harness.devcluster up
+
+devcluster-down: venv
+	$(BIN)/python -m tests.harness.devcluster down
+
+lock:
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv && .lockvenv/bin/pip install --quiet '.[test]'
+	{ echo "# Exact pins for reproducible installs (make, Dockerfile, CI). Regenerate with: make lock"; \
+	  .lockvenv/bin/pip freeze --exclude-editable | grep -v '^pgwarden'; } > constraints.txt
+	rm -rf .lockvenv
+
+bench: assets
+	$(BIN)/python bench/engine_cycle.py
+
+clean:
+	rm -rf $(VENV) .devcluster .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""Fixtures come as plugins, by cost: PostgreSQL servers, then the Kubernetes control plane."""
+
+pytest_plugins = (
+    "tests.fixtures.postgres",
+)
