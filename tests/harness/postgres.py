@@ -33,8 +33,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05,
-             message: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail with `message` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -103,8 +104,14 @@ class PgServer:
         assert row is not None
         return int(row[0])
 
-    def dsn(self, user: str = "postgres", dbname: str = "postgres", password: str | None = None,
-            via_socket: bool = False, **extra: str) -> str:
+    def dsn(
+        self,
+        user: str = "postgres",
+        dbname: str = "postgres",
+        password: str | None = None,
+        via_socket: bool = False,
+        **extra: str,
+    ) -> str:
         """A libpq DSN for this server: TCP on its address by default, or its Unix socket."""
         host = str(self.socket_dir) if via_socket else self.host
         parts = {"host": host, "port": str(self.port), "user": user, "dbname": dbname, **extra}
@@ -112,14 +119,23 @@ class PgServer:
             parts["password"] = password
         return psycopg.conninfo.make_conninfo(**parts)
 
-    def connect(self, user: str = "postgres", dbname: str = "postgres", application_name: str = "pgwarden-test",
-                autocommit: bool = True, password: str | None = None) -> psycopg.Connection[Any]:
+    def connect(
+        self,
+        user: str = "postgres",
+        dbname: str = "postgres",
+        application_name: str = "pgwarden-test",
+        autocommit: bool = True,
+        password: str | None = None,
+    ) -> psycopg.Connection[Any]:
         """A connection over the Unix socket (trusted), for the test's own set-up and checks."""
-        return psycopg.connect(self.dsn(user, dbname, password, via_socket=password is None,
-                                        application_name=application_name), autocommit=autocommit)
+        return psycopg.connect(
+            self.dsn(user, dbname, password, via_socket=password is None, application_name=application_name),
+            autocommit=autocommit,
+        )
 
-    def execute(self, query: str, params: tuple[Any, ...] | dict[str, Any] | None = None,
-                dbname: str = "postgres") -> list[tuple[Any, ...]]:
+    def execute(
+        self, query: str, params: tuple[Any, ...] | dict[str, Any] | None = None, dbname: str = "postgres"
+    ) -> list[tuple[Any, ...]]:
         """Run one statement as the superuser and return its rows (empty for commands)."""
         with self.connect(dbname=dbname) as conn:
             cur = conn.execute(query, params)  # type: ignore[arg-type]
@@ -132,9 +148,24 @@ class PgServer:
             shutil.chown(self.basedir, "postgres")
             shutil.chown(self.socket_dir, "postgres")
         subprocess.run(
-            _as_postgres([str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-                          "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"]),
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            _as_postgres(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.datadir),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         hba = ["local all all trust"]
         if self.hba == "trust":
@@ -161,15 +192,29 @@ class PgServer:
 
     def start(self) -> None:
         subprocess.run(
-            _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l",
-                          str(self.basedir / "server.log"), "-w", "-t", "60", "start"]),
-            check=True, stdout=subprocess.DEVNULL,
+            _as_postgres(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(self.basedir / "server.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
 
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(
             _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"]),
-            check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def restart(self) -> None:
@@ -183,14 +228,16 @@ class PgServer:
         shutil.rmtree(self.basedir, ignore_errors=True)
 
     # -- objects and sessions --------------------------------------------------------------------------
-    def create_role(self, name: str, *, password: str | None = None, superuser: bool = False,
-                    grants: tuple[str, ...] = ()) -> None:
+    def create_role(
+        self, name: str, *, password: str | None = None, superuser: bool = False, grants: tuple[str, ...] = ()
+    ) -> None:
         """Create a login role; `name` may be any string (quoted as an identifier)."""
         from psycopg import sql
 
         with self.connect() as conn:
             stmt = sql.SQL("CREATE ROLE {} LOGIN {}").format(
-                sql.Identifier(name), sql.SQL("SUPERUSER" if superuser else "NOSUPERUSER"))
+                sql.Identifier(name), sql.SQL("SUPERUSER" if superuser else "NOSUPERUSER")
+            )
             conn.execute(stmt)
             if password is not None:
                 conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
@@ -203,15 +250,23 @@ class PgServer:
         with self.connect() as conn:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(owner)))
 
-    def open_session(self, state: SessionState = "idle", *, user: str = "postgres", dbname: str = "postgres",
-                     application_name: str = "test-app", sleep_seconds: int = 600,
-                     password: str | None = None, via_socket: bool = False) -> Session:
+    def open_session(
+        self,
+        state: SessionState = "idle",
+        *,
+        user: str = "postgres",
+        dbname: str = "postgres",
+        application_name: str = "test-app",
+        sleep_seconds: int = 600,
+        password: str | None = None,
+        via_socket: bool = False,
+    ) -> Session:
         """Open a client session over TCP and bring it into `state`; returns once the server shows it so."""
-        conn = psycopg.connect(self.dsn(user, dbname, password, via_socket=via_socket,
-                                        application_name=application_name), autocommit=(state in ("idle", "active")))
-        if state == "idle":
-            conn.execute("SELECT 1")
-        elif state == "idle in transaction":
+        conn = psycopg.connect(
+            self.dsn(user, dbname, password, via_socket=via_socket, application_name=application_name),
+            autocommit=(state in ("idle", "active")),
+        )
+        if state == "idle" or state == "idle in transaction":
             conn.execute("SELECT 1")
         elif state == "idle in transaction (aborted)":
             with contextlib.suppress(psycopg.errors.DivisionByZero):
@@ -243,13 +298,20 @@ class PgServer:
 
 
 @contextlib.contextmanager
-def running_server(major: str, *, host: str = "127.0.0.1", port: int | None = None, hba: HbaMode = "trust",
-                   settings: dict[str, str] | None = None) -> Iterator[PgServer]:
+def running_server(
+    major: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    hba: HbaMode = "trust",
+    settings: dict[str, str] | None = None,
+) -> Iterator[PgServer]:
     """Start a fresh cluster and always destroy it afterwards."""
     basedir = Path(tempfile.mkdtemp(prefix=f"pgwarden-pg{major}-"))
     basedir.chmod(0o755)
-    server = PgServer(major=major, host=host, port=port or free_port(host), basedir=basedir, hba=hba,
-                      settings=dict(settings or {}))
+    server = PgServer(
+        major=major, host=host, port=port or free_port(host), basedir=basedir, hba=hba, settings=dict(settings or {})
+    )
     try:
         server.init()
         server.start()

@@ -185,9 +185,7 @@ class SessionRule(SessionFilters):
     @model_validator(mode="after")
     def _needs_an_age(self) -> SessionRule:
         if all(age is None for age in self.ages().values()):
-            raise ValueError(
-                "a session rule needs at least one of stateAge, queryAge, transactionAge, connectionAge"
-            )
+            raise ValueError("a session rule needs at least one of stateAge, queryAge, transactionAge, connectionAge")
         return self
 
     def ages(self) -> dict[str, timedelta | None]:
