@@ -6,12 +6,12 @@
 #
 # Usage: hack/controlplane-build.sh            -> prints the directory holding the three binaries
 # Env:   PGWARDEN_K8S_VERSION (default v1.37.2), PGWARDEN_ETCD_VERSION (default v3.6.16),
-#        PGWARDEN_CACHE (default ~/.cache/pgwarden)
+#        PGWARDEN_CACHE (default /var/tmp/pgwarden-cache, as the Makefile and tests/harness/paths.py)
 set -euo pipefail
 
 K8S="${PGWARDEN_K8S_VERSION:-v1.37.2}"
 ETCD="${PGWARDEN_ETCD_VERSION:-v3.6.16}"
-CACHE="${PGWARDEN_CACHE:-$HOME/.cache/pgwarden}"
+CACHE="${PGWARDEN_CACHE:-/var/tmp/pgwarden-cache}"
 OUT="$CACHE/controlplane/k8s-$K8S-etcd-$ETCD"
 BIN="$OUT/bin"
 

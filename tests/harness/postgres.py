@@ -47,6 +47,16 @@ def wait_for(
         time.sleep(interval)
 
 
+def holds_for(predicate: Callable[[], Any], duration: float, interval: float = 0.2) -> bool:
+    """True if `predicate` stays truthy for `duration` seconds: proof that something does NOT happen."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not predicate():
+            return False
+        time.sleep(interval)
+    return bool(predicate())
+
+
 def _as_postgres(cmd: list[str]) -> list[str]:
     if os.geteuid() == 0:
         return ["runuser", "-u", "postgres", "--", *cmd]

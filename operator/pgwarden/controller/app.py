@@ -1,0 +1,37 @@
+"""`pgwarden run`: start the central controller (kopf) with metrics and health endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import kopf
+
+from pgwarden.controller import metrics
+from pgwarden.controller.runtime import Runtime
+
+
+def run_controller(
+    namespaces: Sequence[str],
+    all_namespaces: bool,
+    metrics_port: int,
+    health_port: int,
+    standalone: bool = False,
+    peering_name: str = "pgwarden",
+) -> int:
+    """Run until SIGINT/SIGTERM. Without namespaces and without --all-namespaces, watch all namespaces."""
+    from pgwarden.controller import handlers  # noqa: F401 - importing registers the handlers
+
+    metrics.serve(metrics_port)
+    clusterwide = all_namespaces or not namespaces
+    asyncio.run(
+        kopf.operator(
+            clusterwide=clusterwide,
+            namespaces=() if clusterwide else list(namespaces),
+            memo=kopf.Memo(runtime=Runtime()),
+            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+            standalone=standalone,
+            peering_name=peering_name,
+        )
+    )
+    return 0

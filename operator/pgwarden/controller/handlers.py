@@ -1,0 +1,146 @@
+"""Every kopf decorator of the central controller, each delegating to a small module.
+
+Importing this module registers the handlers; `pgwarden run` (operator.py) then starts kopf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import kopf
+import structlog
+
+from pgwarden.controller.constants import CONTROLLER, FINALIZER, GROUP, PLURAL, VERSION
+from pgwarden.controller.events import PolicyEvent
+from pgwarden.controller.kube import PolicyApi, SecretReader, load_api_client
+from pgwarden.controller.runtime import Runtime
+from pgwarden.controller.status import PolicyCondition, TargetUpdate
+from pgwarden.controller.targets import PodInfo, pod_info_from
+from pgwarden.controller.worker import PolicyWorker
+from pgwarden.policy import PolicyError, parse_spec
+
+log = structlog.get_logger("pgwarden.controller")
+
+RELEASE_TIMEOUT = 10.0
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Settings first, then the long-lived clients every handler shares (kept in memo)."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled")
+    # Silent watch stalls are kopf's most reported failure: bound every watch request.
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.watching.connect_timeout = 10
+    settings.posting.loggers = False  # only our explicit, per-cycle aggregated kopf.event() calls post Events
+    settings.posting.reporting_component = "pgwarden"
+    settings.posting.event_name_prefix = "pgwarden-"
+    # Resources are resolved once at start-up; no cluster-wide watch of CRDs and namespaces, so the
+    # ClusterRole needs neither (the CRD is installed before the operator, as kustomize orders it).
+    settings.scanning.disabled = True
+    settings.peering.priority = random.randint(1, 2**31 - 1)  # noqa: S311 - tie-breaking, not security
+    runtime: Runtime = memo["runtime"]
+    if runtime.api is None:
+        runtime.api = load_api_client()
+    runtime.secrets = SecretReader(runtime.api)
+    runtime.bind_writer(PolicyApi(runtime.api))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime = memo["runtime"]
+    await runtime.close()
+
+
+@kopf.index("pods")  # type: ignore[arg-type]
+def pods_by_namespace(name: str, namespace: str, meta: kopf.Meta, status: kopf.Status, **_: Any) -> dict[str, PodInfo]:
+    """Pods by namespace, reduced to what targeting needs: no API list per cycle."""
+    return {namespace: pod_info_from(name, namespace, dict(meta), dict(status))}
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=15.0, id="enforce")
+async def enforce(
+    stopped: kopf.DaemonStopped,
+    name: str,
+    namespace: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    pods_by_namespace: kopf.Index[str, PodInfo],
+    **_: Any,
+) -> None:
+    """The policy's loop: lives as long as the policy does (stopped at once when it is deleted)."""
+    runtime: Runtime = memo["runtime"]
+
+    async def write_status(
+        updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, force: bool
+    ) -> None:
+        await runtime.writer.record(
+            namespace,
+            name,
+            latest=dict(body),
+            writer=CONTROLLER,
+            updates=updates,
+            owned_pods=owned,
+            condition=condition,
+        )
+
+    def post_event(event: PolicyEvent) -> None:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+    worker = PolicyWorker(
+        namespace=namespace,
+        name=name,
+        secrets=runtime.secrets,
+        make_enforcer=runtime.make_enforcer,
+        write_status=write_status,
+        post_event=post_event,
+        concurrency=runtime.concurrency,
+    )
+    try:
+        while not stopped:
+            delay = await worker.step(body, list(pods_by_namespace.get(namespace, [])))
+            await stopped.wait(delay)
+    finally:
+        await asyncio.shield(worker.close())
+        runtime.writer.forget(namespace, name)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="release")
+async def release(
+    name: str,
+    namespace: str,
+    spec: kopf.Spec,
+    memo: kopf.Memo,
+    pods_by_namespace: kopf.Index[str, PodInfo],
+    **_: Any,
+) -> None:
+    """Undo autovacuum_max_workers on the targets; never blocks deletion for long or on a gone target."""
+    runtime: Runtime = memo["runtime"]
+    try:
+        parsed = parse_spec(dict(spec))
+    except PolicyError:
+        return
+    worker = PolicyWorker(
+        namespace=namespace,
+        name=name,
+        secrets=runtime.secrets,
+        make_enforcer=runtime.make_enforcer,
+        write_status=_no_status,
+        post_event=lambda _event: None,
+        concurrency=runtime.concurrency,
+    )
+    try:
+        await asyncio.wait_for(
+            worker.release(parsed, list(pods_by_namespace.get(namespace, [])), RELEASE_TIMEOUT),
+            RELEASE_TIMEOUT + 5,
+        )
+    except Exception as exc:  # a gone or broken target never blocks deletion
+        log.warning("release incomplete; deleting anyway", policy=name, namespace=namespace, error=str(exc))
+
+
+async def _no_status(*_args: Any) -> None:
+    return None

@@ -1,0 +1,204 @@
+"""The few Kubernetes API calls the controller makes itself (kopf does the watching).
+
+The official client is synchronous; calls run in worker threads so one slow request never blocks the
+event loop that drives every policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from pgwarden.controller.constants import GROUP, PLURAL, VERSION
+from pgwarden.policy import CredentialsSecret
+
+
+def load_api_client() -> client.ApiClient:
+    """In a pod: its ServiceAccount. Elsewhere: KUBECONFIG / ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class CredentialsError(Exception):
+    """The credentials Secret cannot be used; the message says why and never holds a value."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # never let a password reach a log line through repr()
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+class SecretReader:
+    """Reads Secrets by name (`get` only: no list/watch, so RBAC stays narrow), cached briefly.
+
+    The short cache bounds API traffic while a rotated password is picked up within `ttl` seconds.
+    """
+
+    def __init__(self, api: client.ApiClient, ttl: float = 30.0) -> None:
+        self._core = client.CoreV1Api(api)
+        self._ttl = ttl
+        self._cache: dict[tuple[str, str], tuple[float, dict[str, str] | CredentialsError]] = {}
+
+    def invalidate(self, namespace: str, name: str) -> None:
+        self._cache.pop((namespace, name), None)
+
+    async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
+        data = await self._secret_data(namespace, ref.name)
+        missing = [k for k in (ref.username_key, ref.password_key) if k not in data]
+        if missing:
+            raise CredentialsError(
+                "CredentialsKeyMissing",
+                f"Secret {namespace}/{ref.name} has no key {', '.join(repr(k) for k in missing)}",
+            )
+        return Credentials(data[ref.username_key], data[ref.password_key])
+
+    async def _secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        key = (namespace, name)
+        cached = self._cache.get(key)
+        if cached and time.monotonic() - cached[0] < self._ttl:
+            if isinstance(cached[1], CredentialsError):
+                raise cached[1]
+            return cached[1]
+        try:
+            secret = await asyncio.to_thread(self._core.read_namespaced_secret, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                error = CredentialsError("CredentialsSecretNotFound", f"Secret {namespace}/{name} not found")
+            elif exc.status == 403:
+                error = CredentialsError("CredentialsForbidden", f"not allowed to read Secret {namespace}/{name}")
+            else:
+                raise CredentialsError(
+                    "CredentialsUnavailable", f"reading Secret {namespace}/{name} failed: HTTP {exc.status}"
+                ) from None
+            self._cache[key] = (time.monotonic(), error)
+            raise error from None
+        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        self._cache[key] = (time.monotonic(), data)
+        return data
+
+
+class StatusConflict(Exception):
+    """Someone else wrote the policy between our read and our write."""
+
+
+class PolicyApi:
+    """Reads and writes PostgresPolicy objects (status only: the spec belongs to the user)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._custom = client.CustomObjectsApi(api)
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await asyncio.to_thread(
+                self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(obj)
+
+    async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
+        """Merge-patch `status` only if the object is still at `resource_version`; return the new version.
+
+        Lists in a merge patch replace the stored list, which is why the caller sends the whole list
+        it computed from the version it read, and why the precondition is needed.
+        """
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        try:
+            obj = await asyncio.to_thread(
+                self._custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                body,
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise StatusConflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from None
+            raise
+        return str(obj["metadata"]["resourceVersion"])
+
+
+class PodApi:
+    """Reads one pod by name: all the sidecar needs to learn its own labels and annotations."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._core = client.CoreV1Api(api)
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            pod = await asyncio.to_thread(self._core.read_namespaced_pod, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(self._core.api_client.sanitize_for_serialization(pod))
+
+
+class PolicyLister:
+    """Lists the policies of one namespace (the sidecar's view; the controller uses kopf's watch)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._custom = client.CustomObjectsApi(api)
+
+    async def list(self, namespace: str) -> list[dict[str, Any]]:
+        result = await asyncio.to_thread(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+        return [dict(item) for item in result.get("items", [])]
+
+
+class EventPoster:
+    """Posts core/v1 Events about a policy without kopf (the sidecar runs no kopf)."""
+
+    def __init__(self, api: client.ApiClient, component: str, instance: str) -> None:
+        self._core = client.CoreV1Api(api)
+        self._component = component
+        self._instance = instance
+
+    async def post(self, policy: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = policy.get("metadata") or {}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {
+            "metadata": {"generateName": "pgwarden-", "namespace": meta.get("namespace")},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "PostgresPolicy",
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": self._component, "host": self._instance},
+            "reportingComponent": self._component,
+            "reportingInstance": self._instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await asyncio.to_thread(self._core.create_namespaced_event, meta.get("namespace"), body)
+        except ApiException as exc:  # an Event is best effort; the action is already logged
+            structlog.get_logger("pgwarden.sidecar").warning("event not posted", reason=reason, status=exc.status)

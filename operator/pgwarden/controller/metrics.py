@@ -1,0 +1,70 @@
+"""Prometheus metrics: what the operator did and saw, labelled so a dashboard can slice by policy and pod."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+ACTIONS = Counter(
+    "pgwarden_actions",
+    "Sessions terminated or queries cancelled (dry run: that would have been).",
+    ["namespace", "policy", "rule", "action", "mode"],
+    registry=REGISTRY,
+)
+BACKENDS = Gauge(
+    "pgwarden_backends",
+    "PostgreSQL processes by backend_type on each target, as seen in the last cycle.",
+    ["namespace", "policy", "pod", "backend_type"],
+    registry=REGISTRY,
+)
+CYCLE_SECONDS = Histogram(
+    "pgwarden_cycle_duration_seconds",
+    "Wall time of one evaluation of one policy on one target.",
+    ["namespace", "policy"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+TARGET_ERRORS = Counter(
+    "pgwarden_target_errors",
+    "Cycles that failed on a target (unreachable, bad credentials, timeout, query error).",
+    ["namespace", "policy", "pod"],
+    registry=REGISTRY,
+)
+TARGETS = Gauge(
+    "pgwarden_targets",
+    "Pods a policy currently targets.",
+    ["namespace", "policy"],
+    registry=REGISTRY,
+)
+
+
+def record_cycle(namespace: str, policy: str, pod: str, report: Mapping[str, Any], seconds: float) -> None:
+    mode = str(report.get("enforcementAction", "enforce"))
+    CYCLE_SECONDS.labels(namespace, policy).observe(seconds)
+    for action in report.get("actions") or []:
+        if action.get("done") or mode == "dryRun":
+            ACTIONS.labels(namespace, policy, str(action.get("rule")), str(action.get("action")), mode).inc()
+    cancelled = (report.get("autovacuum") or {}).get("cancelled") or []
+    if cancelled:
+        ACTIONS.labels(namespace, policy, "autovacuum", "cancel", mode).inc(len(cancelled))
+    for backend_type, count in (report.get("backends") or {}).items():
+        BACKENDS.labels(namespace, policy, pod, backend_type).set(count)
+
+
+def record_error(namespace: str, policy: str, pod: str) -> None:
+    TARGET_ERRORS.labels(namespace, policy, pod).inc()
+
+
+def forget_target(namespace: str, policy: str, pod: str) -> None:
+    """Drop a departed pod's series so gauges never report a server that is gone."""
+    for labels in list(BACKENDS._metrics):
+        if labels[:3] == (namespace, policy, pod):
+            BACKENDS.remove(*labels)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - metrics are scraped from other pods
+    start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,154 @@
+"""`pgwarden sidecar`: enforce, from inside a PostgreSQL pod, the policies that select that pod.
+
+Same worker, engine, status, Events and metrics as the central controller; what differs is where
+the targets and credentials come from: one pod (its own), one server (over localhost or a socket,
+credentials from its own environment), no Secrets, no kopf (no finalizers on shared policies).
+A pod is enforced by its sidecar only when annotated `pgwarden.dev/enforcer: sidecar`; the
+controller skips exactly those pods, so two enforcers never act on one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from pgwarden.controller import metrics
+from pgwarden.controller.constants import SIDECAR
+from pgwarden.controller.events import PolicyEvent
+from pgwarden.controller.kube import EventPoster, PodApi, PolicyApi, PolicyLister, load_api_client
+from pgwarden.controller.status import PolicyCondition, TargetUpdate
+from pgwarden.controller.status_writer import StatusWriter
+from pgwarden.controller.targets import PodInfo, pod_info_from
+from pgwarden.controller.worker import Endpoint, PolicyWorker, TargetEnforcer
+from pgwarden.engine.session import EngineTarget
+
+log = structlog.get_logger("pgwarden.sidecar")
+
+POLL_SECONDS = 5.0
+LOCAL = Endpoint(host="local", port=0, dbname="", sslmode="", user=None)
+
+
+class Sidecar:
+    def __init__(self, pod_name: str, namespace: str, dsn: str) -> None:
+        self.pod_name = pod_name
+        self.namespace = namespace
+        self.dsn = dsn
+        api = load_api_client()
+        self.pods = PodApi(api)
+        self.policies = PolicyLister(api)
+        self.writer = StatusWriter(PolicyApi(api))
+        self.events = EventPoster(api, "pgwarden-sidecar", pod_name)
+        self.workers: dict[str, PolicyWorker] = {}
+        self.bodies: dict[str, dict[str, Any]] = {}  # the latest listed body of each policy
+        self.concurrency = asyncio.Semaphore(4)
+        self.healthy = False
+        self._pending_events: set[asyncio.Task[None]] = set()
+
+    def make_enforcer(self, _endpoint: Endpoint) -> TargetEnforcer:
+        return EngineTarget.from_dsn(self.dsn)
+
+    def _worker(self, name: str) -> PolicyWorker:
+        worker = self.workers.get(name)
+        if worker is not None:
+            return worker
+
+        async def write_status(
+            updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, _force: bool
+        ) -> None:
+            await self.writer.record(
+                self.namespace,
+                name,
+                latest=self.bodies.get(name),
+                writer=SIDECAR,
+                updates=updates,
+                owned_pods=owned,
+                scope=lambda pod: pod == self.pod_name,
+                condition=condition,
+            )
+
+        def post_event(event: PolicyEvent) -> None:
+            task = asyncio.create_task(self.events.post(self.bodies[name], event.type, event.reason, event.message))
+            self._pending_events.add(task)
+            task.add_done_callback(self._pending_events.discard)
+
+        worker = PolicyWorker(
+            namespace=self.namespace,
+            name=name,
+            secrets=None,
+            make_enforcer=self.make_enforcer,
+            write_status=write_status,
+            post_event=post_event,
+            concurrency=self.concurrency,
+            enforcer_kind=SIDECAR,
+            fixed_endpoint=LOCAL,
+        )
+        self.workers[name] = worker
+        return worker
+
+    async def step(self) -> float:
+        """One look at the own pod and the namespace's policies; returns how long to sleep."""
+        raw_pod = await self.pods.get(self.namespace, self.pod_name)
+        if raw_pod is None:
+            log.warning("own pod not found; idle", pod=self.pod_name, namespace=self.namespace)
+            return POLL_SECONDS
+        pod = pod_info_from(self.pod_name, self.namespace, raw_pod.get("metadata") or {}, raw_pod.get("status") or {})
+        if not pod.sidecar_enforced:
+            log.info("pod not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it; idle")
+        # The sidecar is inside the pod: it is the pod's server whatever the IP says.
+        pod = PodInfo(pod.name, pod.namespace, "Running", pod.pod_ip or "127.0.0.1", pod.labels, pod.annotations)
+        self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
+        for gone in [n for n in self.workers if n not in self.bodies]:
+            await self.workers.pop(gone).close()
+        delay = POLL_SECONDS
+        for name, body in sorted(self.bodies.items()):
+            delay = min(delay, await self._worker(name).step(body, [pod]))
+        self.healthy = True
+        return delay
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                delay = await self.step()
+            except Exception as exc:  # the API server blinked: report, keep going
+                log.warning("sidecar step failed", error=str(exc))
+                delay = POLL_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        for worker in self.workers.values():
+            await worker.close()
+
+
+async def _serve_health(sidecar: Sidecar, port: int) -> web.AppRunner:
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"healthy": sidecar.healthy}, status=200 if sidecar.healthy else 503)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()  # noqa: S104 - probed by the kubelet
+    return runner
+
+
+async def _main(pod_name: str, namespace: str, dsn: str, metrics_port: int, health_port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sidecar = Sidecar(pod_name, namespace, dsn)
+    metrics.serve(metrics_port)
+    runner = await _serve_health(sidecar, health_port)
+    try:
+        await sidecar.run(stop)
+    finally:
+        await runner.cleanup()
+
+
+def run_sidecar(pod_name: str, namespace: str, dsn: str, metrics_port: int, health_port: int) -> int:
+    asyncio.run(_main(pod_name, namespace, dsn, metrics_port, health_port))
+    return 0

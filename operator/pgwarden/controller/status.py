@@ -1,0 +1,206 @@
+"""What a policy's status says, computed from engine reports: pure functions, no API calls.
+
+Several writers share one policy's status (the controller, and sidecars in their own pods), so every
+writer changes only its own `targets[]` entries, adds its own actions to `totals`, and recomputes the
+summary fields (`conditions`, `targetCount`, `readyTargets`) from the whole target list it read. The
+writer (status_writer.py) makes that read-modify-write safe with a resourceVersion precondition.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+MAX_LAST_ACTIONS = 20
+TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
+TOTAL_KEYS = ("actions", "terminated", "cancelled", "autovacuumCancelled")
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class TargetUpdate:
+    """One target's outcome in one cycle, as the writer will record it."""
+
+    pod: str
+    pod_ip: str | None
+    enforcer: str
+    report: Mapping[str, Any] | None = None
+    error: str | None = None
+    skipped_reason: str | None = None
+    when: str = field(default_factory=now_rfc3339)
+
+    def entry(self, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The `status.targets[]` item; keeps the last actions of an earlier cycle if this one did none."""
+        entry: dict[str, Any] = {"pod": self.pod, "enforcer": self.enforcer, "lastCycleTime": self.when}
+        if self.pod_ip:
+            entry["podIP"] = self.pod_ip
+        if self.skipped_reason:
+            entry["skippedReason"] = self.skipped_reason
+            return entry
+        if self.error:
+            entry["error"] = self.error
+        for key in ("lastActions", "lastActionTime", "serverVersion", "backends", "clientStates", "autovacuum"):
+            if previous and key in previous:
+                entry[key] = previous[key]
+        if self.report is not None:
+            entry["serverVersion"] = self.report.get("serverVersion")
+            entry["backends"] = dict(self.report.get("backends") or {})
+            entry["clientStates"] = dict(self.report.get("clientStates") or {})
+            if self.report.get("autovacuum") is not None:
+                entry["autovacuum"] = self.report["autovacuum"]
+            actions = list(self.report.get("actions") or [])
+            if actions:
+                entry["lastActions"] = [_action_entry(a) for a in actions[:MAX_LAST_ACTIONS]]
+                entry["lastActionTime"] = self.when
+            errors = list(self.report.get("errors") or [])
+            if errors and not self.error:
+                entry["error"] = "; ".join(str(e) for e in errors)[:1000]
+        return {k: v for k, v in entry.items() if v is not None}
+
+    def totals(self) -> dict[str, int]:
+        """Actions really taken in this cycle (dry-run actions are not counted)."""
+        out = dict.fromkeys(TOTAL_KEYS, 0)
+        if self.report is None:
+            return out
+        for action in self.report.get("actions") or []:
+            if not action.get("done"):
+                continue
+            out["actions"] += 1
+            out["terminated" if action.get("action") == "terminate" else "cancelled"] += 1
+        cancelled = (self.report.get("autovacuum") or {}).get("cancelled") or []
+        if not self.report.get("autovacuum", {}).get("dryRun"):
+            out["autovacuumCancelled"] += len(cancelled)
+            out["actions"] += len(cancelled)
+        return out
+
+
+def _action_entry(action: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("rule", "action", "pid", "user", "database", "applicationName", "clientAddress", "state", "done")
+    return {k: action[k] for k in keys if action.get(k) is not None}
+
+
+@dataclass
+class PolicyCondition:
+    """A condition the writer asserts; lastTransitionTime is carried over when the status is unchanged."""
+
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+def next_status(
+    current: Mapping[str, Any] | None,
+    *,
+    writer: str = "controller",
+    generation: int | None,
+    updates: Iterable[TargetUpdate],
+    owned_pods: Iterable[str] | None = None,
+    scope: Callable[[str], bool] | None = None,
+    policy_condition: PolicyCondition | None = None,
+) -> dict[str, Any]:
+    """The status after applying this writer's updates to `current`.
+
+    `owned_pods`, when given, is the complete set of pods this writer enforces now: entries of its kind
+    for other pods within its `scope` (gone, relabelled) are dropped. A sidecar's scope is its own pod,
+    so it never drops a sibling's entry; the controller's scope is every pod.
+    `policy_condition` overrides the computed Ready/Degraded (an invalid spec, missing credentials).
+    """
+    status: dict[str, Any] = copy.deepcopy(dict(current or {}))
+    updates = list(updates)
+    by_pod = {t["pod"]: t for t in status.get("targets") or [] if isinstance(t, dict) and "pod" in t}
+    if owned_pods is not None:
+        keep = set(owned_pods) | {u.pod for u in updates}
+        for pod, entry in list(by_pod.items()):
+            in_scope = scope is None or scope(pod)
+            if in_scope and entry.get("enforcer") in (writer, None) and pod not in keep:
+                del by_pod[pod]
+    totals = {k: int((status.get("totals") or {}).get(k, 0)) for k in TOTAL_KEYS}
+    for update in updates:
+        previous = by_pod.get(update.pod)
+        if update.skipped_reason and previous and previous.get("enforcer") not in (None, update.enforcer):
+            continue  # the pod's own enforcer reports on it; a skip notice must not overwrite that
+        by_pod[update.pod] = update.entry(previous)
+        for key, value in update.totals().items():
+            totals[key] += value
+    targets = [by_pod[pod] for pod in sorted(by_pod)]
+    status["targets"] = targets
+    status["totals"] = totals
+    active = [t for t in targets if not t.get("skippedReason")]
+    failing = [t for t in active if t.get("error")]
+    status["targetCount"] = len(active)
+    status["readyTargets"] = len(active) - len(failing)
+    if generation is not None:
+        status["observedGeneration"] = generation
+    conditions = _conditions(active, failing, policy_condition)
+    status["conditions"] = _carry_transitions(status.get("conditions") or [], conditions, generation)
+    return status
+
+
+def _conditions(
+    active: list[dict[str, Any]], failing: list[dict[str, Any]], override: PolicyCondition | None
+) -> list[PolicyCondition]:
+    if override is not None:
+        degraded = PolicyCondition("Degraded", "True", override.reason, override.message)
+        return [override, degraded] if override.type == "Ready" else [override]
+    if failing:
+        detail = "; ".join(f"{t['pod']}: {t['error']}" for t in failing[:5])
+        ready = PolicyCondition(
+            "Ready", "False", "TargetErrors", f"{len(failing)} of {len(active)} targets failed: {detail}"
+        )
+        degraded = PolicyCondition("Degraded", "True", "TargetErrors", ready.message)
+        return [ready, degraded]
+    if not active:
+        message = "no running pod matches spec.selector"
+        return [
+            PolicyCondition("Ready", "True", "NoTargets", message),
+            PolicyCondition("Degraded", "False", "NoTargets", message),
+        ]
+    message = f"all {len(active)} targets evaluated"
+    return [
+        PolicyCondition("Ready", "True", "TargetsEvaluated", message),
+        PolicyCondition("Degraded", "False", "TargetsEvaluated", message),
+    ]
+
+
+def _carry_transitions(
+    previous: list[dict[str, Any]], conditions: list[PolicyCondition], generation: int | None
+) -> list[dict[str, Any]]:
+    old = {c.get("type"): c for c in previous if isinstance(c, dict)}
+    out = []
+    for cond in conditions:
+        before = old.pop(cond.type, None)
+        changed = before is None or before.get("status") != cond.status
+        item: dict[str, Any] = {
+            "type": cond.type,
+            "status": cond.status,
+            "reason": cond.reason,
+            "message": cond.message[:2000],
+            "lastTransitionTime": now_rfc3339() if changed else before.get("lastTransitionTime", now_rfc3339()),
+        }
+        if generation is not None:
+            item["observedGeneration"] = generation
+        out.append(item)
+    out.extend(old.values())  # conditions another writer asserts (none today) are left alone
+    return sorted(out, key=lambda c: str(c.get("type")))
+
+
+def without_timestamps(value: Any) -> Any:
+    """`value` minus the fields that change every cycle, to tell a real change from a heartbeat."""
+    if isinstance(value, Mapping):
+        return {k: without_timestamps(v) for k, v in value.items() if k not in TIMESTAMP_FIELDS}
+    if isinstance(value, list):
+        return [without_timestamps(v) for v in value]
+    return value
+
+
+def differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """True when something other than a timestamp changed."""
+    relevant = {k: v for k, v in (old or {}).items() if k != "kopf"}
+    return without_timestamps(relevant) != without_timestamps({k: v for k, v in new.items() if k != "kopf"})

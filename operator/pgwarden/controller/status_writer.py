@@ -1,0 +1,78 @@
+"""Writes a policy's status safely when several writers share it, and only when it says something new.
+
+Read-modify-write with a resourceVersion precondition: a conflict means another writer got there
+first, so we read again and recompute. A write that would change only timestamps is skipped unless a
+minute has passed, so a quiet cluster sees no write storm (and kopf never sees a status loop: its
+handlers ignore status, and this writer never touches the spec).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from pgwarden.controller.kube import PolicyApi, StatusConflict
+from pgwarden.controller.status import PolicyCondition, TargetUpdate, differs, next_status
+
+log = structlog.get_logger("pgwarden.controller")
+
+HEARTBEAT_SECONDS = 60.0
+MAX_ATTEMPTS = 8
+
+
+@dataclass
+class StatusWriter:
+    policies: PolicyApi
+    heartbeat: float = HEARTBEAT_SECONDS
+    writes: int = 0
+    _last_write: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    async def record(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        latest: Mapping[str, Any] | None,
+        writer: str,
+        updates: list[TargetUpdate],
+        owned_pods: list[str] | None,
+        scope: Callable[[str], bool] | None = None,
+        condition: PolicyCondition | None = None,
+    ) -> bool:
+        """Apply one step's outcome to the policy's status; True if a write happened."""
+        key = (namespace, name)
+        obj = dict(latest) if latest is not None else await self.policies.get(namespace, name)
+        for _ in range(MAX_ATTEMPTS):
+            if obj is None:
+                return False  # the policy is gone; nothing to report on
+            meta = obj.get("metadata") or {}
+            current = obj.get("status") or {}
+            new = next_status(
+                current,
+                writer=writer,
+                generation=meta.get("generation"),
+                updates=updates,
+                owned_pods=owned_pods,
+                scope=scope,
+                policy_condition=condition,
+            )
+            stale = time.monotonic() - self._last_write.get(key, 0.0) >= self.heartbeat
+            if not differs(current, new) and not (stale and updates):
+                return False
+            try:
+                await self.policies.write_status(namespace, name, new, str(meta.get("resourceVersion")))
+            except StatusConflict:
+                obj = await self.policies.get(namespace, name)
+                continue
+            self._last_write[key] = time.monotonic()
+            self.writes += 1
+            return True
+        log.warning("status not written: too many concurrent writers", policy=name, namespace=namespace)
+        return False
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._last_write.pop((namespace, name), None)

@@ -1,0 +1,239 @@
+"""One policy's enforcement loop: pick targets, evaluate the due ones concurrently, report.
+
+Each target keeps its own schedule: the engine says when the next session will cross a threshold,
+and the target is evaluated again then (never later than `interval`, never more often than once a
+second). A failing target backs off on its own schedule and never delays the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from pgwarden.controller import metrics
+from pgwarden.controller.constants import CONTROLLER, SIDECAR
+from pgwarden.controller.events import PolicyEvent, events_for_cycle
+from pgwarden.controller.kube import CredentialsError, SecretReader
+from pgwarden.controller.status import PolicyCondition, TargetUpdate
+from pgwarden.controller.targets import PodInfo, select_targets
+from pgwarden.policy import PolicyError, PolicySpec, parse_spec
+
+log = structlog.get_logger("pgwarden.controller")
+
+MIN_DELAY = 1.0
+MAX_BACKOFF = 300.0
+IDLE_POLL = 2.0  # how often a sleeping worker looks at the pods index for new targets
+
+
+class TargetEnforcer(Protocol):
+    """What the worker needs from the engine for one PostgreSQL server (see pgwarden.engine.session)."""
+
+    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[dict[str, Any], float | None]:
+        """Run one cycle; return the JSON report and seconds until the next threshold (None: none seen)."""
+
+    async def release_autovacuum(self, written: int) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Everything that, when it changes, needs a new connection."""
+
+    host: str
+    port: int
+    dbname: str
+    sslmode: str
+    user: str | None
+    password: str | None = field(repr=False, default=None)
+
+
+EnforcerFactory = Callable[[Endpoint], TargetEnforcer]
+StatusSink = Callable[[list[TargetUpdate], list[str], PolicyCondition | None, bool], Awaitable[None]]
+EventSink = Callable[[PolicyEvent], None]
+
+
+@dataclass
+class TargetState:
+    pod: PodInfo
+    endpoint: Endpoint | None = None
+    enforcer: TargetEnforcer | None = None
+    next_due: float = 0.0
+    failures: int = 0
+
+    async def close(self) -> None:
+        if self.enforcer is not None:
+            enforcer, self.enforcer = self.enforcer, None
+            await enforcer.close()
+
+
+@dataclass
+class PolicyWorker:
+    """Enforces one PostgresPolicy on its targets until stopped."""
+
+    namespace: str
+    name: str
+    secrets: SecretReader | None
+    make_enforcer: EnforcerFactory
+    write_status: StatusSink
+    post_event: EventSink
+    concurrency: asyncio.Semaphore
+    enforcer_kind: str = CONTROLLER
+    fixed_endpoint: Endpoint | None = None  # the sidecar's own server: no pod IPs, no Secrets
+    states: dict[str, TargetState] = field(default_factory=dict)
+    _generation: int | None = None
+
+    @property
+    def policy_key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    async def step(self, body: Mapping[str, Any], pods: Iterable[PodInfo]) -> float:
+        """Evaluate whatever is due now; return how long to sleep before the next step."""
+        generation = (body.get("metadata") or {}).get("generation")
+        try:
+            spec = parse_spec(dict(body.get("spec") or {}))
+        except PolicyError as exc:
+            await self._close_all()
+            condition = PolicyCondition("Ready", "False", "InvalidSpec", str(exc))
+            await self.write_status([], [], condition, True)
+            log.warning("policy invalid; nothing enforced", policy=self.name, namespace=self.namespace, error=str(exc))
+            return IDLE_POLL * 5
+        if generation != self._generation:
+            self._generation = generation
+            for state in self.states.values():
+                state.next_due = 0.0  # a changed policy takes effect now, on every target
+        interval = spec.interval.total_seconds()
+        chosen = select_targets(spec.selector, pods)
+        ours = [p for p in chosen if (p.sidecar_enforced == (self.enforcer_kind == SIDECAR))]
+        skipped = [p for p in chosen if p not in ours]
+        await self._forget_departed({p.name for p in ours})
+        for pod in ours:
+            state = self.states.setdefault(pod.name, TargetState(pod))
+            state.pod = pod
+        metrics.TARGETS.labels(self.namespace, self.name).set(len(ours))
+
+        now = time.monotonic()
+        due = [s for s in self.states.values() if s.next_due <= now]
+        credentials_condition: PolicyCondition | None = None
+        updates: list[TargetUpdate] = []
+        if due:
+            try:
+                endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
+            except CredentialsError as exc:
+                credentials_condition = PolicyCondition("Ready", "False", exc.reason, str(exc))
+                for state in due:
+                    state.failures += 1
+                    state.next_due = now + self._backoff(state, interval)
+                    await state.close()
+                log.warning("credentials unavailable; nothing enforced", policy=self.name, reason=exc.reason)
+            else:
+                updates = list(
+                    await asyncio.gather(*(self._evaluate(s, spec, endpoints[s.pod.name], interval) for s in due))
+                )
+        for pod in skipped:
+            updates.append(
+                TargetUpdate(
+                    pod.name,
+                    pod.pod_ip,
+                    self.enforcer_kind,
+                    skipped_reason=(
+                        "enforced by its pgwarden sidecar (annotation pgwarden.dev/enforcer=sidecar)"
+                        if self.enforcer_kind == CONTROLLER
+                        else "not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it"
+                    ),
+                )
+            )
+        await self.write_status(updates, sorted(self.states), credentials_condition, False)
+        if not self.states:
+            return IDLE_POLL
+        wait = min(s.next_due for s in self.states.values()) - time.monotonic()
+        return max(0.05, min(wait, IDLE_POLL))
+
+    async def release(self, spec: PolicySpec, pods: Iterable[PodInfo], per_target_seconds: float) -> None:
+        """Undo what the policy set (autovacuum_max_workers) on every reachable target, each within a bound."""
+        written = spec.autovacuum.max_workers
+        if written is None:
+            return
+        chosen = [
+            p for p in select_targets(spec.selector, pods) if p.sidecar_enforced == (self.enforcer_kind == SIDECAR)
+        ]
+
+        async def one(pod: PodInfo) -> None:
+            enforcer = self.make_enforcer(await self._endpoint(spec, pod))
+            try:
+                result = await enforcer.release_autovacuum(written)
+                log.info("released autovacuum_max_workers", policy=self.name, pod=pod.name, result=result)
+            finally:
+                await enforcer.close()
+
+        results = await asyncio.gather(*(asyncio.wait_for(one(p), per_target_seconds) for p in chosen), return_exceptions=True)
+        for pod, result in zip(chosen, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("release failed; left as is", policy=self.name, pod=pod.name, error=str(result))
+
+    async def close(self) -> None:
+        await self._close_all()
+
+    # -- internals ------------------------------------------------------------------------------------
+    async def _close_all(self) -> None:
+        await self._forget_departed(set())
+
+    async def _forget_departed(self, keep: set[str]) -> None:
+        for name in [n for n in self.states if n not in keep]:
+            await self.states.pop(name).close()
+            metrics.forget_target(self.namespace, self.name, name)
+
+    async def _endpoint(self, spec: PolicySpec, pod: PodInfo) -> Endpoint:
+        if self.fixed_endpoint is not None:
+            return self.fixed_endpoint
+        conn = spec.connection
+        user = password = None
+        if conn.credentials_secret is not None and self.secrets is not None:
+            creds = await self.secrets.credentials(self.namespace, conn.credentials_secret)
+            user, password = creds.username, creds.password
+        elif conn.credentials_secret is None:
+            raise CredentialsError(
+                "CredentialsNotConfigured", "spec.connection.credentialsSecret is required for the central controller"
+            )
+        assert pod.pod_ip is not None  # select_targets only returns pods with an IP
+        return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password)
+
+    def _backoff(self, state: TargetState, interval: float) -> float:
+        return float(min(MAX_BACKOFF, max(MIN_DELAY, interval), 2.0 ** min(state.failures, 10)))
+
+    async def _evaluate(
+        self, state: TargetState, spec: PolicySpec, endpoint: Endpoint, interval: float
+    ) -> TargetUpdate:
+        pod = state.pod
+        if state.endpoint != endpoint:
+            await state.close()
+            state.endpoint = endpoint
+        if state.enforcer is None:
+            state.enforcer = self.make_enforcer(endpoint)
+        started = time.monotonic()
+        bound = structlog.contextvars.bound_contextvars(policy=self.name, namespace=self.namespace, pod=pod.name)
+        try:
+            with bound:
+                async with self.concurrency:
+                    report, next_in = await state.enforcer.evaluate(
+                        spec, policy=self.policy_key, target=f"{endpoint.host}:{endpoint.port}"
+                    )
+        except Exception as exc:  # every engine failure is a per-target report, never a crash
+            state.failures += 1
+            state.next_due = time.monotonic() + self._backoff(state, interval)
+            await state.close()
+            metrics.record_error(self.namespace, self.name, pod.name)
+            log.warning("target failed", policy=self.name, namespace=self.namespace, pod=pod.name, error=str(exc))
+            return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, error=str(exc)[:1000])
+        state.failures = 0
+        delay = interval if next_in is None else min(interval, max(MIN_DELAY, next_in))
+        state.next_due = started + delay
+        metrics.record_cycle(self.namespace, self.name, pod.name, report, time.monotonic() - started)
+        for event in events_for_cycle(pod.name, report):
+            self.post_event(event)
+        return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)

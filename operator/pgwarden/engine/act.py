@@ -1,0 +1,135 @@
+"""Signalling the planned sessions, one guarded statement each, so only the observed backend is hit.
+
+Between observation and action a backend may end, its pid may be reused by a new backend, or the
+session may change state (an idle session that just started a query no longer matches an idle rule).
+Each signal is therefore sent from a statement that re-reads `pg_stat_activity` and only signals the
+backend with the observed pid, `backend_start` and `state_change`; anything else is skipped and
+reported, never an error. A refused signal (SQLSTATE 42501, e.g. a non-superuser engine and a superuser
+backend) is reported for that session and the cycle goes on; only a broken connection stops it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, LiteralString
+
+import psycopg
+import structlog
+
+from pgwarden.engine.decide import PlannedAction
+from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.report import FAILED, GONE, PERMISSION_DENIED, STATE_CHANGED, ActionRecord, SkipRecord
+from pgwarden.policy.model import SessionAction
+
+_GUARD: LiteralString = (
+    " FROM pg_stat_activity"
+    " WHERE pid = %(pid)s AND backend_start = %(backend_start)s"
+    " AND state_change IS NOT DISTINCT FROM %(state_change)s"
+)
+# Fixed statements, one per action: the function name is chosen here, never from user input.
+_SIGNAL: dict[SessionAction, LiteralString] = {
+    SessionAction.TERMINATE: "SELECT pg_terminate_backend(pid)" + _GUARD,
+    SessionAction.CANCEL: "SELECT pg_cancel_backend(pid)" + _GUARD,
+}
+_WHY_NOT = "SELECT backend_start = %(backend_start)s FROM pg_stat_activity WHERE pid = %(pid)s"
+
+
+@dataclass
+class ActOutcome:
+    actions: list[ActionRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def record(planned: PlannedAction, *, done: bool) -> ActionRecord:
+    s = planned.session
+    return ActionRecord(
+        rule=planned.rule,
+        action=planned.action.value,
+        pid=s.pid,
+        user=s.user,
+        database=s.database,
+        application_name=s.application_name,
+        client_address=s.client_address,
+        state=s.state,
+        state_age_seconds=s.state_age,
+        done=done,
+    )
+
+
+def _log_fields(planned: PlannedAction, *, dry_run: bool) -> dict[str, Any]:
+    s = planned.session
+    return {
+        "rule": planned.rule,
+        "action": planned.action.value,
+        "pid": s.pid,
+        "user": s.user,
+        "database": s.database,
+        "application": s.application_name,
+        "client_address": s.client_address,
+        "state": s.state,
+        "state_age_seconds": None if s.state_age is None else round(s.state_age, 3),
+        "dry_run": dry_run,
+    }
+
+
+def dry_run(planned: Sequence[PlannedAction], log: Any) -> ActOutcome:
+    """Report what enforce would do; no statement is sent."""
+    outcome = ActOutcome()
+    for p in planned:
+        log.info(f"would {p.action.value} session", **_log_fields(p, dry_run=True))
+        outcome.actions.append(record(p, done=False))
+    return outcome
+
+
+async def _why_not(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -> str:
+    s = planned.session
+    cur = await conn.execute(_WHY_NOT, {"pid": s.pid, "backend_start": s.backend_start})
+    row = await cur.fetchone()
+    return STATE_CHANGED if row is not None and row[0] else GONE
+
+
+async def signal_one(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -> bool | str:
+    """Signal one session; True if signalled, else the skip reason. Raises psycopg errors."""
+    s = planned.session
+    params = {"pid": s.pid, "backend_start": s.backend_start, "state_change": s.state_change}
+    cur = await conn.execute(_SIGNAL[planned.action], params)
+    row = await cur.fetchone()
+    if row is None:
+        return await _why_not(conn, planned)
+    # False: the process was gone by the time the signal was sent (PostgreSQL also logs a WARNING).
+    return True if row[0] else GONE
+
+
+async def act(
+    conn: psycopg.AsyncConnection[Any], planned: Sequence[PlannedAction], log: Any, *, target: str = ""
+) -> ActOutcome:
+    """Signal each planned session in order; see the module docstring for what is skipped and why."""
+    outcome = ActOutcome()
+    for p in planned:
+        fields = _log_fields(p, dry_run=False)
+        try:
+            result = await signal_one(conn, p)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            message = f"{p.action.value} pid {p.session.pid} (rule {p.rule}): permission denied: {exc.diag.message_primary or exc}"
+            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, PERMISSION_DENIED))
+            outcome.errors.append(message)
+            log.warning("signal refused", reason=PERMISSION_DENIED, error=message, **fields)
+            continue
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                where = f" to {target}" if target else ""
+                raise TargetUnreachable(f"connection{where} lost while signalling: {str(exc).strip()}") from None
+            message = f"{p.action.value} pid {p.session.pid} (rule {p.rule}): {str(exc).strip()}"
+            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, FAILED))
+            outcome.errors.append(message)
+            log.warning("signal failed", reason=FAILED, error=message, **fields)
+            continue
+        if result is True:
+            outcome.actions.append(record(p, done=True))
+            log.info(f"session {'terminated' if p.action is SessionAction.TERMINATE else 'cancelled'}", **fields)
+        else:
+            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, str(result)))
+            log.info("session left alone", reason=result, **fields)
+    return outcome

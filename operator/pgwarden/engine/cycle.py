@@ -1,0 +1,116 @@
+"""One evaluation of a policy against one server: observe, decide, act, report.
+
+This is the unit the CLI loop, the sidecar and the kopf controller all schedule. It holds no state
+between calls; the connection is the caller's (see `pgwarden.engine.session` for one that reconnects).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Protocol, cast
+
+import psycopg
+import structlog
+
+from pgwarden.engine import act as acting
+from pgwarden.engine.decide import plan
+from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.observe import compile_observation, observe
+from pgwarden.engine.report import CycleReport
+from pgwarden.policy.model import Autovacuum, EnforcementAction, PolicySpec
+
+log = structlog.get_logger("pgwarden.engine")
+
+
+class AutovacuumReport(Protocol):
+    """What `pgwarden.engine.autovacuum.enforce_autovacuum` returns (that module is developed separately)."""
+
+    errors: list[str]
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+AutovacuumEnforcer = Callable[..., Awaitable[AutovacuumReport]]
+
+
+def _autovacuum_enforcer() -> AutovacuumEnforcer | None:
+    """The autovacuum step, if this build has it; looked up lazily so the engine works without it."""
+    try:
+        module = importlib.import_module("pgwarden.engine.autovacuum")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pgwarden.engine.autovacuum":
+            raise
+        return None
+    return cast(AutovacuumEnforcer | None, getattr(module, "enforce_autovacuum", None))
+
+
+async def _autovacuum(
+    conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
+) -> tuple[dict[str, Any] | None, list[str]]:
+    enforce = _autovacuum_enforcer()
+    if enforce is None:
+        return None, ["autovacuum: not supported by this pgwarden build; spec.autovacuum was ignored"]
+    try:
+        result = await enforce(conn, spec, dry_run=dry_run)
+    except psycopg.Error as exc:
+        if conn.broken or conn.closed:
+            raise TargetUnreachable(f"connection to {target} lost during autovacuum: {str(exc).strip()}") from None
+        return None, [f"autovacuum: {str(exc).strip()}"]
+    return result.to_json(), list(result.errors)
+
+
+async def run_cycle(
+    conn: psycopg.AsyncConnection[Any],
+    spec: PolicySpec,
+    *,
+    policy: str,
+    target: str,
+    dry_run_override: bool = False,
+    protected_pids: Collection[int] = (),
+) -> CycleReport:
+    """Evaluate `spec` once on the server behind `conn` and return what was seen and done.
+
+    Raises TargetUnreachable (connection failed or lost) or QueryFailed (the observation failed);
+    per-session problems are reported in the result instead.
+    """
+    started = time.monotonic()
+    dry_run = dry_run_override or spec.dry_run
+    mode = EnforcementAction.DRY_RUN if dry_run else EnforcementAction.ENFORCE
+    bound = log.bind(policy=policy, target=target)
+
+    observation = await observe(conn, compile_observation(spec, protected_pids), target=target)
+    decision = plan(observation, spec, protected_pids)
+    if dry_run:
+        outcome = acting.dry_run(decision.actions, bound)
+    else:
+        outcome = await acting.act(conn, decision.actions, bound, target=target)
+
+    report = CycleReport(
+        policy=policy,
+        target=target,
+        server_version=observation.server_version,
+        enforcement_action=mode,
+        backends=observation.backends,
+        client_states=observation.client_states,
+        actions=outcome.actions,
+        skipped=[*decision.skipped, *outcome.skipped],
+        errors=outcome.errors,
+        next_deadline=decision.next_deadline,
+        observed_at=observation.received_at,
+    )
+    if spec.autovacuum.max_workers is not None:
+        report.autovacuum, errors = await _autovacuum(conn, spec.autovacuum, dry_run=dry_run, target=target)
+        report.errors.extend(errors)
+    report.duration_seconds = time.monotonic() - started
+    bound.debug(
+        "cycle done",
+        dry_run=dry_run,
+        actions=len(report.actions),
+        skipped=len(report.skipped),
+        errors=len(report.errors),
+        next_deadline=report.next_deadline,
+        duration_seconds=round(report.duration_seconds, 4),
+    )
+    return report

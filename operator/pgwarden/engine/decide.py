@@ -1,0 +1,214 @@
+"""What to do this cycle, as pure functions of an observation and a spec: no I/O, no clock.
+
+Modelled on CloudNativePG's `evaluateNextRoleActions`: the decision has no side effects, so every rule,
+protection and limit can be tested without a server. The observation query already narrowed the
+sessions in SQL; everything is checked again here, so a session is only ever acted on when both the SQL
+filter and these functions agree (a mistake in either one can only make the engine do less).
+
+Order of decisions:
+1. built-in protections and `exclude` (never a candidate);
+2. session rules, in order: a session is acted on by the first rule it matches;
+3. connection limits, in order, over what is left: sessions above `max` per group, idle first;
+4. blast-radius limits over that ordered list; the rest is reported as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+from pgwarden.engine.observe import CLIENT_BACKEND, ObservedSession, Observation
+from pgwarden.engine.patterns import address_in, matches_any, networks
+from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION, SkipRecord
+from pgwarden.policy.model import (
+    ConnectionLimit,
+    Exclude,
+    GroupBy,
+    Limits,
+    PolicySpec,
+    SessionAction,
+    SessionFilters,
+    SessionRule,
+)
+
+# Which sessions a connection limit gives up first: plain idle ones lose no work, an aborted transaction can
+# only roll back, an open transaction loses its work; active ones only with includeActive (rank 3).
+_VICTIM_RANK = {"idle": 0, "idle in transaction (aborted)": 1, "idle in transaction": 2}
+_ACTIVE_RANK = 3
+
+
+@dataclass(frozen=True)
+class PlannedAction:
+    """A session the engine means to signal, and the rule (or connection limit) that chose it."""
+
+    rule: str
+    action: SessionAction
+    session: ObservedSession
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[PlannedAction, ...]
+    skipped: tuple[SkipRecord, ...]
+    next_deadline: float | None
+    """Seconds after the observation when a session seen now next crosses a rule's thresholds."""
+
+
+# -- protections ---------------------------------------------------------------------------------------
+
+
+def is_protected(session: ObservedSession, exclude: Exclude, protected_pids: Collection[int]) -> bool:
+    """Built-in protections and the policy's excludes; True means no rule may touch the session.
+
+    Only client backends are ever candidates: walsenders (every replication connection, physical or
+    logical), autovacuum, background and parallel workers all have another backend_type. The engine's own
+    sessions are in `protected_pids`. A NULL name cannot be checked against an exclude, so it protects.
+    """
+    if session.backend_type != CLIENT_BACKEND or session.pid in protected_pids:
+        return True
+    for value, patterns in (
+        (session.user, exclude.users),
+        (session.database, exclude.databases),
+        (session.application_name, exclude.application_names),
+    ):
+        if patterns and (value is None or matches_any(value, patterns)):
+            return True
+    return False
+
+
+# -- session rules -------------------------------------------------------------------------------------
+
+
+def in_scope(session: ObservedSession, filters: SessionFilters) -> bool:
+    """The optional filters shared by session rules and connection limits (empty lists match anything)."""
+    return (
+        matches_any(session.user, filters.users)
+        and matches_any(session.database, filters.databases)
+        and matches_any(session.application_name, filters.application_names)
+        and address_in(session.client_address, networks(filters.client_addresses))
+    )
+
+
+def overshoot(rule: SessionRule, session: ObservedSession) -> float | None:
+    """Seconds past the latest of the rule's thresholds (>= 0: all hold); None if an age is unknown."""
+    margins = []
+    for column, threshold in rule.ages().items():
+        if threshold is None:
+            continue
+        age = session.age(column)
+        if age is None:
+            return None
+        margins.append(age - threshold.total_seconds())
+    return min(margins) if margins else None
+
+
+def rule_matches(rule: SessionRule, session: ObservedSession) -> bool:
+    if rule.states and session.state not in {s.value for s in rule.states}:
+        return False
+    if not in_scope(session, rule):
+        return False
+    margin = overshoot(rule, session)
+    return margin is not None and margin >= 0
+
+
+def first_matching_rule(rules: Sequence[SessionRule], session: ObservedSession) -> tuple[int, SessionRule] | None:
+    for index, rule in enumerate(rules):
+        if rule_matches(rule, session):
+            return index, rule
+    return None
+
+
+# -- connection limits -------------------------------------------------------------------------------
+
+
+def group_key(limit: ConnectionLimit, session: ObservedSession) -> str | None:
+    """The group a session counts in; Unix-socket sessions (no address) form one group of their own."""
+    return {
+        GroupBy.USER: session.user,
+        GroupBy.DATABASE: session.database,
+        GroupBy.APPLICATION_NAME: session.application_name,
+        GroupBy.CLIENT_ADDRESS: session.client_address,
+    }[limit.group_by]
+
+
+def victim_order(session: ObservedSession) -> tuple[int, float, int]:
+    """Sort key: idle first, then aborted, then idle in transaction, then active; longest in state first."""
+    rank = _VICTIM_RANK.get(session.state or "", _ACTIVE_RANK)
+    return (rank, -(session.state_age or 0.0), session.pid)
+
+
+def limit_victims(
+    limit: ConnectionLimit, sessions: Iterable[ObservedSession], taken: Collection[int]
+) -> list[ObservedSession]:
+    """Sessions above `limit.max` in each group, counting only sessions not already `taken` by a rule.
+
+    `sessions` must hold every in-scope member of any group that may be over the cap (the observation
+    returns whole over-cap groups); a partial group can only undercount, so never over-act.
+    """
+    groups: dict[str | None, list[ObservedSession]] = {}
+    for session in sessions:
+        if session.pid in taken or not in_scope(session, limit):
+            continue
+        groups.setdefault(group_key(limit, session), []).append(session)
+    victims: list[ObservedSession] = []
+    for key in sorted(groups, key=lambda k: (k is None, k or "")):
+        members = groups[key]
+        excess = len(members) - limit.max
+        if excess <= 0:
+            continue
+        eligible = [
+            s for s in sorted(members, key=victim_order) if limit.include_active or victim_order(s)[0] < _ACTIVE_RANK
+        ]
+        victims.extend(eligible[:excess])
+    return victims
+
+
+# -- blast radius ----------------------------------------------------------------------------------------
+
+
+def allowed_actions(limits: Limits, client_backends: int) -> tuple[int, str]:
+    """How many actions this cycle may take and which limit binds (reported as the skip reason)."""
+    by_fraction = max(1, math.floor(limits.max_fraction_per_cycle * client_backends + 1e-9))
+    if by_fraction < limits.max_actions_per_cycle:
+        return by_fraction, MAX_FRACTION
+    return limits.max_actions_per_cycle, MAX_ACTIONS
+
+
+def apply_limits(
+    intents: Sequence[PlannedAction], limits: Limits, client_backends: int
+) -> tuple[list[PlannedAction], list[SkipRecord]]:
+    allowed, reason = allowed_actions(limits, client_backends)
+    kept = list(intents[:allowed])
+    skipped = [SkipRecord(p.rule, p.session.pid, reason) for p in intents[allowed:]]
+    return kept, skipped
+
+
+# -- the whole decision ------------------------------------------------------------------------------
+
+
+def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[int] = ()) -> Plan:
+    """Decide this cycle's actions from one observation (see the module docstring for the order)."""
+    protected = {observation.own_pid, *protected_pids}
+    candidates = [s for s in observation.sessions if not is_protected(s, spec.exclude, protected)]
+
+    by_rule: list[tuple[int, float, int, PlannedAction]] = []
+    for session in candidates:
+        found = first_matching_rule(spec.sessions, session)
+        if found is None:
+            continue
+        index, rule = found
+        margin = overshoot(rule, session) or 0.0
+        by_rule.append((index, -margin, session.pid, PlannedAction(rule.name, rule.action, session)))
+    # Within a rule, the sessions furthest past its thresholds first: if the blast radius cuts the list,
+    # the worst offenders are the ones handled.
+    intents = [entry[3] for entry in sorted(by_rule, key=lambda e: e[:3])]
+
+    taken = {p.session.pid for p in intents}
+    for limit in spec.connection_limits:
+        for victim in limit_victims(limit, candidates, taken):
+            intents.append(PlannedAction(limit.name, SessionAction.TERMINATE, victim))
+            taken.add(victim.pid)
+
+    actions, skipped = apply_limits(intents, spec.limits, observation.client_backends)
+    return Plan(actions=tuple(actions), skipped=tuple(skipped), next_deadline=observation.next_crossing)

@@ -1,0 +1,117 @@
+"""A long-lived engine connection to one target that reconnects after a failure.
+
+`TargetSession` is what the CLI loop and the sidecar hold; `EngineTarget` adapts it to the controller's
+`TargetEnforcer` protocol (host/port/credentials from a pod and a Secret, JSON report out).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Collection
+from typing import Any
+
+import psycopg
+from psycopg import conninfo as pg_conninfo
+
+from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
+from pgwarden.engine.cycle import run_cycle
+from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.report import CycleReport
+from pgwarden.engine.scheduler import DEADLINE_MARGIN
+from pgwarden.policy.model import PolicySpec
+
+
+class TargetSession:
+    """One server: connects on first use, and again on the next cycle after the connection broke."""
+
+    def __init__(self, dsn: EngineDsn, *, protected_pids: Collection[int] = ()) -> None:
+        self.dsn = dsn
+        self.protected_pids = frozenset(protected_pids)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._target = dsn.target
+
+    @property
+    def target(self) -> str:
+        """`HOST:PORT` as reached (before the first connection: as written in the DSN)."""
+        return self._target
+
+    async def connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            await self.close()
+            self._conn = await connect(self.dsn)
+            self._target = target_of(self._conn)
+        return self._conn
+
+    async def run(
+        self, spec: PolicySpec, *, policy: str, dry_run_override: bool = False, target: str | None = None
+    ) -> CycleReport:
+        """One cycle; a lost connection is closed so the next call reconnects."""
+        conn = await self.connection()
+        try:
+            return await run_cycle(
+                conn,
+                spec,
+                policy=policy,
+                target=target or self._target,
+                dry_run_override=dry_run_override,
+                protected_pids=self.protected_pids,
+            )
+        except TargetUnreachable:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            try:
+                await conn.close()
+            except psycopg.Error:  # closing a broken connection may fail; it is gone either way
+                pass
+
+
+class EngineTarget:
+    """The controller's enforcer for one pod (see `pgwarden.controller.worker.TargetEnforcer`)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        dbname: str,
+        user: str | None,
+        password: str | None,
+        sslmode: str,
+    ) -> None:
+        params: dict[str, Any] = {"host": host, "port": str(port), "dbname": dbname, "sslmode": sslmode}
+        if user:
+            params["user"] = user
+        if password:
+            params["password"] = password
+        self._session = TargetSession(parse_dsn(pg_conninfo.make_conninfo(**params)))
+
+    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[dict[str, Any], float | None]:
+        """Run one cycle; the JSON report and seconds from this call's start until a new cycle is worthwhile."""
+        called = time.monotonic()
+        report = await self._session.run(spec, policy=policy, target=target)
+        if report.next_deadline is None:
+            return report.to_json(), None
+        return report.to_json(), (report.observed_at - called) + report.next_deadline + DEADLINE_MARGIN
+
+    async def release_autovacuum(self, written: int) -> dict[str, Any]:
+        """Undo the policy's autovacuum_max_workers, delegated to `pgwarden.engine.autovacuum`."""
+        try:
+            module = importlib.import_module("pgwarden.engine.autovacuum")
+        except ModuleNotFoundError as exc:
+            if exc.name != "pgwarden.engine.autovacuum":
+                raise
+            return {"released": False, "reason": "autovacuum is not supported by this pgwarden build"}
+        release = getattr(module, "release_autovacuum", None)
+        if release is None:
+            return {"released": False, "reason": "autovacuum release is not supported by this pgwarden build"}
+        conn = await self._session.connection()
+        result: dict[str, Any] = await release(conn, written)
+        return result
+
+    async def close(self) -> None:
+        await self._session.close()

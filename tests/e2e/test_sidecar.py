@@ -1,0 +1,120 @@
+"""Sidecar mode for real: one `pgwarden sidecar` process per fake pod, as its ServiceAccount under RBAC.
+
+Proves: each sidecar enforces on its own server only; the controller running at the same time
+skips annotated pods; three sidecars writing one policy's status at once lose no entry; removing the
+annotation hands the pod to the controller; the sidecar needs no access to Secrets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.e2e.test_operator import (
+    PASSWORD,
+    create_policy,
+    create_secret,
+    events,
+    get_policy,
+    next_host,
+    open_app_sessions,
+    policy_body,
+    prepare_server,
+)
+from tests.fixtures.operator import OperatorFactory
+from tests.fixtures.postgres import PgFactory
+from tests.harness.controlplane import ControlPlane
+from tests.harness.k8s import create_running_pod
+from tests.harness.postgres import PgServer, holds_for, wait_for
+
+pytestmark = [pytest.mark.k8s, pytest.mark.pg]
+
+REPO = Path(__file__).resolve().parents[2]
+SIDECAR = {"pgwarden.dev/enforcer": "sidecar"}
+
+
+def sidecar_identity(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Path:
+    """Apply manifests/sidecar into the namespace and return a kubeconfig for its ServiceAccount."""
+    control_plane.kubectl("apply", "-k", str(REPO / "manifests" / "sidecar"), "-n", namespace)
+    token = control_plane.token_for(namespace, "pgwarden-sidecar")
+    return control_plane.kubeconfig_for_token(token, tmp_path / "sidecar.kubeconfig")
+
+
+def can_i(api: client.ApiClient, namespace: str, verb: str, resource: str) -> bool:
+    review = client.AuthorizationV1Api(api).create_self_subject_access_review(
+        {"spec": {"resourceAttributes": {"namespace": namespace, "verb": verb, "resource": resource}}}
+    )
+    return bool(review.status.allowed)
+
+
+def sidecar_targets(api: client.ApiClient, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    status = get_policy(api, namespace, name).get("status") or {}
+    return {t["pod"]: t for t in status.get("targets") or []}
+
+
+def test_sidecars_enforce_own_server_share_status_and_hand_over_to_controller(
+    control_plane: ControlPlane,
+    k8s_api: client.ApiClient,
+    namespace: str,
+    pg_factory: PgFactory,
+    run_operator: OperatorFactory,
+    run_sidecar: Any,
+    tmp_path: Path,
+) -> None:
+    first = pg_factory(host=next_host(), hba="password")
+    servers: list[PgServer] = [first] + [
+        pg_factory(host=next_host(), port=first.port, hba="password") for _ in range(2)
+    ]
+    for server in servers:
+        prepare_server(server)
+    kubeconfig = sidecar_identity(control_plane, namespace, tmp_path)
+    with control_plane.api_client(token=control_plane.token_for(namespace, "pgwarden-sidecar")) as sidecar_api:
+        assert not can_i(sidecar_api, namespace, "get", "secrets")
+        assert can_i(sidecar_api, namespace, "get", "pods")
+    create_secret(k8s_api, namespace)
+    pods = [f"db-{i}" for i in range(3)]
+    for pod, server in zip(pods, servers, strict=True):
+        create_running_pod(k8s_api, namespace, pod, {"app": "pg"}, server.host, annotations=SIDECAR)
+    run_operator([namespace])
+    create_policy(k8s_api, namespace, policy_body("reaper", first.port))
+    sessions = {pod: open_app_sessions(server, 2) for pod, server in zip(pods, servers, strict=True)}
+    # Nobody enforces yet: the pods are annotated for sidecars and no sidecar runs. Bounded look.
+    everyone_alive = lambda: all(s.alive(pid) for pod, s in zip(pods, servers, strict=True) for pid in sessions[pod])  # noqa: E731
+    assert holds_for(everyone_alive, 6), "the controller must skip pods annotated for a sidecar"
+
+    for pod, server in zip(pods, servers, strict=True):
+        run_sidecar(kubeconfig, namespace, pod, server.dsn("warden", password=PASSWORD))
+    for pod, server in zip(pods, servers, strict=True):
+        for pid in sessions[pod]:
+            server.wait_gone(pid, timeout=30)
+
+    def all_three_reported() -> dict[str, dict[str, Any]] | None:
+        targets = sidecar_targets(k8s_api, namespace, "reaper")
+        ok = set(targets) == set(pods) and all(
+            t.get("enforcer") == "sidecar" and t.get("lastActions") for t in targets.values()
+        )
+        return targets if ok else None
+
+    wait_for(all_three_reported, timeout=30, message="three sidecar entries in status.targets")
+    totals = get_policy(k8s_api, namespace, "reaper")["status"]["totals"]
+    assert totals["terminated"] == 6
+    sources = {e.source.component for e in events(k8s_api, namespace, "reaper") if e.reason == "SessionsTerminated"}
+    assert sources == {"pgwarden-sidecar"}
+
+    # Hand db-0 back to the controller: the sidecar goes idle, the controller takes over.
+    client.CoreV1Api(k8s_api).patch_namespaced_pod(
+        "db-0", namespace, {"metadata": {"annotations": {"pgwarden.dev/enforcer": None}}}
+    )
+    later = open_app_sessions(servers[0], 2)
+    for pid in later:
+        servers[0].wait_gone(pid, timeout=30)
+    wait_for(
+        lambda: sidecar_targets(k8s_api, namespace, "reaper").get("db-0", {}).get("enforcer") == "controller",
+        timeout=30,
+        message="db-0 reported by the controller",
+    )
+    targets = sidecar_targets(k8s_api, namespace, "reaper")
+    assert targets["db-1"]["enforcer"] == targets["db-2"]["enforcer"] == "sidecar"

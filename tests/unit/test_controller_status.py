@@ -1,0 +1,126 @@
+"""Status computation: what a policy's status says after a cycle, with several writers sharing it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pgwarden.controller.status import PolicyCondition, TargetUpdate, differs, next_status
+
+
+def report(*actions: dict[str, Any], mode: str = "enforce") -> dict[str, Any]:
+    return {
+        "serverVersion": "18.6",
+        "enforcementAction": mode,
+        "backends": {"client backend": 3, "checkpointer": 1},
+        "clientStates": {"idle": 3},
+        "actions": list(actions),
+        "skipped": [],
+        "errors": [],
+    }
+
+
+TERMINATED = {"rule": "idle", "action": "terminate", "pid": 7, "user": "app", "done": True}
+
+
+def test_a_cycle_that_acted_records_actions_totals_and_ready() -> None:
+    status = next_status(
+        None, generation=3, updates=[TargetUpdate("db-0", "127.0.0.2", "controller", report(TERMINATED))]
+    )
+    (target,) = status["targets"]
+    assert target["pod"] == "db-0"
+    assert target["lastActions"] == [{"rule": "idle", "action": "terminate", "pid": 7, "user": "app", "done": True}]
+    assert status["totals"] == {"actions": 1, "terminated": 1, "cancelled": 0, "autovacuumCancelled": 0}
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "TargetsEvaluated", 3)
+    assert status["observedGeneration"] == 3
+    assert (status["targetCount"], status["readyTargets"]) == (1, 1)
+
+
+def test_dry_run_actions_are_shown_but_not_counted() -> None:
+    action = dict(TERMINATED, done=False)
+    status = next_status(
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(action, mode="dryRun"))]
+    )
+    assert status["totals"]["actions"] == 0
+    assert status["targets"][0]["lastActions"][0]["done"] is False
+
+
+def test_totals_accumulate_and_last_actions_survive_a_quiet_cycle() -> None:
+    first = next_status(None, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(TERMINATED))])
+    second = next_status(first, generation=1, updates=[TargetUpdate("db-0", None, "controller", report())])
+    assert second["totals"]["terminated"] == 1
+    assert second["targets"][0]["lastActions"] == first["targets"][0]["lastActions"]
+
+
+def test_failing_target_makes_policy_degraded_and_names_it() -> None:
+    status = next_status(
+        None,
+        generation=1,
+        updates=[
+            TargetUpdate("db-0", None, "controller", report()),
+            TargetUpdate("db-1", None, "controller", error="connection refused"),
+        ],
+    )
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Degraded"]["status"] == "True"
+    assert "db-1: connection refused" in conditions["Degraded"]["message"]
+    assert (status["targetCount"], status["readyTargets"]) == (2, 1)
+
+
+def test_departed_pods_are_dropped_but_other_writers_entries_stay() -> None:
+    status = next_status(
+        None,
+        generation=1,
+        updates=[
+            TargetUpdate("db-0", None, "controller", report()),
+            TargetUpdate("db-1", None, "controller", report()),
+            TargetUpdate("db-2", None, "sidecar", report()),
+        ],
+    )
+    after = next_status(status, generation=1, updates=[], owned_pods=["db-0"])
+    assert [t["pod"] for t in after["targets"]] == ["db-0", "db-2"]
+
+
+def test_a_sidecar_never_drops_a_sibling_sidecars_entry() -> None:
+    status = next_status(None, generation=1, updates=[TargetUpdate("db-1", None, "sidecar", report())])
+    after = next_status(
+        status,
+        generation=1,
+        updates=[TargetUpdate("db-2", None, "sidecar", report())],
+        owned_pods=["db-2"],
+        scope=lambda pod: pod == "db-2",
+    )
+    assert [t["pod"] for t in after["targets"]] == ["db-1", "db-2"]
+
+
+def test_controller_skip_notice_does_not_overwrite_the_sidecars_report() -> None:
+    status = next_status(None, generation=1, updates=[TargetUpdate("db-1", None, "sidecar", report(TERMINATED))])
+    after = next_status(
+        status, generation=1, updates=[TargetUpdate("db-1", None, "controller", skipped_reason="sidecar")]
+    )
+    assert after["targets"][0]["enforcer"] == "sidecar"
+    assert "skippedReason" not in after["targets"][0]
+
+
+def test_condition_override_and_transition_time_kept_when_status_unchanged() -> None:
+    invalid = PolicyCondition("Ready", "False", "InvalidSpec", "spec.interval: bad")
+    first = next_status(None, generation=2, updates=[], policy_condition=invalid)
+    ready = next(c for c in first["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"], ready["message"]) == ("InvalidSpec", "spec.interval: bad")
+    again = next_status(first, generation=2, updates=[], policy_condition=invalid)
+    assert again["conditions"] == first["conditions"]
+    assert not differs(first, again)
+
+
+def test_only_timestamps_changing_is_not_a_difference() -> None:
+    a = next_status(
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(), when="2026-01-01T00:00:00Z")]
+    )
+    b = next_status(
+        a, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(), when="2026-01-01T00:01:00Z")]
+    )
+    assert a["targets"][0]["lastCycleTime"] != b["targets"][0]["lastCycleTime"]
+    assert not differs(a, b)
+    c = next_status(b, generation=1, updates=[TargetUpdate("db-0", None, "controller", error="boom")])
+    assert differs(b, c)
