@@ -55,13 +55,12 @@ def configure_logging(level: str | int = "INFO", *, json: bool | None = None, st
     stream = stream if stream is not None else sys.stderr
     if json is None:
         json = not (hasattr(stream, "isatty") and stream.isatty())
-    renderer: Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Processor = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     numeric = level if isinstance(level, int) else logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
 
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,  # first, so a filtered-out event costs next to nothing
             *_shared_processors(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],

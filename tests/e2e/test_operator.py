@@ -58,7 +58,13 @@ def policy_body(name: str, port: int, *, mode: str = "enforce", state_age: str =
         "enforcementAction": mode,
         "limits": {"maxActionsPerCycle": 50, "maxFractionPerCycle": 1.0},
         "sessions": [
-            {"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": state_age, "applicationNames": ["web"]}
+            {
+                "name": "idle",
+                "action": "terminate",
+                "states": ["idle"],
+                "stateAge": state_age,
+                "applicationNames": ["web"],
+            }
         ],
         "exclude": {"users": ["postgres"]},
     }

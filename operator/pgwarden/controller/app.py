@@ -17,7 +17,6 @@ def run_controller(
     metrics_port: int,
     health_port: int,
     standalone: bool = False,
-    peering_name: str = "pgwarden",
 ) -> int:
     """Run until SIGINT/SIGTERM. Without namespaces and without --all-namespaces, watch all namespaces."""
     from pgwarden.controller import handlers  # noqa: F401 - importing registers the handlers
@@ -30,8 +29,7 @@ def run_controller(
             namespaces=() if clusterwide else list(namespaces),
             memo=kopf.Memo(runtime=Runtime()),
             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
-            standalone=standalone,
-            peering_name=peering_name,
+            standalone=True if standalone else None,  # None: peer when a peering object exists
         )
     )
     return 0

@@ -12,7 +12,7 @@ from typing import Any
 import kopf
 import structlog
 
-from pgwarden.controller.constants import CONTROLLER, FINALIZER, GROUP, PLURAL, VERSION
+from pgwarden.controller.constants import CONTROLLER, FINALIZER, PEERING_NAME, GROUP, PLURAL, VERSION
 from pgwarden.controller.events import PolicyEvent
 from pgwarden.controller.kube import PolicyApi, SecretReader, load_api_client
 from pgwarden.controller.runtime import Runtime
@@ -42,6 +42,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Resources are resolved once at start-up; no cluster-wide watch of CRDs and namespaces, so the
     # ClusterRole needs neither (the CRD is installed before the operator, as kustomize orders it).
     settings.scanning.disabled = True
+    # HA: replicas peer through the "pgwarden" peering object when it exists (manifests/peering/), and
+    # the lower priority pauses. Without the object (a single replica, tests) kopf runs standalone.
+    settings.peering.name = PEERING_NAME
     settings.peering.priority = random.randint(1, 2**31 - 1)  # noqa: S311 - tie-breaking, not security
     runtime: Runtime = memo["runtime"]
     if runtime.api is None:

@@ -87,6 +87,7 @@ class PolicyWorker:
     fixed_endpoint: Endpoint | None = None  # the sidecar's own server: no pod IPs, no Secrets
     states: dict[str, TargetState] = field(default_factory=dict)
     _generation: int | None = None
+    _parsed: tuple[int | None, PolicySpec] | None = None
 
     @property
     def policy_key(self) -> str:
@@ -96,7 +97,7 @@ class PolicyWorker:
         """Evaluate whatever is due now; return how long to sleep before the next step."""
         generation = (body.get("metadata") or {}).get("generation")
         try:
-            spec = parse_spec(dict(body.get("spec") or {}))
+            spec = self._spec(generation, body)
         except PolicyError as exc:
             await self._close_all()
             condition = PolicyCondition("Ready", "False", "InvalidSpec", str(exc))
@@ -171,7 +172,9 @@ class PolicyWorker:
             finally:
                 await enforcer.close()
 
-        results = await asyncio.gather(*(asyncio.wait_for(one(p), per_target_seconds) for p in chosen), return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(one(p), per_target_seconds) for p in chosen), return_exceptions=True
+        )
         for pod, result in zip(chosen, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("release failed; left as is", policy=self.name, pod=pod.name, error=str(result))
@@ -180,6 +183,12 @@ class PolicyWorker:
         await self._close_all()
 
     # -- internals ------------------------------------------------------------------------------------
+    def _spec(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec:
+        """The parsed spec, re-parsed only when the generation moves (the engine caches per spec object)."""
+        if self._parsed is None or self._parsed[0] != generation or generation is None:
+            self._parsed = (generation, parse_spec(dict(body.get("spec") or {})))
+        return self._parsed[1]
+
     async def _close_all(self) -> None:
         await self._forget_departed(set())
 

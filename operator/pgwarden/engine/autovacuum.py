@@ -202,14 +202,16 @@ async def release_autovacuum(
             report.message = f"would run ALTER SYSTEM RESET {SETTING} and reload"
             return report
         await conn.execute(_RESET_SQL)
+        report.outcome = "reset"  # the line is gone from postgresql.auto.conf, whatever the reload does
+        report.message = f"ran ALTER SYSTEM RESET {SETTING}"
         after = await _read_setting_state(conn, read_files=True)
         await conn.execute(_RELOAD_SQL)
         state = await _await_reload(conn, after.configured or after.boot_value, read_files=True)
         _fill_release(report, state)
-        report.outcome = "reset"
         report.message = f"ran ALTER SYSTEM RESET {SETTING} and reloaded"
     except psycopg.Error as exc:
-        report.outcome = "failed"
+        if report.outcome != "reset":
+            report.outcome = "failed"
         _record(conn, exc, report.errors, f"releasing {SETTING}")
     return report
 

@@ -84,7 +84,12 @@ def parse_dsn(
             "--dsn is not a valid connection string: use key=value pairs (host=... dbname=...) or a postgresql:// URI"
         ) from None
     password = params.get("password")
-    ours = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)}"
+    # search_path: the engine names only catalog objects, and must never resolve one through a schema some
+    # other role can write to (pg_temp last, explicitly, or it would be searched first for relations).
+    ours = (
+        f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)}"
+        " -c search_path=pg_catalog,pg_temp"
+    )
     user_options = params.get("options")
     params["options"] = f"{ours} {user_options}" if user_options else ours
     params["application_name"] = application_name

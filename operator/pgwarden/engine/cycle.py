@@ -6,59 +6,57 @@ between calls; the connection is the caller's (see `pgwarden.engine.session` for
 
 from __future__ import annotations
 
-import importlib
 import time
-from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Protocol, cast
+from collections import OrderedDict
+from collections.abc import Collection
+from typing import Any
 
 import psycopg
 import structlog
 
 from pgwarden.engine import act as acting
+from pgwarden.engine.autovacuum import enforce_autovacuum
 from pgwarden.engine.decide import plan
 from pgwarden.engine.errors import TargetUnreachable
-from pgwarden.engine.observe import compile_observation, observe
+from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy.model import Autovacuum, EnforcementAction, PolicySpec
 
 log = structlog.get_logger("pgwarden.engine")
 
 
-class AutovacuumReport(Protocol):
-    """What `pgwarden.engine.autovacuum.enforce_autovacuum` returns (that module is developed separately)."""
-
-    errors: list[str]
-
-    def to_json(self) -> dict[str, Any]: ...
-
-
-AutovacuumEnforcer = Callable[..., Awaitable[AutovacuumReport]]
-
-
-def _autovacuum_enforcer() -> AutovacuumEnforcer | None:
-    """The autovacuum step, if this build has it; looked up lazily so the engine works without it."""
-    try:
-        module = importlib.import_module("pgwarden.engine.autovacuum")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pgwarden.engine.autovacuum":
-            raise
-        return None
-    return cast(AutovacuumEnforcer | None, getattr(module, "enforce_autovacuum", None))
-
-
 async def _autovacuum(
     conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
 ) -> tuple[dict[str, Any] | None, list[str]]:
-    enforce = _autovacuum_enforcer()
-    if enforce is None:
-        return None, ["autovacuum: not supported by this pgwarden build; spec.autovacuum was ignored"]
     try:
-        result = await enforce(conn, spec, dry_run=dry_run)
+        result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
             raise TargetUnreachable(f"connection to {target} lost during autovacuum: {str(exc).strip()}") from None
         return None, [f"autovacuum: {str(exc).strip()}"]
-    return result.to_json(), list(result.errors)
+    return result.to_json(), [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
+
+
+_COMPILED: OrderedDict[tuple[int, frozenset[int]], tuple[PolicySpec, ObservationQuery]] = OrderedDict()
+_COMPILED_MAX = 256
+
+
+def compiled_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) -> ObservationQuery:
+    """`compile_observation`, memoised per spec object: a loop re-runs the same spec every cycle.
+
+    Keyed by identity (specs hold lists, so they are not hashable); the entry keeps the spec alive, so
+    its id cannot be reused by another object while cached.
+    """
+    key = (id(spec), frozenset(protected_pids))
+    entry = _COMPILED.get(key)
+    if entry is not None and entry[0] is spec:
+        _COMPILED.move_to_end(key)
+        return entry[1]
+    query = compile_observation(spec, protected_pids)
+    _COMPILED[key] = (spec, query)
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return query
 
 
 async def run_cycle(
@@ -80,7 +78,7 @@ async def run_cycle(
     mode = EnforcementAction.DRY_RUN if dry_run else EnforcementAction.ENFORCE
     bound = log.bind(policy=policy, target=target)
 
-    observation = await observe(conn, compile_observation(spec, protected_pids), target=target)
+    observation = await observe(conn, compiled_observation(spec, protected_pids), target=target)
     decision = plan(observation, spec, protected_pids)
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)

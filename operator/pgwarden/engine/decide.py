@@ -18,8 +18,8 @@ import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from pgwarden.engine.observe import CLIENT_BACKEND, ObservedSession, Observation
-from pgwarden.engine.patterns import address_in, matches_any, networks
+from pgwarden.engine.observe import CLIENT_BACKEND, Observation, ObservedSession
+from pgwarden.engine.patterns import IpNetwork, address_in, matches_any, networks
 from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION, SkipRecord
 from pgwarden.policy.model import (
     ConnectionLimit,
@@ -80,41 +80,77 @@ def is_protected(session: ObservedSession, exclude: Exclude, protected_pids: Col
 # -- session rules -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ScopeMatcher:
+    """The optional filters shared by session rules and connection limits, prepared once per cycle."""
+
+    users: tuple[str, ...]
+    databases: tuple[str, ...]
+    application_names: tuple[str, ...]
+    nets: tuple[IpNetwork, ...]
+
+    @classmethod
+    def of(cls, filters: SessionFilters) -> ScopeMatcher:
+        return cls(
+            tuple(filters.users),
+            tuple(filters.databases),
+            tuple(filters.application_names),
+            tuple(networks(filters.client_addresses)),
+        )
+
+    def __call__(self, session: ObservedSession) -> bool:
+        return (
+            matches_any(session.user, self.users)
+            and matches_any(session.database, self.databases)
+            and matches_any(session.application_name, self.application_names)
+            and address_in(session.client_address, self.nets)
+        )
+
+
+@dataclass(frozen=True)
+class RuleMatcher:
+    """A session rule prepared for matching many sessions."""
+
+    rule: SessionRule
+    states: frozenset[str]
+    thresholds: tuple[tuple[str, float], ...]
+    scope: ScopeMatcher
+
+    @classmethod
+    def of(cls, rule: SessionRule) -> RuleMatcher:
+        thresholds = tuple((col, t.total_seconds()) for col, t in rule.ages().items() if t is not None)
+        return cls(rule, frozenset(s.value for s in rule.states), thresholds, ScopeMatcher.of(rule))
+
+    def overshoot(self, session: ObservedSession) -> float | None:
+        """Seconds past the latest of the thresholds (>= 0: all hold); None if an age is unknown."""
+        margin: float | None = None
+        for column, threshold in self.thresholds:
+            age = session.age(column)
+            if age is None:
+                return None
+            margin = age - threshold if margin is None else min(margin, age - threshold)
+        return margin
+
+    def __call__(self, session: ObservedSession) -> bool:
+        if self.states and session.state not in self.states:
+            return False
+        margin = self.overshoot(session)
+        return margin is not None and margin >= 0 and self.scope(session)
+
+
 def in_scope(session: ObservedSession, filters: SessionFilters) -> bool:
-    """The optional filters shared by session rules and connection limits (empty lists match anything)."""
-    return (
-        matches_any(session.user, filters.users)
-        and matches_any(session.database, filters.databases)
-        and matches_any(session.application_name, filters.application_names)
-        and address_in(session.client_address, networks(filters.client_addresses))
-    )
-
-
-def overshoot(rule: SessionRule, session: ObservedSession) -> float | None:
-    """Seconds past the latest of the rule's thresholds (>= 0: all hold); None if an age is unknown."""
-    margins = []
-    for column, threshold in rule.ages().items():
-        if threshold is None:
-            continue
-        age = session.age(column)
-        if age is None:
-            return None
-        margins.append(age - threshold.total_seconds())
-    return min(margins) if margins else None
+    """Whether a session passes a rule's or limit's optional filters (empty lists match anything)."""
+    return ScopeMatcher.of(filters)(session)
 
 
 def rule_matches(rule: SessionRule, session: ObservedSession) -> bool:
-    if rule.states and session.state not in {s.value for s in rule.states}:
-        return False
-    if not in_scope(session, rule):
-        return False
-    margin = overshoot(rule, session)
-    return margin is not None and margin >= 0
+    """Whether `rule` selects `session` now: state, every given age, and the filters."""
+    return RuleMatcher.of(rule)(session)
 
 
-def first_matching_rule(rules: Sequence[SessionRule], session: ObservedSession) -> tuple[int, SessionRule] | None:
+def first_matching_rule(rules: Sequence[RuleMatcher], session: ObservedSession) -> tuple[int, RuleMatcher] | None:
     for index, rule in enumerate(rules):
-        if rule_matches(rule, session):
+        if rule(session):
             return index, rule
     return None
 
@@ -146,9 +182,10 @@ def limit_victims(
     `sessions` must hold every in-scope member of any group that may be over the cap (the observation
     returns whole over-cap groups); a partial group can only undercount, so never over-act.
     """
+    scope = ScopeMatcher.of(limit)
     groups: dict[str | None, list[ObservedSession]] = {}
     for session in sessions:
-        if session.pid in taken or not in_scope(session, limit):
+        if session.pid in taken or not scope(session):
             continue
         groups.setdefault(group_key(limit, session), []).append(session)
     victims: list[ObservedSession] = []
@@ -192,14 +229,15 @@ def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[
     protected = {observation.own_pid, *protected_pids}
     candidates = [s for s in observation.sessions if not is_protected(s, spec.exclude, protected)]
 
+    rules = [RuleMatcher.of(rule) for rule in spec.sessions]
     by_rule: list[tuple[int, float, int, PlannedAction]] = []
     for session in candidates:
-        found = first_matching_rule(spec.sessions, session)
+        found = first_matching_rule(rules, session)
         if found is None:
             continue
-        index, rule = found
-        margin = overshoot(rule, session) or 0.0
-        by_rule.append((index, -margin, session.pid, PlannedAction(rule.name, rule.action, session)))
+        index, matcher = found
+        margin = matcher.overshoot(session) or 0.0
+        by_rule.append((index, -margin, session.pid, PlannedAction(matcher.rule.name, matcher.rule.action, session)))
     # Within a rule, the sessions furthest past its thresholds first: if the blast radius cuts the list,
     # the worst offenders are the ones handled.
     intents = [entry[3] for entry in sorted(by_rule, key=lambda e: e[:3])]

@@ -22,22 +22,23 @@ import psycopg
 from psycopg import sql
 
 from pgwarden.engine.errors import QueryFailed, TargetUnreachable
-from pgwarden.engine.patterns import anchored_alternation, networks
-from pgwarden.policy.model import ConnectionLimit, GroupBy, PolicySpec, SessionFilters
+from pgwarden.engine.patterns import anchored_alternation, glob_to_like, networks
+from pgwarden.policy.model import ConnectionLimit, GroupBy, PolicySpec, SessionFilters, SessionRule
 
 CLIENT_BACKEND = "client backend"
-UNKNOWN_STATE = "unknown"
-"""Key for client backends whose state is NULL (sessions the engine's role may not look into)."""
+UNKNOWN = "unknown"
+"""Reported for a NULL `backend_type` or `state`: a role without pg_read_all_stats sees other roles' sessions
+with almost every column NULL, so they are counted under `backends["unknown"]` and never acted on."""
 
-_AGE_COLUMNS = {
+_AGE_ATTRIBUTES = {
     "state_change": "state_age",
     "query_start": "query_age",
-    "xact_start": "xact_age",
+    "xact_start": "transaction_age",
     "backend_start": "connection_age",
 }
 _GROUP_COLUMNS = {
-    GroupBy.USER: "usename",
-    GroupBy.DATABASE: "datname",
+    GroupBy.USER: "usesysid",
+    GroupBy.DATABASE: "datid",
     GroupBy.APPLICATION_NAME: "application_name",
     GroupBy.CLIENT_ADDRESS: "client_addr",
 }
@@ -63,12 +64,8 @@ class ObservedSession:
 
     def age(self, column: str) -> float | None:
         """The age measured from a pg_stat_activity timestamp column (see SessionRule.ages)."""
-        return {
-            "state_change": self.state_age,
-            "query_start": self.query_age,
-            "xact_start": self.transaction_age,
-            "backend_start": self.connection_age,
-        }[column]
+        value: float | None = getattr(self, _AGE_ATTRIBUTES[column])
+        return value
 
 
 @dataclass(frozen=True)
@@ -93,9 +90,13 @@ class Observation:
 
 @dataclass(frozen=True)
 class ObservationQuery:
-    """The compiled statement for one policy; build once per spec, run every cycle."""
+    """The compiled statement for one policy; build once per spec, run every cycle.
 
-    statement: sql.Composed
+    The text is rendered once (it holds only fixed fragments and quoted identifiers, no values), so a
+    cycle pays neither composition nor rendering, and psycopg prepares the identical text after a few runs.
+    """
+
+    statement: bytes
     params: dict[str, Any]
 
 
@@ -111,25 +112,52 @@ class _Params:
         return sql.Placeholder(name)
 
 
-def _pattern_condition(column: str, patterns: Sequence[str], params: _Params) -> sql.Composable | None:
-    if not patterns:
-        return None
-    regex = anchored_alternation(patterns)
-    if regex is None:
-        return sql.SQL("false")
-    return sql.SQL("{} ~ {}").format(sql.Identifier(column), params.add("re", regex))
+def _name_match(column: sql.Composable, patterns: Sequence[str], params: _Params) -> sql.Composable:
+    """`column` matches any glob: LIKE for the plain ones (nearly free), one regex for those with `[...]`."""
+    likes: list[str] = []
+    regexes: list[str] = []
+    for pattern in patterns:
+        like = glob_to_like(pattern)
+        if like is not None:
+            likes.append(like)
+        else:
+            regexes.append(pattern)
+    parts: list[sql.Composable] = []
+    if likes:
+        parts.append(sql.SQL("{} LIKE ANY({}::text[])").format(column, params.add("like", likes)))
+    regex = anchored_alternation(regexes) if regexes else None
+    if regex is not None:
+        parts.append(sql.SQL("{} ~ {}").format(column, params.add("re", regex)))
+    if not parts:
+        return sql.SQL("false")  # only patterns that can match nothing, such as '[z-a]'
+    return sql.SQL("(") + sql.SQL(" OR ").join(parts) + sql.SQL(")")
+
+
+def _role_ids(patterns: Sequence[str], params: _Params) -> sql.Composable:
+    """Resolve user globs against the (small) role catalog once, instead of against every session."""
+    return sql.SQL("(SELECT oid FROM pg_catalog.pg_roles WHERE {})").format(
+        _name_match(sql.Identifier("rolname"), patterns, params)
+    )
+
+
+def _database_ids(patterns: Sequence[str], params: _Params) -> sql.Composable:
+    return sql.SQL("(SELECT oid FROM pg_catalog.pg_database WHERE {})").format(
+        _name_match(sql.Identifier("datname"), patterns, params)
+    )
 
 
 def _filter_conditions(filters: SessionFilters, params: _Params) -> list[sql.Composable]:
-    conditions = [
-        _pattern_condition("usename", filters.users, params),
-        _pattern_condition("datname", filters.databases, params),
-        _pattern_condition("application_name", filters.application_names, params),
-    ]
+    conditions: list[sql.Composable] = []
+    if filters.users:
+        conditions.append(sql.SQL("usesysid IN {}").format(_role_ids(filters.users, params)))
+    if filters.databases:
+        conditions.append(sql.SQL("datid IN {}").format(_database_ids(filters.databases, params)))
+    if filters.application_names:
+        conditions.append(_name_match(sql.Identifier("application_name"), filters.application_names, params))
     if filters.client_addresses:
         cidrs = [str(net) for net in networks(filters.client_addresses)]
         conditions.append(sql.SQL("client_addr <<= ANY({}::cidr[])").format(params.add("cidrs", cidrs)))
-    return [c for c in conditions if c is not None]
+    return conditions
 
 
 def _conjunction(conditions: Sequence[sql.Composable]) -> sql.Composable:
@@ -138,97 +166,104 @@ def _conjunction(conditions: Sequence[sql.Composable]) -> sql.Composable:
     return sql.SQL("(") + sql.SQL(" AND ").join(conditions) + sql.SQL(")")
 
 
-def _exclusions(spec: PolicySpec, params: _Params) -> list[sql.Composable]:
-    """`col !~ re` is NULL for a NULL column, so a session whose name cannot be checked is left alone."""
-    out: list[sql.Composable] = []
-    for column, patterns in (
-        ("usename", spec.exclude.users),
-        ("datname", spec.exclude.databases),
-        ("application_name", spec.exclude.application_names),
-    ):
-        regex = anchored_alternation(patterns) if patterns else None
-        if regex is not None:
-            out.append(sql.SQL("{} !~ {}").format(sql.Identifier(column), params.add("ex", regex)))
-    return out
+def _candidate(spec: PolicySpec, protected: sql.Composable, params: _Params) -> sql.Composable:
+    """Built-in protections and `exclude`. NOT IN / NOT (...) are NULL for a NULL id or name, so a
+    session that cannot be checked against an exclude is not a candidate."""
+    conditions: list[sql.Composable] = [
+        sql.SQL("backend_type = 'client backend'"),
+        sql.SQL("pid <> pg_backend_pid()"),
+        sql.SQL("pid <> ALL({}::int[])").format(protected),
+        sql.SQL("backend_start IS NOT NULL"),
+    ]
+    if spec.exclude.users:
+        conditions.append(sql.SQL("usesysid NOT IN {}").format(_role_ids(spec.exclude.users, params)))
+    if spec.exclude.databases:
+        conditions.append(sql.SQL("datid NOT IN {}").format(_database_ids(spec.exclude.databases, params)))
+    if spec.exclude.application_names:
+        match = _name_match(sql.Identifier("application_name"), spec.exclude.application_names, params)
+        conditions.append(sql.SQL("NOT {}").format(match))
+    return _conjunction(conditions)
 
 
-def _rule_wait(index: int, spec: PolicySpec, params: _Params) -> sql.Composable:
-    """Seconds until the rule holds for the row (<= 0: holds now); NULL if it never can as things stand."""
-    rule = spec.sessions[index]
-    conditions = _filter_conditions(rule, params)
+def _rule_wait(rule: SessionRule, params: _Params) -> sql.Composable:
+    """Seconds until the rule holds for the row (<= 0: holds now); NULL if it cannot as things stand.
+
+    Cheap tests first (state, timestamps present), the name filters last.
+    """
+    conditions: list[sql.Composable] = [sql.SQL("cand")]
     if rule.states:
-        conditions.append(
-            sql.SQL("state = ANY({}::text[])").format(params.add("states", [s.value for s in rule.states]))
-        )
+        states = [s.value for s in rule.states]
+        conditions.append(sql.SQL("state = ANY({}::text[])").format(params.add("states", states)))
     waits: list[sql.Composable] = []
     for column, threshold in rule.ages().items():
         if threshold is None:
             continue
-        age = sql.Identifier(_AGE_COLUMNS[column])
-        conditions.append(sql.SQL("{} IS NOT NULL").format(age))
-        waits.append(sql.SQL("{}::float8 - {}").format(params.add("age", threshold.total_seconds()), age))
+        conditions.append(sql.SQL("{} IS NOT NULL").format(sql.Identifier(column)))
+        waits.append(
+            sql.SQL("{}::float8 - date_part('epoch', now() - {})").format(
+                params.add("age", threshold.total_seconds()), sql.Identifier(column)
+            )
+        )
+    conditions.extend(_filter_conditions(rule, params))
     return sql.SQL("CASE WHEN {} THEN greatest({}) END").format(_conjunction(conditions), sql.SQL(", ").join(waits))
 
 
 def _over_limit(limit: ConnectionLimit, params: _Params) -> sql.Composable:
-    """True for a row in the limit's scope whose group holds more in-scope sessions than the cap."""
-    scope = _conjunction(_filter_conditions(limit, params))
+    """True for a candidate in the limit's scope whose group holds more candidates in scope than the cap."""
+    scope = _conjunction([sql.SQL("cand"), *_filter_conditions(limit, params)])
     return sql.SQL(
         "(CASE WHEN {scope} THEN count(*) FILTER (WHERE {scope}) OVER (PARTITION BY {group}) > {cap} END)"
     ).format(scope=scope, group=sql.Identifier(_GROUP_COLUMNS[limit.group_by]), cap=params.add("cap", limit.max))
 
 
+# One scan of pg_stat_get_activity() (the function behind the pg_stat_activity view; the view's joins
+# to pg_authid/pg_database are paid only for the sessions returned), an optional sort for the connection
+# limits' windows, and one hash aggregate that yields a row per (backend_type, state) carrying the counts,
+# the next threshold crossing and the matching sessions. `OFFSET 0` keeps the planner from inlining x and
+# y, which would evaluate `cand` and `wait` once per reference instead of once per row.
 _TEMPLATE = """
-WITH a AS MATERIALIZED (
-    SELECT pid, backend_type, state, usename::text AS usename, datname::text AS datname, application_name,
-           client_addr, backend_start, state_change, query_start, xact_start
-    FROM pg_stat_activity
+WITH x AS (
+    SELECT backend_type, state, pid, usesysid, datid, application_name, client_addr,
+           backend_start, state_change, query_start, xact_start,
+           {candidate} AS cand
+    FROM pg_catalog.pg_stat_get_activity(NULL)
+    OFFSET 0
 ),
-c AS (
-    SELECT a.*,
-           date_part('epoch', now() - state_change) AS state_age,
-           date_part('epoch', now() - query_start) AS query_age,
-           date_part('epoch', now() - xact_start) AS xact_age,
-           date_part('epoch', now() - backend_start) AS connection_age
-    FROM a
-    WHERE backend_type = 'client backend'
-      AND pid <> pg_backend_pid()
-      AND pid <> ALL({protected}::int[])
-      AND backend_start IS NOT NULL
-      {exclusions}
-),
-w AS (
-    SELECT c.*, {wait} AS wait, {over} AS over
-    FROM c
+y AS (
+    SELECT x.*, {wait} AS wait, coalesce({over}, false) AS over
+    FROM x
+    OFFSET 0
 )
-SELECT 0 AS kind,
+SELECT coalesce(backend_type, {unknown}) AS backend_type,
+       state,
+       count(*)::int AS n,
+       min(wait) FILTER (WHERE wait > 0) AS next_crossing,
+       json_agg(json_build_object(
+           'pid', pid,
+           'user', (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = usesysid),
+           'database', (SELECT datname FROM pg_catalog.pg_database WHERE oid = datid),
+           'application_name', application_name,
+           'client_addr', host(client_addr),
+           'state', state,
+           'backend_start', backend_start,
+           'state_change', state_change,
+           'state_age', date_part('epoch', now() - state_change),
+           'query_age', date_part('epoch', now() - query_start),
+           'xact_age', date_part('epoch', now() - xact_start),
+           'connection_age', date_part('epoch', now() - backend_start)
+       )) FILTER (WHERE wait <= 0 OR over) AS hits,
        split_part(current_setting('server_version'), ' ', 1) AS server_version,
-       pg_backend_pid() AS own_pid,
-       (SELECT json_object_agg(t, n ORDER BY t) FROM (
-            SELECT coalesce(backend_type, 'unknown') AS t, count(*) AS n FROM a GROUP BY 1) AS b) AS backends,
-       (SELECT json_object_agg(t, n ORDER BY t) FROM (
-            SELECT coalesce(state, {unknown}) AS t, count(*) AS n FROM a
-            WHERE backend_type = 'client backend' GROUP BY 1) AS s) AS client_states,
-       (SELECT min(wait) FROM w WHERE wait > 0) AS next_crossing,
-       NULL::int AS pid, NULL::text AS usename, NULL::text AS datname, NULL::text AS application_name,
-       NULL::text AS client_addr, NULL::text AS state, NULL::timestamptz AS backend_start,
-       NULL::timestamptz AS state_change, NULL::float8 AS state_age, NULL::float8 AS query_age,
-       NULL::float8 AS xact_age, NULL::float8 AS connection_age
-UNION ALL
-SELECT 1, NULL, NULL, NULL, NULL, NULL,
-       pid, usename, datname, application_name, host(client_addr), state, backend_start,
-       state_change, state_age, query_age, xact_age, connection_age
-FROM w
-WHERE wait <= 0 OR over
+       pg_backend_pid() AS own_pid
+FROM y
+GROUP BY 1, 2
 """
 
 
 def compile_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) -> ObservationQuery:
     """Build the statement for `spec`: rules become expressions, user values become parameters."""
     params = _Params()
-    protected = params.add("pids", sorted(set(protected_pids)))
-    exclusions = _exclusions(spec, params)
-    waits = [_rule_wait(i, spec, params) for i in range(len(spec.sessions))]
+    candidate = _candidate(spec, params.add("pids", sorted(set(protected_pids))), params)
+    waits = [_rule_wait(rule, params) for rule in spec.sessions]
     if not waits:
         wait: sql.Composable = sql.SQL("NULL::float8")
     elif len(waits) == 1:
@@ -236,21 +271,32 @@ def compile_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) 
     else:
         wait = sql.SQL("least({})").format(sql.SQL(", ").join(waits))
     overs = [_over_limit(limit, params) for limit in spec.connection_limits]
-    over: sql.Composable = (
-        sql.SQL("coalesce({}, false)").format(sql.SQL(" OR ").join(overs)) if overs else sql.SQL("false")
-    )
-    statement = sql.SQL(_TEMPLATE).format(
-        protected=protected,
-        exclusions=sql.SQL("").join(sql.SQL(" AND ") + e for e in exclusions),
-        wait=wait,
-        over=over,
-        unknown=sql.Literal(UNKNOWN_STATE),
-    )
-    return ObservationQuery(statement=statement, params=params.values)
+    over = sql.SQL(" OR ").join(overs) if overs else sql.SQL("NULL::boolean")
+    statement = sql.SQL(_TEMPLATE).format(candidate=candidate, wait=wait, over=over, unknown=sql.Literal(UNKNOWN))
+    return ObservationQuery(statement=statement.as_bytes(None), params=params.values)
 
 
-def _int_map(value: Any) -> dict[str, int]:
-    return {str(k): int(v) for k, v in (value or {}).items()}
+def _timestamp(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _session(hit: dict[str, Any]) -> ObservedSession:
+    backend_start = _timestamp(hit["backend_start"])
+    assert backend_start is not None  # candidates have one (see _candidate)
+    return ObservedSession(
+        pid=int(hit["pid"]),
+        user=hit["user"],
+        database=hit["database"],
+        application_name=hit["application_name"],
+        client_address=hit["client_addr"],
+        state=hit["state"],
+        backend_start=backend_start,
+        state_change=_timestamp(hit["state_change"]),
+        state_age=hit["state_age"],
+        query_age=hit["query_age"],
+        transaction_age=hit["xact_age"],
+        connection_age=hit["connection_age"],
+    )
 
 
 async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *, target: str = "") -> Observation:
@@ -265,36 +311,27 @@ async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *
         if conn.broken or conn.closed:
             raise TargetUnreachable(message) from None
         raise QueryFailed(message) from None
-    summary: tuple[Any, ...] | None = None
+    if not rows:  # cannot happen: the engine's own backend is always there
+        raise QueryFailed("reading pg_stat_activity: the server returned no rows")
+    backends: dict[str, int] = {}
+    client_states: dict[str, int] = {}
+    crossings: list[float] = []
     sessions: list[ObservedSession] = []
-    for row in rows:
-        if row[0] == 0:
-            summary = row
-            continue
-        sessions.append(
-            ObservedSession(
-                pid=row[6],
-                user=row[7],
-                database=row[8],
-                application_name=row[9],
-                client_address=row[10],
-                state=row[11],
-                backend_start=row[12],
-                state_change=row[13],
-                state_age=row[14],
-                query_age=row[15],
-                transaction_age=row[16],
-                connection_age=row[17],
-            )
-        )
-    if summary is None:  # cannot happen: the summary branch always yields one row
-        raise QueryFailed("reading pg_stat_activity: the server returned no summary row")
+    for backend_type, state, count, crossing, hits, _, _ in rows:
+        backends[backend_type] = backends.get(backend_type, 0) + count
+        if backend_type == CLIENT_BACKEND:
+            key = state or UNKNOWN
+            client_states[key] = client_states.get(key, 0) + count
+        if crossing is not None:
+            crossings.append(float(crossing))
+        if hits:
+            sessions.extend(_session(hit) for hit in hits)
     return Observation(
-        server_version=str(summary[1]),
-        own_pid=int(summary[2]),
-        backends=_int_map(summary[3]),
-        client_states=_int_map(summary[4]),
-        sessions=tuple(sessions),
-        next_crossing=None if summary[5] is None else float(summary[5]),
+        server_version=str(rows[0][5]),
+        own_pid=int(rows[0][6]),
+        backends=dict(sorted(backends.items())),
+        client_states=dict(sorted(client_states.items())),
+        sessions=tuple(sorted(sessions, key=lambda s: s.pid)),
+        next_crossing=min(crossings) if crossings else None,
         received_at=received_at,
     )

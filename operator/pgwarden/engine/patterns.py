@@ -109,6 +109,27 @@ def glob_to_regex(pattern: str) -> str | None:
     return "".join(out)
 
 
+def glob_to_like(pattern: str) -> str | None:
+    """A LIKE pattern equivalent to the glob, or None if it has a `[...]` set (LIKE has no sets).
+
+    LIKE is far cheaper than a regex per session; `\\` is LIKE's default escape character.
+    An unclosed `[` is a literal in fnmatch, but leaving those to the regex path keeps this simple.
+    """
+    if "[" in pattern:
+        return None
+    out: list[str] = []
+    for char in pattern:
+        if char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        elif char in "%_\\":
+            out.append("\\" + char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def anchored_alternation(patterns: Sequence[str]) -> str | None:
     """One anchored ARE matching a name that matches any of `patterns`; None if none of them can match."""
     bodies = [body for body in (glob_to_regex(p) for p in patterns) if body is not None]

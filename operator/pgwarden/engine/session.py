@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import time
 from collections.abc import Collection
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
+from pgwarden.engine.autovacuum import release_autovacuum
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.errors import TargetUnreachable
@@ -64,10 +65,8 @@ class TargetSession:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            try:
+            with contextlib.suppress(psycopg.Error):  # a broken connection may fail to close; it is gone anyway
                 await conn.close()
-            except psycopg.Error:  # closing a broken connection may fail; it is gone either way
-                pass
 
 
 class EngineTarget:
@@ -90,6 +89,13 @@ class EngineTarget:
             params["password"] = password
         self._session = TargetSession(parse_dsn(pg_conninfo.make_conninfo(**params)))
 
+    @classmethod
+    def from_dsn(cls, dsn: str) -> EngineTarget:
+        """For the sidecar, which is given a DSN (local socket or localhost) rather than a pod endpoint."""
+        target = cls.__new__(cls)
+        target._session = TargetSession(parse_dsn(dsn))
+        return target
+
     async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[dict[str, Any], float | None]:
         """Run one cycle; the JSON report and seconds from this call's start until a new cycle is worthwhile."""
         called = time.monotonic()
@@ -99,19 +105,16 @@ class EngineTarget:
         return report.to_json(), (report.observed_at - called) + report.next_deadline + DEADLINE_MARGIN
 
     async def release_autovacuum(self, written: int) -> dict[str, Any]:
-        """Undo the policy's autovacuum_max_workers, delegated to `pgwarden.engine.autovacuum`."""
-        try:
-            module = importlib.import_module("pgwarden.engine.autovacuum")
-        except ModuleNotFoundError as exc:
-            if exc.name != "pgwarden.engine.autovacuum":
-                raise
-            return {"released": False, "reason": "autovacuum is not supported by this pgwarden build"}
-        release = getattr(module, "release_autovacuum", None)
-        if release is None:
-            return {"released": False, "reason": "autovacuum release is not supported by this pgwarden build"}
+        """Undo the policy's autovacuum_max_workers (see `pgwarden.engine.autovacuum.release_autovacuum`)."""
         conn = await self._session.connection()
-        result: dict[str, Any] = await release(conn, written)
-        return result
+        try:
+            report = await release_autovacuum(conn, written)
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                await self._session.close()
+                raise TargetUnreachable(f"connection to {self._session.target} lost: {str(exc).strip()}") from None
+            raise
+        return report.to_json()
 
     async def close(self) -> None:
         await self._session.close()

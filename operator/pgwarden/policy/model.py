@@ -2,7 +2,7 @@
 
 Field names are the CRD's camelCase; Python code uses snake_case attributes. Unknown fields are
 errors, so a typo in a policy is refused instead of silently meaning "no rule". Defaults here are the
-CRD's defaults (tests/unit/test_crd_agreement.py keeps the two in step).
+CRD's defaults (tests/unit/test_crd_schema.py and tests/e2e/test_crd.py keep the two in step).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import ipaddress
 import re
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,13 +27,22 @@ from pydantic.alias_generators import to_camel
 from pgwarden.policy.durations import format_duration, parse_duration
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_PREFIX_LENGTH = re.compile(r"0|[1-9][0-9]{0,2}")
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
 """A Go-style duration string in YAML, a timedelta in Python."""
 
 
 def _check_cidr(value: str) -> str:
+    """Accept what the CRD's CEL `isCIDR(self) || isIP(self)` accepts (Go's net/netip): no netmask form
+    (`/255.0.0.0`), no leading zero in the prefix length, no IPv6 zone, no IPv4-mapped IPv6 address."""
+    address, slash, prefix = value.partition("/")
     try:
+        ip = ipaddress.ip_address(address)
+        if "%" in address or (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None):
+            raise ValueError(value)
+        if slash and not _PREFIX_LENGTH.fullmatch(prefix):
+            raise ValueError(value)
         ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not a CIDR such as '10.0.0.0/8' or an address such as '10.0.0.7'") from None
@@ -41,7 +50,7 @@ def _check_cidr(value: str) -> str:
 
 
 def _check_dns_label(value: str) -> str:
-    if len(value) > 63 or not DNS_LABEL.match(value):
+    if len(value) > 63 or not DNS_LABEL.fullmatch(value):  # fullmatch: `$` would let a trailing newline in
         raise ValueError(
             f"{value!r} must be a DNS label: at most 63 lowercase letters, digits or '-', starting and ending "
             "with a letter or digit"
@@ -49,7 +58,15 @@ def _check_dns_label(value: str) -> str:
     return value
 
 
+def _no_strings_or_booleans(value: object) -> object:
+    """The API server takes only JSON numbers for integer fields (5432, or 5432.0), never "5432" or true."""
+    if isinstance(value, str | bool):
+        raise ValueError(f"must be a number, got {type(value).__name__} {value!r}")
+    return value
+
+
 Cidr = Annotated[str, AfterValidator(_check_cidr)]
+Integer = Annotated[int, BeforeValidator(_no_strings_or_booleans)]
 RuleName = Annotated[str, AfterValidator(_check_dns_label)]
 Pattern = Annotated[str, Field(min_length=1)]
 
@@ -58,6 +75,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True, use_enum_values=False
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        """The API server prunes null fields (then applies defaults); the model reads them the same way."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class EnforcementAction(StrEnum):
@@ -143,7 +168,7 @@ class CredentialsSecret(_Model):
 class ConnectionSettings(_Model):
     """How the operator reaches each target pod; the CLI and sidecar take a DSN instead."""
 
-    port: int = Field(default=5432, ge=1, le=65535)
+    port: Integer = Field(default=5432, ge=1, le=65535)
     database: str = Field(default="postgres", min_length=1)
     ssl_mode: SslMode = SslMode.PREFER
     credentials_secret: CredentialsSecret | None = None
@@ -152,8 +177,8 @@ class ConnectionSettings(_Model):
 class Limits(_Model):
     """Blast-radius guard: caps on how much one cycle may do to one target."""
 
-    max_actions_per_cycle: int = Field(default=50, ge=1)
-    max_fraction_per_cycle: float = Field(default=0.5, gt=0, le=1)
+    max_actions_per_cycle: Integer = Field(default=50, ge=1)
+    max_fraction_per_cycle: float = Field(default=0.5, gt=0, le=1, strict=True)  # strict: ints yes, "0.5" no
 
 
 class SessionFilters(_Model):
@@ -162,7 +187,7 @@ class SessionFilters(_Model):
     users: list[Pattern] = Field(default_factory=list)
     databases: list[Pattern] = Field(default_factory=list)
     application_names: list[Pattern] = Field(default_factory=list)
-    client_addresses: list[Cidr] = Field(default_factory=list)
+    client_addresses: list[Cidr] = Field(default_factory=list, max_length=32)
 
 
 class Exclude(_Model):
@@ -201,13 +226,13 @@ class SessionRule(SessionFilters):
 class ConnectionLimit(SessionFilters):
     name: RuleName
     group_by: GroupBy
-    max: int = Field(ge=0)
-    include_active: bool = False
+    max: Integer = Field(ge=0)
+    include_active: bool = Field(default=False, strict=True)
 
 
 class Autovacuum(_Model):
-    max_workers: int | None = Field(default=None, ge=1, le=262143)
-    cancel_excess_workers: bool = False
+    max_workers: Annotated[int, Field(ge=1, le=262143), BeforeValidator(_no_strings_or_booleans)] | None = None
+    cancel_excess_workers: bool = Field(default=False, strict=True)
 
 
 def _unique_names(kind: str, items: list[SessionRule] | list[ConnectionLimit]) -> None:
@@ -225,8 +250,8 @@ class PolicySpec(_Model):
     enforcement_action: EnforcementAction = EnforcementAction.ENFORCE
     limits: Limits = Field(default_factory=Limits)
     exclude: Exclude = Field(default_factory=Exclude)
-    sessions: list[SessionRule] = Field(default_factory=list)
-    connection_limits: list[ConnectionLimit] = Field(default_factory=list)
+    sessions: list[SessionRule] = Field(default_factory=list, max_length=64)
+    connection_limits: list[ConnectionLimit] = Field(default_factory=list, max_length=64)
     autovacuum: Autovacuum = Field(default_factory=Autovacuum)
 
     @model_validator(mode="after")

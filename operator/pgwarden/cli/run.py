@@ -1,0 +1,54 @@
+"""`pgwarden run`: the central controller, enforcing PostgresPolicy objects on the pods they select.
+
+pgwarden run [--namespace NS]... [--all-namespaces] [--metrics-port 9090] [--health-port 8080]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pgwarden.cli import EXIT_USAGE, add_common_options
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the Kubernetes controller (kopf) that enforces PostgresPolicy objects",
+        description=(
+            "Watch PostgresPolicy objects and enforce each on the running pods its selector matches, "
+            "connecting to podIP:spec.connection.port with the credentials Secret the policy names. "
+            "Without --namespace, watches all namespaces."
+        ),
+    )
+    parser.add_argument(
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable)",
+    )
+    parser.add_argument("--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
+    parser.add_argument("--health-port", type=int, default=8080, help="liveness /healthz port (default 8080)")
+    parser.add_argument(
+        "--standalone", action="store_true", help="never pause for peers (one replica only; no peering object)"
+    )
+    add_common_options(parser)
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    if args.all_namespaces and args.namespaces:
+        print("pgwarden run: --all-namespaces and --namespace are mutually exclusive", file=sys.stderr)
+        return EXIT_USAGE
+    from pgwarden.controller.app import run_controller  # kopf and kubernetes load only for this command
+
+    return run_controller(
+        namespaces=args.namespaces,
+        all_namespaces=args.all_namespaces,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        standalone=args.standalone,
+    )

@@ -1,0 +1,149 @@
+"""Acting on what was observed: sessions that vanish or change in between, refused signals, lost connections.
+
+These tests drive the seams of a cycle (observe, plan, then act) so something can happen in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+import structlog
+
+from pgwarden.engine.act import act
+from pgwarden.engine.connection import connect, parse_dsn
+from pgwarden.engine.decide import PlannedAction, plan
+from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.observe import compile_observation, observe
+from pgwarden.engine.report import GONE, PERMISSION_DENIED, STATE_CHANGED
+from pgwarden.engine.session import TargetSession
+from pgwarden.policy import PolicySpec
+from tests.harness.postgres import PgServer
+from tests.pg.test_engine_helpers import acted, enforce, spec_of, unique
+
+pytestmark = pytest.mark.pg
+log = structlog.get_logger("test")
+
+
+@pytest.fixture
+async def engine(pg: PgServer) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    conn = await connect(parse_dsn(pg.dsn()))
+    yield conn
+    await conn.close()
+
+
+async def _planned(conn: psycopg.AsyncConnection[Any], spec: PolicySpec) -> list[PlannedAction]:
+    observation = await observe(conn, compile_observation(spec))
+    return list(plan(observation, spec).actions)
+
+
+def _idle_rule(app: str) -> PolicySpec:
+    return spec_of(
+        sessions=[
+            {"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "0s", "applicationNames": [app]}
+        ]
+    )
+
+
+async def test_session_that_ended_before_the_signal_is_skipped_not_an_error(
+    pg: PgServer, engine: psycopg.AsyncConnection[Any], request: pytest.FixtureRequest
+) -> None:
+    app = unique(request)
+    leaving = pg.open_session("idle", application_name=app)
+    staying = pg.open_session("idle", application_name=app)
+    planned = await _planned(engine, _idle_rule(app))
+    assert {p.session.pid for p in planned} == {leaving.pid, staying.pid}
+    leaving.close()
+    pg.wait_gone(leaving.pid)
+    outcome = await act(engine, planned, log)
+    assert [(s.pid, s.reason) for s in outcome.skipped] == [(leaving.pid, GONE)]
+    assert [a.pid for a in outcome.actions] == [staying.pid]
+    assert outcome.errors == []
+    pg.wait_gone(staying.pid)
+
+
+async def test_session_that_changed_state_since_observation_is_left_alone(
+    pg: PgServer, engine: psycopg.AsyncConnection[Any], request: pytest.FixtureRequest
+) -> None:
+    app = unique(request)
+    session = pg.open_session("idle", application_name=app)
+    planned = await _planned(engine, _idle_rule(app))
+    session.conn.execute("SELECT 1")  # busy in between: idle again, but a new idle period (state_change moved)
+    outcome = await act(engine, planned, log)
+    assert [(s.pid, s.reason) for s in outcome.skipped] == [(session.pid, STATE_CHANGED)]
+    assert outcome.actions == []
+    assert outcome.errors == []
+    assert pg.alive(session.pid)
+
+
+async def test_reused_pid_is_never_signalled(
+    pg: PgServer, engine: psycopg.AsyncConnection[Any], request: pytest.FixtureRequest
+) -> None:
+    """A backend with the observed pid but another backend_start is another session."""
+    app = unique(request)
+    session = pg.open_session("idle", application_name=app)
+    [planned] = await _planned(engine, _idle_rule(app))
+    earlier = planned.session.backend_start.replace(microsecond=(planned.session.backend_start.microsecond + 1) % 10**6)
+    impostor = dataclasses.replace(planned, session=dataclasses.replace(planned.session, backend_start=earlier))
+    outcome = await act(engine, [impostor], log)
+    assert [(s.pid, s.reason) for s in outcome.skipped] == [(session.pid, GONE)]
+    assert pg.alive(session.pid)
+
+
+async def test_refused_signal_is_reported_per_session_and_the_cycle_goes_on(
+    pg: PgServer, request: pytest.FixtureRequest
+) -> None:
+    """A non-superuser engine may not signal a superuser backend (42501): reported, and others still handled."""
+    app, engine_role, app_role = unique(request), unique(request, "engine"), unique(request, "app")
+    pg.create_role(engine_role, grants=("pg_read_all_stats", "pg_signal_backend"))
+    pg.create_role(app_role)
+    superuser_session = pg.open_session("idle", application_name=app)
+    app_session = pg.open_session("idle", user=app_role, application_name=app)
+    spec = spec_of(sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s", "applicationNames": [app]}])
+    report = await enforce(pg, spec, user=engine_role)
+    assert acted(report) == {app_session.pid}
+    assert [(s.pid, s.reason) for s in report.skipped] == [(superuser_session.pid, PERMISSION_DENIED)]
+    assert len(report.errors) == 1
+    assert str(superuser_session.pid) in report.errors[0]
+    assert "permission denied" in report.errors[0]
+    pg.wait_gone(app_session.pid)
+    assert pg.alive(superuser_session.pid)
+
+
+async def test_engine_without_pg_read_all_stats_sees_only_what_it_may(
+    pg: PgServer, request: pytest.FixtureRequest
+) -> None:
+    """Without pg_read_all_stats other roles' sessions hide even their backend_type: counted, never acted on."""
+    app, engine_role = unique(request), unique(request, "weak")
+    pg.create_role(engine_role)
+    hidden = pg.open_session("idle", application_name=app)
+    spec = spec_of(sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s", "applicationNames": [app]}])
+    report = await enforce(pg, spec, user=engine_role)
+    assert report.actions == []
+    assert report.errors == []
+    assert report.backends.get("unknown", 0) >= 1
+    assert pg.alive(hidden.pid)
+
+
+async def test_lost_engine_connection_raises_and_the_session_reconnects(
+    pg: PgServer, request: pytest.FixtureRequest
+) -> None:
+    app = unique(request)
+    target = TargetSession(parse_dsn(pg.dsn(), application_name=app))
+    spec = spec_of(sessions=[{"name": "idle", "action": "terminate", "stateAge": "1h", "applicationNames": [app]}])
+    try:
+        first = await target.run(spec, policy="test")
+        assert first.errors == []
+        engine_pid = (await target.connection()).info.backend_pid
+        pg.execute("SELECT pg_terminate_backend(%s)", (engine_pid,))
+        pg.wait_gone(engine_pid)
+        with pytest.raises(TargetUnreachable, match="pg_stat_activity"):
+            await target.run(spec, policy="test")
+        second = await target.run(spec, policy="test")  # a fresh connection
+        assert (await target.connection()).info.backend_pid != engine_pid
+        assert second.server_version == first.server_version
+    finally:
+        await target.close()

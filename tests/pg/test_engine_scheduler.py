@@ -1,0 +1,63 @@
+"""The deadline-aware loop on a real server: a session crossing stateAge goes within about a second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pgwarden.engine.connection import parse_dsn
+from pgwarden.engine.report import CycleReport
+from pgwarden.engine.scheduler import run_loop
+from pgwarden.engine.session import TargetSession
+from tests.harness.postgres import PgServer
+from tests.pg.test_engine_helpers import spec_of, unique
+
+pytestmark = pytest.mark.pg
+
+
+async def test_session_is_terminated_soon_after_crossing_state_age_not_at_the_interval(
+    pg: PgServer, request: pytest.FixtureRequest
+) -> None:
+    app = unique(request)
+    spec = spec_of(
+        interval="30s",
+        sessions=[
+            {"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "2s", "applicationNames": [app]}
+        ],
+    )
+    session = pg.open_session("idle", application_name=app)
+    opened = time.monotonic()
+    target = TargetSession(parse_dsn(pg.dsn()))
+    stop = asyncio.Event()
+    reports: list[CycleReport] = []
+
+    def on_error(exc: Exception, failures: int) -> bool:
+        raise exc
+
+    loop = asyncio.create_task(
+        run_loop(
+            lambda: target.run(spec, policy="test"),
+            interval=spec.interval.total_seconds(),
+            stop=stop,
+            on_report=reports.append,
+            on_error=on_error,
+        )
+    )
+    try:
+        deadline = opened + 3.5
+        while await asyncio.to_thread(pg.alive, session.pid):
+            assert time.monotonic() < deadline, f"still there after 3.5 s ({len(reports)} cycles)"
+            await asyncio.sleep(0.05)
+        gone_after = time.monotonic() - opened
+        assert gone_after >= 1.8  # never before the threshold
+        assert [a.pid for r in reports for a in r.actions] == [session.pid]
+        assert reports[0].next_deadline is not None
+        assert reports[0].next_deadline <= 2.0
+    finally:
+        stop.set()
+        started = time.monotonic()
+        await asyncio.wait_for(loop, timeout=5)
+        assert time.monotonic() - started < 1.0  # a sleeping loop wakes at once, not after its 30 s
+        await target.close()

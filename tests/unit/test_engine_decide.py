@@ -1,0 +1,251 @@
+"""The decision step as pure functions: rule order, protections, connection limits, blast radius."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from pgwarden.engine.decide import (
+    allowed_actions,
+    in_scope,
+    is_protected,
+    limit_victims,
+    plan,
+    rule_matches,
+    victim_order,
+)
+from pgwarden.engine.observe import Observation, ObservedSession
+from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION
+from pgwarden.policy import PolicySpec, parse_spec
+from pgwarden.policy.model import ConnectionLimit, Exclude, Limits, SessionRule
+
+_pids = itertools.count(1000)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def session(
+    state: str | None = "idle",
+    *,
+    age: float | None = 100.0,
+    user: str | None = "app",
+    database: str | None = "shop",
+    app: str | None = "web",
+    addr: str | None = "10.0.0.7",
+    query_age: float | None = None,
+    xact_age: float | None = None,
+    connection_age: float | None = None,
+    backend_type: str = "client backend",
+    pid: int | None = None,
+) -> ObservedSession:
+    return ObservedSession(
+        pid=next(_pids) if pid is None else pid,
+        user=user,
+        database=database,
+        application_name=app,
+        client_address=addr,
+        state=state,
+        backend_start=T0,
+        state_change=T0 + timedelta(seconds=1),
+        state_age=age,
+        query_age=age if query_age is None else query_age,
+        transaction_age=xact_age,
+        connection_age=(age or 0) + 10 if connection_age is None else connection_age,
+        backend_type=backend_type,
+    )
+
+
+def observation(
+    *sessions: ObservedSession, clients: int | None = None, next_crossing: float | None = None
+) -> Observation:
+    return Observation(
+        server_version="18.6",
+        own_pid=1,
+        backends={"client backend": len(sessions) + 1 if clients is None else clients},
+        client_states={},
+        sessions=tuple(sessions),
+        next_crossing=next_crossing,
+    )
+
+
+def spec(**fields: Any) -> PolicySpec:
+    fields.setdefault("limits", {"maxActionsPerCycle": 1000, "maxFractionPerCycle": 1.0})
+    return parse_spec(fields)
+
+
+def rule(**fields: Any) -> SessionRule:
+    return SessionRule.model_validate({"name": "r", "action": "terminate", **fields})
+
+
+# -- matching --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "s", "expected"),
+    [
+        ({"stateAge": "1m"}, session(age=61), True),
+        ({"stateAge": "1m"}, session(age=59), False),
+        ({"stateAge": "1m"}, session(age=60), True),  # reaching the threshold is crossing it
+        ({"states": ["idle"], "stateAge": "0s"}, session("active"), False),
+        ({"states": ["idle", "active"], "stateAge": "0s"}, session("active"), True),
+        ({"transactionAge": "0s"}, session(xact_age=None), False),  # no transaction: never
+        ({"transactionAge": "5s", "stateAge": "1s"}, session(age=2, xact_age=6), True),
+        ({"transactionAge": "5s", "stateAge": "3s"}, session(age=2, xact_age=6), False),  # all must hold
+        ({"queryAge": "1m"}, session(query_age=120), True),
+        ({"connectionAge": "1h"}, session(connection_age=3599), False),
+        ({"stateAge": "0s", "users": ["ap?"]}, session(user="app"), True),
+        ({"stateAge": "0s", "users": ["ap?"]}, session(user="apps"), False),
+        ({"stateAge": "0s", "users": ["app"]}, session(user=None), False),
+        ({"stateAge": "0s", "databases": ["sh*", "x"]}, session(database="shop"), True),
+        ({"stateAge": "0s", "applicationNames": ["[!w]*"]}, session(app="web"), False),
+        ({"stateAge": "0s", "applicationNames": ["WEB"]}, session(app="web"), False),  # case-sensitive
+        ({"stateAge": "0s", "clientAddresses": ["10.0.0.0/8"]}, session(addr="10.1.2.3"), True),
+        ({"stateAge": "0s", "clientAddresses": ["10.0.0.0/8"]}, session(addr=None), False),  # Unix socket
+        ({"stateAge": "0s", "clientAddresses": []}, session(addr=None), True),
+        ({"stateAge": "0s", "clientAddresses": ["fd00::/8"]}, session(addr="fd00::1"), True),
+        ({"stateAge": "0s", "clientAddresses": ["fd00::/8"]}, session(addr="10.0.0.1"), False),
+        ({"stateAge": "0s"}, session(state=None, age=None), False),
+    ],
+)
+def test_rule_matches(fields: dict[str, Any], s: ObservedSession, expected: bool) -> None:
+    assert rule_matches(rule(**fields), s) is expected
+
+
+def test_first_matching_rule_wins_and_order_within_a_rule_is_worst_first() -> None:
+    a, b, c = session(age=100), session(age=300), session("active", age=50)
+    result = plan(
+        observation(a, b, c),
+        spec(
+            sessions=[
+                {"name": "busy", "action": "cancel", "states": ["active"], "queryAge": "10s"},
+                {"name": "any", "action": "terminate", "stateAge": "10s"},
+            ]
+        ),
+    )
+    assert [(p.rule, p.action.value, p.session.pid) for p in result.actions] == [
+        ("busy", "cancel", c.pid),
+        ("any", "terminate", b.pid),  # 300 s past: before the one 100 s past
+        ("any", "terminate", a.pid),
+    ]
+
+
+# -- protections ---------------------------------------------------------------------------------------
+
+
+def test_only_client_backends_are_candidates() -> None:
+    everything = spec(sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s"}])
+    kinds = ["walsender", "autovacuum worker", "background worker", "parallel worker", "checkpointer"]
+    others = [session(backend_type=k) for k in kinds]
+    client = session()
+    result = plan(observation(client, *others), everything)
+    assert [p.session.pid for p in result.actions] == [client.pid]
+
+
+def test_own_and_protected_pids_are_never_candidates() -> None:
+    own, spare, other = session(pid=1), session(pid=2), session(pid=3)
+    everything = spec(sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s"}])
+    result = plan(observation(own, spare, other), everything, protected_pids={2})
+    assert [p.session.pid for p in result.actions] == [3]
+
+
+@pytest.mark.parametrize(
+    ("exclude", "s", "protected"),
+    [
+        ({"users": ["postgres"]}, session(user="postgres"), True),
+        ({"users": ["post*"]}, session(user="app"), False),
+        ({"databases": ["shop"]}, session(database="shop"), True),
+        ({"applicationNames": ["pgwarden*"]}, session(app="pgwarden-sidecar"), True),
+        ({"users": ["x"]}, session(user=None), True),  # cannot be checked: left alone
+        ({}, session(user=None), False),
+    ],
+)
+def test_excludes(exclude: dict[str, list[str]], s: ObservedSession, protected: bool) -> None:
+    assert is_protected(s, Exclude.model_validate(exclude), ()) is protected
+
+
+# -- connection limits ---------------------------------------------------------------------------------
+
+
+def limit(**fields: Any) -> ConnectionLimit:
+    return ConnectionLimit.model_validate({"name": "cap", "groupBy": "user", "max": 1, **fields})
+
+
+def test_victims_idle_first_longest_idle_first_active_only_if_asked() -> None:
+    idle_new, idle_old = session("idle", age=5), session("idle", age=50)
+    in_tx, aborted = session("idle in transaction", age=500), session("idle in transaction (aborted)", age=1)
+    busy_old, busy_new = session("active", age=900), session("active", age=2)
+    group = [idle_new, idle_old, in_tx, aborted, busy_old, busy_new]
+    order = sorted(group, key=victim_order)
+    assert order == [idle_old, idle_new, aborted, in_tx, busy_old, busy_new]
+    assert limit_victims(limit(max=1), group, taken=()) == [idle_old, idle_new, aborted, in_tx]
+    assert limit_victims(limit(max=1, includeActive=True), group, taken=()) == [
+        idle_old,
+        idle_new,
+        aborted,
+        in_tx,
+        busy_old,
+    ]
+    assert limit_victims(limit(max=4), group, taken=()) == [idle_old, idle_new]
+    assert limit_victims(limit(max=6), group, taken=()) == []
+    # Sessions a rule already takes no longer count, and are not chosen twice.
+    assert limit_victims(limit(max=4), group, taken={idle_old.pid}) == [idle_new]
+
+
+def test_groups_and_scope() -> None:
+    a1, a2, b1 = session(user="a"), session(user="a"), session(user="b")
+    local1, local2 = session(addr=None), session(addr=None)
+    assert limit_victims(limit(max=1), [a1, a2, b1], taken=()) == [a1]
+    assert limit_victims(limit(max=1, users=["b"]), [a1, a2, b1], taken=()) == []
+    assert limit_victims(limit(max=1, groupBy="clientAddress"), [local1, local2], taken=()) == [local1]
+    assert in_scope(local1, limit(clientAddresses=["10.0.0.0/8"])) is False
+
+
+def test_rules_then_limits_then_blast_radius() -> None:
+    tx = session("idle in transaction", age=100, xact_age=100)
+    idle = [session(age=a) for a in (1, 2, 3)]
+    s = spec(
+        sessions=[{"name": "tx", "action": "terminate", "states": ["idle in transaction"], "stateAge": "10s"}],
+        connectionLimits=[{"name": "cap", "groupBy": "user", "max": 2}],
+    )
+    result = plan(observation(tx, *idle), s)
+    # Four sessions of one user, cap 2: the rule takes one, the limit one more (the longest idle).
+    assert [(p.rule, p.session.pid) for p in result.actions] == [("tx", tx.pid), ("cap", idle[2].pid)]
+
+
+# -- blast radius ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_actions", "fraction", "clients", "expected"),
+    [
+        (50, 0.5, 1000, (50, MAX_ACTIONS)),
+        (50, 0.5, 40, (20, MAX_FRACTION)),
+        (50, 0.5, 3, (1, MAX_FRACTION)),  # 1.5 rounds down to 1
+        (50, 0.1, 5, (1, MAX_FRACTION)),  # 0.5 rounds down to 0, but one action is always allowed
+        (50, 0.29, 100, (29, MAX_FRACTION)),  # no float surprise (0.29 * 100 = 28.999...)
+        (1, 1.0, 0, (1, MAX_ACTIONS)),
+        (10, 1.0, 10, (10, MAX_ACTIONS)),
+    ],
+)
+def test_allowed_actions(max_actions: int, fraction: float, clients: int, expected: tuple[int, str]) -> None:
+    limits = Limits(max_actions_per_cycle=max_actions, max_fraction_per_cycle=fraction)
+    assert allowed_actions(limits, clients) == expected
+
+
+def test_blast_radius_holds_when_everything_matches() -> None:
+    sessions = [session(age=float(i)) for i in range(1, 11)]
+    s = spec(
+        limits={"maxActionsPerCycle": 3, "maxFractionPerCycle": 1.0},
+        sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s"}],
+    )
+    result = plan(observation(*sessions), s)
+    assert len(result.actions) == 3
+    assert [x.reason for x in result.skipped] == [MAX_ACTIONS] * 7
+    assert {p.session.pid for p in result.actions} | {x.pid for x in result.skipped} == {x.pid for x in sessions}
+
+
+def test_next_deadline_comes_from_the_observation() -> None:
+    assert plan(observation(next_crossing=12.5), spec()).next_deadline == 12.5
+    assert plan(observation(), spec()).next_deadline is None
