@@ -130,9 +130,16 @@ async def test_version_paths_reload_on_18_pending_restart_before(pg_factory: PgF
     assert after.errors == []
 
 
-async def test_pg18_refuses_more_workers_than_slots(pg_factory: PgFactory, pg_major: str) -> None:
+async def test_slots_limit_refuses_more_workers_than_slots_on_18(pg_factory: PgFactory, pg_major: str) -> None:
     if int(pg_major) < 18:
-        pytest.skip("autovacuum_worker_slots exists from PostgreSQL 18")
+        # No slots limit before 18: a large cap is written, pending a restart, with no error.
+        server = pg_factory()
+        async with warden(server) as conn:
+            big = await enforce_autovacuum(conn, Autovacuum(max_workers=6), dry_run=False)
+        assert big.errors == []
+        assert big.worker_slots is None
+        assert (big.written, big.pending_restart, big.in_force) == (True, True, 3)
+        return
     server = pg_factory(settings={"autovacuum_worker_slots": "4"})
     stamp = auto_conf_stamp(server)
     async with warden(server) as conn:

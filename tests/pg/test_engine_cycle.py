@@ -14,7 +14,7 @@ pytestmark = pytest.mark.pg
 async def test_process_counts_match_pg_stat_activity(pg: PgServer, request: pytest.FixtureRequest) -> None:
     app = unique(request)
     for state in ("idle", "idle", "active", "idle in transaction", "idle in transaction (aborted)"):
-        pg.open_session(state, application_name=app)  # type: ignore[arg-type]
+        pg.open_session(state, application_name=app)
     report = await enforce(pg, spec_of())
     truth = dict(pg.execute("SELECT backend_type, count(*) FROM pg_stat_activity GROUP BY 1"))
     # The check runs one more client backend (its own connection) than the cycle saw, and the cycle's own

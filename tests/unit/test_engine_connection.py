@@ -16,8 +16,8 @@ def test_engine_settings_are_added_and_the_users_options_kept() -> None:
     params = conninfo.conninfo_to_dict(dsn.conninfo)
     assert params["application_name"] == "pgwarden"
     assert params["connect_timeout"] == "5"
-    assert params["options"].startswith("-c statement_timeout=5000 -c lock_timeout=2000")
-    assert params["options"].endswith("-c work_mem=8MB")  # later wins: a user's explicit choice stands
+    assert str(params["options"]).startswith("-c statement_timeout=5000 -c lock_timeout=2000")
+    assert str(params["options"]).endswith("-c work_mem=8MB")  # later wins: a user's explicit choice stands
     assert dsn.target == "db.example:6432"
     assert dsn.password == "s3cret"
     assert "s3cret" not in repr(dsn.target)

@@ -12,7 +12,7 @@ from typing import Any
 import kopf
 import structlog
 
-from pgwarden.controller.constants import CONTROLLER, FINALIZER, PEERING_NAME, GROUP, PLURAL, VERSION
+from pgwarden.controller.constants import CONTROLLER, FINALIZER, GROUP, PEERING_NAME, PLURAL, VERSION
 from pgwarden.controller.events import PolicyEvent
 from pgwarden.controller.kube import PolicyApi, SecretReader, load_api_client
 from pgwarden.controller.runtime import Runtime
@@ -65,7 +65,8 @@ def pods_by_namespace(name: str, namespace: str, meta: kopf.Meta, status: kopf.S
     return {namespace: pod_info_from(name, namespace, dict(meta), dict(status))}
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=15.0, id="enforce")
+# Index kwargs (pods_by_namespace) are injected by name, beyond kopf's typed callback protocols.
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=15.0, id="enforce")  # type: ignore[arg-type]
 async def enforce(
     stopped: kopf.DaemonStopped,
     name: str,
@@ -112,7 +113,7 @@ async def enforce(
         runtime.writer.forget(namespace, name)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, id="release")
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="release")  # type: ignore[arg-type]
 async def release(
     name: str,
     namespace: str,

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from kubernetes import client, config
@@ -23,9 +23,9 @@ from pgwarden.policy import CredentialsSecret
 def load_api_client() -> client.ApiClient:
     """In a pod: its ServiceAccount. Elsewhere: KUBECONFIG / ~/.kube/config."""
     try:
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config()
+        config.load_kube_config()  # type: ignore[no-untyped-call]
     return client.ApiClient()
 
 
@@ -114,7 +114,7 @@ class PolicyApi:
             if exc.status == 404:
                 return None
             raise
-        return dict(obj)
+        return cast(dict[str, Any], obj)
 
     async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
         """Merge-patch `status` only if the object is still at `resource_version`; return the new version.
@@ -138,7 +138,7 @@ class PolicyApi:
             if exc.status == 409:
                 raise StatusConflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from None
             raise
-        return str(obj["metadata"]["resourceVersion"])
+        return str(cast(dict[str, Any], obj)["metadata"]["resourceVersion"])
 
 
 class PodApi:
@@ -165,7 +165,7 @@ class PolicyLister:
 
     async def list(self, namespace: str) -> list[dict[str, Any]]:
         result = await asyncio.to_thread(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
-        return [dict(item) for item in result.get("items", [])]
+        return [dict(item) for item in cast(dict[str, Any], result).get("items", [])]
 
 
 class EventPoster:
@@ -199,6 +199,6 @@ class EventPoster:
             "count": 1,
         }
         try:
-            await asyncio.to_thread(self._core.create_namespaced_event, meta.get("namespace"), body)
+            await asyncio.to_thread(self._core.create_namespaced_event, str(meta.get("namespace")), body)  # type: ignore[arg-type]
         except ApiException as exc:  # an Event is best effort; the action is already logged
             structlog.get_logger("pgwarden.sidecar").warning("event not posted", reason=reason, status=exc.status)

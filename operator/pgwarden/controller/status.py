@@ -182,7 +182,9 @@ def _carry_transitions(
             "status": cond.status,
             "reason": cond.reason,
             "message": cond.message[:2000],
-            "lastTransitionTime": now_rfc3339() if changed else before.get("lastTransitionTime", now_rfc3339()),
+            "lastTransitionTime": (
+                before.get("lastTransitionTime", now_rfc3339()) if before and not changed else now_rfc3339()
+            ),
         }
         if generation is not None:
             item["observedGeneration"] = generation
@@ -203,4 +205,4 @@ def without_timestamps(value: Any) -> Any:
 def differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     """True when something other than a timestamp changed."""
     relevant = {k: v for k, v in (old or {}).items() if k != "kopf"}
-    return without_timestamps(relevant) != without_timestamps({k: v for k, v in new.items() if k != "kopf"})
+    return bool(without_timestamps(relevant) != without_timestamps({k: v for k, v in new.items() if k != "kopf"}))

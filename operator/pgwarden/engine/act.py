@@ -41,12 +41,15 @@ _WHY_NOT: LiteralString = (
 
 @dataclass
 class ActOutcome:
+    """What acting did: sessions signalled, sessions left alone (with the reason), per-session errors."""
+
     actions: list[ActionRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
 def record(planned: PlannedAction, *, done: bool) -> ActionRecord:
+    """The report's view of a planned action; `done` only once the signal was delivered."""
     s = planned.session
     return ActionRecord(
         rule=planned.rule,

@@ -49,6 +49,8 @@ class PlannedAction:
 
 @dataclass(frozen=True)
 class Plan:
+    """The decision for one cycle: what to signal (in order), what the blast radius held back, when to look again."""
+
     actions: tuple[PlannedAction, ...]
     skipped: tuple[SkipRecord, ...]
     next_deadline: float | None
