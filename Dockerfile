@@ -1,24 +1,55 @@
 # pgwarden: one image for the central controller (`pgwarden run`, the default) and the sidecar
-# (`pgwarden sidecar`, set as the container's args). Multi-stage: the final stage has the venv only.
-ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
+# (`pgwarden sidecar`: set the container's `command: [pgwarden, sidecar]`).
+#
+# Two stages: `build` turns the source into a wheel and installs it, with exactly the dependency versions
+# pinned in constraints.txt, into a venv at /opt/pgwarden; the final stage is the same slim base with
+# that venv copied in and nothing else: no pip in the venv, no wheel files, no caches, no compilers
+# (every dependency must come as a binary wheel, so none is ever needed).
+#
+# These machines cannot build images; tests/unit/test_packaging.py checks what can be checked without
+# Docker: the same wheel built from the same files (.dockerignore), installed the same way into a fresh
+# venv, runs this ENTRYPOINT; and every dependency resolves to a binary wheel for this base's Python.
+# Lint: `make lint` runs hadolint (no rule is ignored).
+
+# Pinned by version. For byte-for-byte rebuilds pin the digest too (`...-slim-bookworm@sha256:...`, from
+# `docker buildx imagetools inspect`) and let a bot such as Renovate bump both together.
+ARG PYTHON_IMAGE=python:3.12.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_INPUT=1 \
+    PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-RUN python -m venv /opt/pgwarden
-COPY constraints.txt pyproject.toml README.md ./
+# Only what the wheel is built from (.dockerignore keeps everything else out of the build context).
+COPY pyproject.toml README.md ./
 COPY operator/ operator/
-# Dependencies exactly as pinned in constraints.txt; then the project itself, not editable.
-RUN /opt/pgwarden/bin/pip install --constraint constraints.txt . \
- && /opt/pgwarden/bin/pip uninstall --yes pip setuptools wheel
+RUN python -m pip wheel --no-deps --wheel-dir /wheels .
+COPY constraints.txt ./
+# The venv gets no pip of its own (--without-pip): the stage's pip installs into it from outside.
+# --only-binary: a dependency without a wheel for this Python fails the build instead of compiling.
+# Bytecode is compiled here on purpose: the container's root filesystem is read-only at run time.
+RUN python -m venv --without-pip /opt/pgwarden \
+ && python -m pip --python /opt/pgwarden/bin/python install \
+      --constraint constraints.txt --only-binary=:all: /wheels/pgwarden-*.whl
 
 FROM ${PYTHON_IMAGE}
+# Must equal the package version (pyproject.toml) and the tag in manifests/; the packaging test checks.
+ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="pgwarden" \
       org.opencontainers.image.description="Enforces process policies on PostgreSQL from Kubernetes" \
+      org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.source="https://github.com/pgwarden/pgwarden" \
       org.opencontainers.image.licenses="Apache-2.0"
-ENV PATH=/opt/pgwarden/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# HOME=/tmp: the numeric user has no passwd entry and /tmp is the one writable mount (an emptyDir)
+# under readOnlyRootFilesystem, so anything that wants a home directory gets a usable one.
+ENV PATH=/opt/pgwarden/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
 COPY --from=build /opt/pgwarden /opt/pgwarden
+# Numeric, so Kubernetes' runAsNonRoot can verify it; matches runAsUser/runAsGroup in manifests/.
 USER 10001:10001
+# 9090: Prometheus /metrics; 8080: /healthz for the liveness and readiness probes.
 EXPOSE 9090 8080
 ENTRYPOINT ["pgwarden", "run"]

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fixtures.postgres import PgFactory
 from tests.harness.postgres import PgServer, free_port
-from tests.pg.test_engine_helpers import unique, wait_all_gone
+from tests.harness.engine import unique, wait_all_gone
 
 pytestmark = pytest.mark.pg
 

@@ -22,7 +22,7 @@ from pgwarden.engine.report import GONE, PERMISSION_DENIED, STATE_CHANGED
 from pgwarden.engine.session import TargetSession
 from pgwarden.policy import PolicySpec
 from tests.harness.postgres import PgServer
-from tests.pg.test_engine_helpers import acted, enforce, spec_of, unique
+from tests.harness.engine import acted, enforce, spec_of, unique
 
 pytestmark = pytest.mark.pg
 log = structlog.get_logger("test")

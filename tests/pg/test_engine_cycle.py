@@ -6,7 +6,7 @@ import pytest
 
 from pgwarden.engine.session import EngineTarget
 from tests.harness.postgres import PgServer
-from tests.pg.test_engine_helpers import enforce, spec_of, unique
+from tests.harness.engine import enforce, spec_of, unique
 
 pytestmark = pytest.mark.pg
 

@@ -6,7 +6,7 @@ import pytest
 
 from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION
 from tests.harness.postgres import PgServer
-from tests.pg.test_engine_helpers import acted, alive, enforce, spec_of, unique, wait_all_gone
+from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
 
 pytestmark = pytest.mark.pg
 

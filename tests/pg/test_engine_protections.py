@@ -12,7 +12,7 @@ import pytest
 
 from tests.fixtures.postgres import PgFactory
 from tests.harness.postgres import PgServer, wait_for
-from tests.pg.test_engine_helpers import acted, enforce, spec_of, wait_all_gone
+from tests.harness.engine import acted, enforce, spec_of, wait_all_gone
 
 pytestmark = pytest.mark.pg
 

@@ -12,7 +12,7 @@ from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import run_loop
 from pgwarden.engine.session import TargetSession
 from tests.harness.postgres import PgServer
-from tests.pg.test_engine_helpers import spec_of, unique
+from tests.harness.engine import spec_of, unique
 
 pytestmark = pytest.mark.pg
 

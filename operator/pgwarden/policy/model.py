@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    field_validator,
     PlainSerializer,
     model_validator,
 )
@@ -254,13 +255,24 @@ class PolicySpec(_Model):
     connection_limits: list[ConnectionLimit] = Field(default_factory=list, max_length=64)
     autovacuum: Autovacuum = Field(default_factory=Autovacuum)
 
-    @model_validator(mode="after")
-    def _cross_field(self) -> PolicySpec:
-        if self.interval < timedelta(seconds=1):
-            raise ValueError(f"interval must be at least 1s, got {format_duration(self.interval)}")
-        _unique_names("session rule", self.sessions)
-        _unique_names("connection limit", self.connection_limits)
-        return self
+    @field_validator("interval")
+    @classmethod
+    def _interval_at_least_a_second(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError(f"must be at least 1s, got {format_duration(value)}")
+        return value
+
+    @field_validator("sessions")
+    @classmethod
+    def _unique_session_rules(cls, value: list[SessionRule]) -> list[SessionRule]:
+        _unique_names("session rule", value)
+        return value
+
+    @field_validator("connection_limits")
+    @classmethod
+    def _unique_connection_limits(cls, value: list[ConnectionLimit]) -> list[ConnectionLimit]:
+        _unique_names("connection limit", value)
+        return value
 
     @property
     def dry_run(self) -> bool:
