@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tests.fixtures.postgres import PgFactory
-from tests.harness.postgres import PgServer, free_port
 from tests.harness.engine import unique, wait_all_gone
+from tests.harness.postgres import PgServer, free_port
 
 pytestmark = pytest.mark.pg
 

@@ -21,8 +21,8 @@ from pgwarden.engine.observe import compile_observation, observe
 from pgwarden.engine.report import GONE, PERMISSION_DENIED, STATE_CHANGED
 from pgwarden.engine.session import TargetSession
 from pgwarden.policy import PolicySpec
-from tests.harness.postgres import PgServer
 from tests.harness.engine import acted, enforce, spec_of, unique
+from tests.harness.postgres import PgServer
 
 pytestmark = pytest.mark.pg
 log = structlog.get_logger("test")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pgwarden.engine.session import EngineTarget
-from tests.harness.postgres import PgServer
 from tests.harness.engine import enforce, spec_of, unique
+from tests.harness.postgres import PgServer
 
 pytestmark = pytest.mark.pg
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION
-from tests.harness.postgres import PgServer
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
+from tests.harness.postgres import PgServer
 
 pytestmark = pytest.mark.pg
 

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from tests.fixtures.postgres import PgFactory
-from tests.harness.postgres import PgServer, wait_for
 from tests.harness.engine import acted, enforce, spec_of, wait_all_gone
+from tests.harness.postgres import PgServer, wait_for
 
 pytestmark = pytest.mark.pg
 

@@ -13,8 +13,8 @@ import pytest
 from pgwarden.engine.connection import connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.patterns import anchored_alternation, glob_to_like
-from tests.harness.postgres import PgServer, wait_for
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
+from tests.harness.postgres import PgServer, wait_for
 
 pytestmark = pytest.mark.pg
 

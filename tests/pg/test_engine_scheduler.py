@@ -11,8 +11,8 @@ from pgwarden.engine.connection import parse_dsn
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import run_loop
 from pgwarden.engine.session import TargetSession
-from tests.harness.postgres import PgServer
 from tests.harness.engine import spec_of, unique
+from tests.harness.postgres import PgServer
 
 pytestmark = pytest.mark.pg
 

@@ -19,8 +19,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    field_validator,
     PlainSerializer,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
