@@ -64,7 +64,7 @@ def events_for_cycle(pod: str, report: Mapping[str, Any]) -> list[PolicyEvent]:
             pending = " (pending a restart)" if max_workers.get("pendingRestart") else ""
             parts.append(f"set autovacuum_max_workers to {max_workers.get('desired')}{pending}")
         if cancelled:
-            parts.append(f"cancelled {len(cancelled)} excess autovacuum workers (pids {_pids(cancelled)})")
+            parts.append(f"stopped {len(cancelled)} excess autovacuum workers (pids {_pids(cancelled)})")
         reason = "DryRun" if dry_run else "AutovacuumCapped"
         prefix = "would " if dry_run else ""
         events.append(PolicyEvent("Normal", reason, f"pod {pod}: {prefix}" + " and ".join(parts)))

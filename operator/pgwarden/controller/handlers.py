@@ -18,7 +18,7 @@ from pgwarden.controller.kube import PolicyApi, SecretReader, load_api_client
 from pgwarden.controller.runtime import Runtime
 from pgwarden.controller.status import PolicyCondition, TargetUpdate
 from pgwarden.controller.targets import PodInfo, pod_info_from
-from pgwarden.controller.worker import PolicyWorker
+from pgwarden.controller.worker import PolicyWorker, wait_for_work
 from pgwarden.policy import PolicyError, parse_spec
 
 log = structlog.get_logger("pgwarden.controller")
@@ -107,7 +107,7 @@ async def enforce(
     try:
         while not stopped:
             delay = await worker.step(body, list(pods_by_namespace.get(namespace, [])))
-            await stopped.wait(delay)
+            await wait_for_work(delay, worker.inflight(), stopped.wait())
     finally:
         await asyncio.shield(worker.close())
         runtime.writer.forget(namespace, name)

@@ -10,8 +10,8 @@ controller skips exactly those pods, so two enforcers never act on one server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
+import time
 from typing import Any
 
 import structlog
@@ -24,7 +24,7 @@ from pgwarden.controller.kube import EventPoster, PodApi, PolicyApi, PolicyListe
 from pgwarden.controller.status import PolicyCondition, TargetUpdate
 from pgwarden.controller.status_writer import StatusWriter
 from pgwarden.controller.targets import PodInfo, pod_info_from
-from pgwarden.controller.worker import Endpoint, PolicyWorker, TargetEnforcer
+from pgwarden.controller.worker import Endpoint, PolicyWorker, TargetEnforcer, wait_for_work
 from pgwarden.engine.session import EngineTarget
 
 log = structlog.get_logger("pgwarden.sidecar")
@@ -45,6 +45,7 @@ class Sidecar:
         self.events = EventPoster(api, "pgwarden-sidecar", pod_name)
         self.workers: dict[str, PolicyWorker] = {}
         self.bodies: dict[str, dict[str, Any]] = {}  # the latest listed body of each policy
+        self.pod: PodInfo | None = None
         self.concurrency = asyncio.Semaphore(4)
         self.healthy = False
         self._pending_events: set[asyncio.Task[None]] = set()
@@ -90,35 +91,48 @@ class Sidecar:
         self.workers[name] = worker
         return worker
 
-    async def step(self) -> float:
-        """One look at the own pod and the namespace's policies; returns how long to sleep."""
+    async def refresh(self) -> None:
+        """Read the own pod and the namespace's policies (every POLL_SECONDS, not every step)."""
         raw_pod = await self.pods.get(self.namespace, self.pod_name)
         if raw_pod is None:
             log.warning("own pod not found; idle", pod=self.pod_name, namespace=self.namespace)
-            return POLL_SECONDS
-        pod = pod_info_from(self.pod_name, self.namespace, raw_pod.get("metadata") or {}, raw_pod.get("status") or {})
-        if not pod.sidecar_enforced:
-            log.info("pod not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it; idle")
-        # The sidecar is inside the pod: it is the pod's server whatever the IP says.
-        pod = PodInfo(pod.name, pod.namespace, "Running", pod.pod_ip or "127.0.0.1", pod.labels, pod.annotations)
+            self.pod = None
+        else:
+            pod = pod_info_from(
+                self.pod_name, self.namespace, raw_pod.get("metadata") or {}, raw_pod.get("status") or {}
+            )
+            if not pod.sidecar_enforced:
+                log.info("pod not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it; idle")
+            # The sidecar is inside the pod: its server is the pod's, whatever the API says of phase and IP.
+            self.pod = PodInfo(
+                pod.name, pod.namespace, "Running", pod.pod_ip or "127.0.0.1", pod.labels, pod.annotations
+            )
         self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
         for gone in [n for n in self.workers if n not in self.bodies]:
             await self.workers.pop(gone).close()
-        delay = POLL_SECONDS
-        for name, body in sorted(self.bodies.items()):
-            delay = min(delay, await self._worker(name).step(body, [pod]))
         self.healthy = True
+
+    async def step(self) -> float:
+        """Evaluate what is due on every policy; returns how long to sleep."""
+        delay = POLL_SECONDS
+        pods = [self.pod] if self.pod is not None else []
+        for name, body in sorted(self.bodies.items()):
+            delay = min(delay, await self._worker(name).step(body, pods))
         return delay
 
     async def run(self, stop: asyncio.Event) -> None:
+        refreshed = float("-inf")
         while not stop.is_set():
             try:
-                delay = await self.step()
+                if time.monotonic() - refreshed >= POLL_SECONDS:
+                    await self.refresh()
+                    refreshed = time.monotonic()
+                delay = min(await self.step(), max(0.05, refreshed + POLL_SECONDS - time.monotonic()))
             except Exception as exc:  # the API server blinked: report, keep going
                 log.warning("sidecar step failed", error=str(exc))
                 delay = POLL_SECONDS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            inflight = [t for w in self.workers.values() for t in w.inflight()]
+            await wait_for_work(delay, inflight, stop.wait())
         for worker in self.workers.values():
             await worker.close()
 

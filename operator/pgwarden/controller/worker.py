@@ -2,7 +2,8 @@
 
 Each target keeps its own schedule: the engine says when the next session will cross a threshold,
 and the target is evaluated again then (never later than `interval`, never more often than once a
-second). A failing target backs off on its own schedule and never delays the others.
+second). Each evaluation runs as its own task, so a slow or failing target (a connect or statement
+timeout) never delays the others: it backs off on its own schedule.
 """
 
 from __future__ import annotations
@@ -65,11 +66,19 @@ class TargetState:
     enforcer: TargetEnforcer | None = None
     next_due: float = 0.0
     failures: int = 0
+    task: asyncio.Task[TargetUpdate] | None = None  # the evaluation in flight, if any
 
-    async def close(self) -> None:
+    async def drop_connection(self) -> None:
         if self.enforcer is not None:
             enforcer, self.enforcer = self.enforcer, None
             await enforcer.close()
+
+    async def close(self) -> None:
+        if self.task is not None:
+            task, self.task = self.task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.drop_connection()
 
 
 @dataclass
@@ -119,9 +128,8 @@ class PolicyWorker:
         metrics.TARGETS.labels(self.namespace, self.name).set(len(ours))
 
         now = time.monotonic()
-        due = [s for s in self.states.values() if s.next_due <= now]
+        due = [s for s in self.states.values() if s.task is None and s.next_due <= now]
         credentials_condition: PolicyCondition | None = None
-        updates: list[TargetUpdate] = []
         if due:
             try:
                 endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
@@ -130,12 +138,15 @@ class PolicyWorker:
                 for state in due:
                     state.failures += 1
                     state.next_due = now + self._backoff(state, interval)
-                    await state.close()
+                    await state.drop_connection()
                 log.warning("credentials unavailable; nothing enforced", policy=self.name, reason=exc.reason)
             else:
-                updates = list(
-                    await asyncio.gather(*(self._evaluate(s, spec, endpoints[s.pod.name], interval) for s in due))
-                )
+                for state in due:
+                    state.task = asyncio.create_task(
+                        self._evaluate(state, spec, endpoints[state.pod.name], interval),
+                        name=f"pgwarden {self.policy_key} {state.pod.name}",
+                    )
+        updates = self._harvest()
         for pod in skipped:
             updates.append(
                 TargetUpdate(
@@ -150,10 +161,22 @@ class PolicyWorker:
                 )
             )
         await self.write_status(updates, sorted(self.states), credentials_condition, False)
-        if not self.states:
-            return IDLE_POLL
-        wait = min(s.next_due for s in self.states.values()) - time.monotonic()
-        return max(0.05, min(wait, IDLE_POLL))
+        idle = [s.next_due for s in self.states.values() if s.task is None]
+        if not idle:
+            return IDLE_POLL  # everything is in flight: wait_for_work wakes up when one lands
+        return max(0.05, min(min(idle) - time.monotonic(), IDLE_POLL))
+
+    def inflight(self) -> list[asyncio.Task[TargetUpdate]]:
+        return [s.task for s in self.states.values() if s.task is not None]
+
+    def _harvest(self) -> list[TargetUpdate]:
+        """Outcomes of the evaluations that finished since the last step."""
+        updates = []
+        for state in self.states.values():
+            if state.task is not None and state.task.done():
+                task, state.task = state.task, None
+                updates.append(task.result())  # _evaluate turns every failure into an update
+        return updates
 
     async def release(self, spec: PolicySpec, pods: Iterable[PodInfo], per_target_seconds: float) -> None:
         """Undo what the policy set (autovacuum_max_workers) on every reachable target, each within a bound."""
@@ -220,7 +243,7 @@ class PolicyWorker:
     ) -> TargetUpdate:
         pod = state.pod
         if state.endpoint != endpoint:
-            await state.close()
+            await state.drop_connection()  # address or credentials changed: reconnect
             state.endpoint = endpoint
         if state.enforcer is None:
             state.enforcer = self.make_enforcer(endpoint)
@@ -235,7 +258,7 @@ class PolicyWorker:
         except Exception as exc:  # every engine failure is a per-target report, never a crash
             state.failures += 1
             state.next_due = time.monotonic() + self._backoff(state, interval)
-            await state.close()
+            await state.drop_connection()
             metrics.record_error(self.namespace, self.name, pod.name)
             log.warning("target failed", policy=self.name, namespace=self.namespace, pod=pod.name, error=str(exc))
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, error=str(exc)[:1000])
@@ -246,3 +269,13 @@ class PolicyWorker:
         for event in events_for_cycle(pod.name, report):
             self.post_event(event)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
+
+
+async def wait_for_work(delay: float, tasks: Iterable[asyncio.Task[Any]], stop: Awaitable[Any]) -> None:
+    """Sleep up to `delay`, waking early when an evaluation lands or `stop` completes."""
+    stopper = asyncio.ensure_future(stop)
+    try:
+        await asyncio.wait([stopper, *tasks], timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        await asyncio.gather(stopper, return_exceptions=True)
