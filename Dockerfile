@@ -11,11 +11,11 @@
 # venv, runs this ENTRYPOINT; and every dependency resolves to a binary wheel for this base's Python.
 # Lint: `make lint` runs hadolint (no rule is ignored).
 
-# Pinned by version. For byte-for-byte rebuilds pin the digest too (`...-slim-bookworm@sha256:...`, from
-# `docker buildx imagetools inspect`) and let a bot such as Renovate bump both together.
-ARG PYTHON_IMAGE=python:3.12.14-slim-bookworm
-
-FROM ${PYTHON_IMAGE} AS build
+# Base: the official slim Python, pinned by version, the same in both stages (the venv's interpreter is
+# the base's /usr/local/bin/python3). Written out, not an ARG, so hadolint checks the tag and registry.
+# For byte-for-byte rebuilds pin the digest too (`...-slim-bookworm@sha256:...`, from
+# `docker buildx imagetools inspect`) and let a bot such as Renovate bump both lines together.
+FROM python:3.12.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_INPUT=1 \
@@ -33,12 +33,11 @@ RUN python -m venv --without-pip /opt/pgwarden \
  && python -m pip --python /opt/pgwarden/bin/python install \
       --constraint constraints.txt --only-binary=:all: /wheels/pgwarden-*.whl
 
-FROM ${PYTHON_IMAGE}
-# Must equal the package version (pyproject.toml) and the tag in manifests/; the packaging test checks.
-ARG VERSION=0.1.0
+FROM python:3.12.14-slim-bookworm
+# The version must equal the package's (pyproject.toml) and the image tag in manifests/; a test checks.
 LABEL org.opencontainers.image.title="pgwarden" \
       org.opencontainers.image.description="Enforces process policies on PostgreSQL from Kubernetes" \
-      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.source="https://github.com/pgwarden/pgwarden" \
       org.opencontainers.image.licenses="Apache-2.0"
 # HOME=/tmp: the numeric user has no passwd entry and /tmp is the one writable mount (an emptyDir)

@@ -29,8 +29,10 @@ assets: venv
 
 lint: venv
 	@echo ">>> ruff"
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench hack
+	$(BIN)/ruff format --check operator tests bench hack
+	@echo ">>> hadolint Dockerfile (settings and the reason for any ignored rule: .hadolint.yaml)"
+	$(BIN)/hadolint --config .hadolint.yaml Dockerfile
 	@echo ">>> import layering"
 	$(BIN)/lint-imports
 
@@ -43,6 +45,11 @@ pytest: assets
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The whole thing on this machine, no cluster needed: control plane, PostgreSQL, manifests, operator,
+# sessions being reaped. Ends by itself (about a minute once the assets are built); see hack/demo.py.
+demo: assets
+	PYTHONPATH=$(CURDIR) $(BIN)/python hack/demo.py
 
 devcluster: assets
 	$(BIN)/python -m tests.harness.devcluster up

@@ -17,7 +17,7 @@ def test_terminations_and_cancels_aggregate_per_rule() -> None:
     }
     events = events_for_cycle("db-0", report)
     assert [(e.reason, e.message) for e in events] == [
-        ("QueriesCancelled", "pod db-0: rule slow cancelled the queries of 1 sessions (pids 3)"),
+        ("QueriesCancelled", "pod db-0: rule slow cancelled the queries of 1 session (pids 3)"),
         ("SessionsTerminated", "pod db-0: rule idle terminated 2 sessions (pids 1, 2)"),
     ]
 
@@ -28,7 +28,7 @@ def test_dry_run_posts_dry_run_events() -> None:
         "actions": [{"rule": "idle", "action": "terminate", "pid": 9, "done": False}],
     }
     (event,) = events_for_cycle("db-0", report)
-    assert (event.reason, event.message) == ("DryRun", "pod db-0: rule idle would terminate 1 sessions (pids 9)")
+    assert (event.reason, event.message) == ("DryRun", "pod db-0: rule idle would terminate 1 session (pids 9)")
 
 
 def test_autovacuum_capped_event_and_quiet_cycle_has_none() -> None:

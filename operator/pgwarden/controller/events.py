@@ -17,6 +17,10 @@ class PolicyEvent:
     message: str
 
 
+def _sessions(count: int) -> str:
+    return f"{count} session" if count == 1 else f"{count} sessions"
+
+
 def _pids(pids: list[int]) -> str:
     shown = ", ".join(str(p) for p in pids[:MAX_PIDS_IN_MESSAGE])
     more = len(pids) - MAX_PIDS_IN_MESSAGE
@@ -36,7 +40,7 @@ def events_for_cycle(pod: str, report: Mapping[str, Any]) -> list[PolicyEvent]:
             verb = "would terminate" if action == "terminate" else "would cancel queries of"
             events.append(
                 PolicyEvent(
-                    "Normal", "DryRun", f"pod {pod}: rule {rule} {verb} {len(pids)} sessions (pids {_pids(pids)})"
+                    "Normal", "DryRun", f"pod {pod}: rule {rule} {verb} {_sessions(len(pids))} (pids {_pids(pids)})"
                 )
             )
         elif action == "terminate":
@@ -44,7 +48,7 @@ def events_for_cycle(pod: str, report: Mapping[str, Any]) -> list[PolicyEvent]:
                 PolicyEvent(
                     "Normal",
                     "SessionsTerminated",
-                    f"pod {pod}: rule {rule} terminated {len(pids)} sessions (pids {_pids(pids)})",
+                    f"pod {pod}: rule {rule} terminated {_sessions(len(pids))} (pids {_pids(pids)})",
                 )
             )
         else:
@@ -52,7 +56,7 @@ def events_for_cycle(pod: str, report: Mapping[str, Any]) -> list[PolicyEvent]:
                 PolicyEvent(
                     "Normal",
                     "QueriesCancelled",
-                    f"pod {pod}: rule {rule} cancelled the queries of {len(pids)} sessions (pids {_pids(pids)})",
+                    f"pod {pod}: rule {rule} cancelled the queries of {_sessions(len(pids))} (pids {_pids(pids)})",
                 )
             )
     autovacuum = report.get("autovacuum") or {}

@@ -1,0 +1,518 @@
+"""Benchmark: `pgwarden run` over 200 targets against a bare `SELECT 1` floor; status writes, Events, RSS.
+
+Starts its own control plane (etcd + kube-apiserver, tests.harness) and a few PostgreSQL servers, each
+listening on many 127.0.x.y addresses on one shared port, so 200 Pods with distinct podIPs are reached by
+one policy's `connection.port`. Nothing matches any rule. Measured, in one run:
+  floor    median wall time of `SELECT 1` on all targets over psycopg async connections opened with the
+           engine's own conninfo, at the operator's concurrency (Runtime's semaphore), connections reused
+  cycle    median wall time of one full cycle of one policy over all targets, from the operator's
+           pgwarden_policy_pass_duration_seconds (a pass: targets that fell due together, until the last is
+           reported, status bookkeeping included); only passes over every target count
+  writes   changes to the policy object per steady-state minute, from a watch on the API server, split into
+           status writes that said something new, heartbeats (only timestamps moved) and anything else
+  events   Events about the policy posted in that minute
+  RSS      VmRSS of the operator process (/proc) with 1 policy x 200 targets, then 20 policies over the same
+           200 pods: split (each pod targeted by one policy: 200 connections) and, with --overlap, every
+           policy targeting every pod (4,000 connections)
+Targets: cycle / floor <= 1.5; 0 writes and 0 Events per steady-state minute; RSS <= 150 MB.
+
+    .venv/bin/python bench/operator_cycle.py [--major 15] [--servers 4] [--targets 200] [--overlap]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "operator"), str(REPO)]
+
+import psycopg  # noqa: E402
+from kubernetes import client, watch  # noqa: E402
+from tests.fixtures.operator import apply_crds  # noqa: E402
+from tests.harness.controlplane import ControlPlane  # noqa: E402
+from tests.harness.k8s import MERGE_PATCH, new_namespace, running_status  # noqa: E402
+from tests.harness.pgbinaries import selected_versions  # noqa: E402
+from tests.harness.postgres import PgServer, free_port, running_server, wait_for  # noqa: E402
+
+from pgwarden.controller.runtime import DEFAULT_CONCURRENCY  # noqa: E402
+from pgwarden.controller.status import differs  # noqa: E402
+from pgwarden.engine.connection import parse_dsn  # noqa: E402
+
+GROUP, VERSION, PLURAL = "pgwarden.dev", "v1alpha1", "postgrespolicies"
+USER, PASSWORD = "warden", "bench-Pa55word"  # throwaway, for servers this script starts and destroys
+SECRET = "pg-credentials"
+MB = 1024 * 1024
+
+
+# -- PostgreSQL: a few servers, each on many addresses ---------------------------------------------------
+def addresses(servers: int, per_server: int) -> list[list[str]]:
+    """Disjoint 127.0.x.y address sets, one per server (127.0.200.1 ... for server 0, and so on)."""
+    return [[f"127.0.{200 + s}.{i + 1}" for i in range(per_server)] for s in range(servers)]
+
+
+def shared_free_port(hosts: list[str], attempts: int = 20) -> int:
+    """A port free on every address: the policy's one `connection.port` must reach every server."""
+    for _ in range(attempts):
+        port = free_port(hosts[0])
+        try:
+            with contextlib.ExitStack() as stack:
+                for host in hosts:
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on every address")
+
+
+def prepare(server: PgServer) -> None:
+    """The least-privilege role the operator connects as (as in the e2e tests)."""
+    server.create_role(USER, password=PASSWORD, grants=("pg_signal_backend", "pg_read_all_stats"))
+
+
+def operator_connections(servers: list[PgServer]) -> int:
+    return sum(
+        int(s.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'")[0][0])
+        for s in servers
+    )
+
+
+# -- the floor --------------------------------------------------------------------------------------------
+async def floor_rounds(hosts: list[str], port: int, concurrency: int, rounds: int) -> tuple[float, list[float]]:
+    """(first round: open + SELECT 1, [later rounds: reuse + SELECT 1]) in seconds, over all `hosts`."""
+    conninfos = [
+        parse_dsn(
+            psycopg.conninfo.make_conninfo(host=h, port=str(port), dbname="postgres", user=USER, password=PASSWORD)
+        )
+        for h in hosts
+    ]
+    conns: dict[int, psycopg.AsyncConnection[Any]] = {}
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            conn = conns.get(i)
+            if conn is None or conn.closed:
+                conn = conns[i] = await psycopg.AsyncConnection.connect(conninfos[i].conninfo, autocommit=True)
+            cur = await conn.execute("SELECT 1")
+            await cur.fetchall()
+
+    async def round_() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(len(hosts))))
+        return time.perf_counter() - started
+
+    try:
+        first = await round_()
+        return first, [await round_() for _ in range(rounds)]
+    finally:
+        await asyncio.gather(*(c.close() for c in conns.values()), return_exceptions=True)
+
+
+# -- Kubernetes objects -----------------------------------------------------------------------------------
+def create_pods(api: client.ApiClient, namespace: str, hosts: list[str], shards: int) -> None:
+    """Pods db-000... at the given podIPs, labelled app=pg and shard=<i mod shards>, Running (no kubelet)."""
+    core = client.CoreV1Api(api)
+
+    def one(i: int, host: str) -> None:
+        name = f"db-{i:03d}"
+        body = {
+            "metadata": {"name": name, "labels": {"app": "pg", "shard": str(i % shards)}},
+            "spec": {"containers": [{"name": "postgres", "image": "postgres:18"}]},
+        }
+        core.create_namespaced_pod(namespace, body)
+        core.patch_namespaced_pod_status(
+            name, namespace, {"status": running_status(host, "postgres:18")}, _content_type=MERGE_PATCH
+        )
+
+    threads = [threading.Thread(target=lambda c=chunk: [one(i, h) for i, h in c]) for chunk in _chunks(hosts, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _chunks(hosts: list[str], n: int) -> list[list[tuple[int, str]]]:
+    items = list(enumerate(hosts))
+    return [items[k::n] for k in range(n)]
+
+
+def create_secret(api: client.ApiClient, namespace: str) -> None:
+    data = {
+        "username": base64.b64encode(USER.encode()).decode(),
+        "password": base64.b64encode(PASSWORD.encode()).decode(),
+    }
+    client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": {"name": SECRET}, "data": data})
+
+
+def policy(name: str, port: int, interval: str, selector: dict[str, str]) -> dict[str, Any]:
+    """A policy that matches no session: the rule waits for an application that never connects."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "PostgresPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "connection": {"port": port, "credentialsSecret": {"name": SECRET}},
+            "interval": interval,
+            "sessions": [
+                {
+                    "name": "idle",
+                    "action": "terminate",
+                    "states": ["idle"],
+                    "stateAge": "10m",
+                    "applicationNames": ["nobody-runs-this"],
+                }
+            ],
+            "exclude": {"users": ["postgres"]},
+        },
+    }
+
+
+def custom(api: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api)
+
+
+def delete_policies(api: client.ApiClient, namespace: str) -> None:
+    for item in custom(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        custom(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"])
+
+    def gone() -> bool:
+        return not custom(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+
+    wait_for(gone, timeout=60, interval=0.5, message="policies deleted (finalizers released)")
+
+
+def policy_events(api: client.ApiClient, namespace: str) -> int:
+    """Events about PostgresPolicies in the namespace, counting repeats (`count`) of an aggregated Event."""
+    items = client.CoreV1Api(api).list_namespaced_event(namespace).items
+    return sum(e.count or 1 for e in items if e.involved_object.kind == "PostgresPolicy")
+
+
+# -- the operator -----------------------------------------------------------------------------------------
+class Operator:
+    """`pgwarden run --namespace NS` as a process, as in production (and in tests/fixtures/operator.py)."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, logdir: Path) -> None:
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.log_path = logdir / f"operator-{self.metrics_port}.log"
+        profile = os.environ.get("PGWARDEN_BENCH_PROFILE")  # a directory: the operator runs under cProfile
+        args = [sys.executable]
+        if profile:
+            args += ["-m", "cProfile", "-o", str(Path(profile) / f"operator-{self.metrics_port}.prof")]
+        args += ["-m", "pgwarden", "run", "--namespace", namespace]
+        args += ["--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)]
+        env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONPATH=str(REPO / "operator"))
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._healthy, timeout=60, interval=0.2, message="operator /healthz")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited with {self.proc.returncode}; see {self.log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+            return str(resp.read().decode())
+
+    def memory(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) in MB: resident now, and the peak so far."""
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ":" in line
+        )
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def sample(text: str, metric: str, policy_name: str) -> float | None:
+    """One policy's sample of `metric` in a Prometheus exposition, or None if absent."""
+    match = re.search(rf'^{metric}\{{[^}}]*policy="{re.escape(policy_name)}"[^}}]*\}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+@dataclass
+class Passes:
+    """Full-cycle wall times read off the pass histogram by scraping between passes."""
+
+    policy: str
+    targets: int
+    full: list[float] = field(default_factory=list)
+    partial: int = 0  # passes over fewer targets (a pass split in two) or read together with another
+    _count: float = 0.0
+    _sum: float = 0.0
+
+    def observe(self, text: str) -> int:
+        """Account for the passes since the last scrape; returns how many there were."""
+        count = sample(text, "pgwarden_policy_pass_duration_seconds_count", self.policy) or 0.0
+        total = sample(text, "pgwarden_policy_pass_duration_seconds_sum", self.policy) or 0.0
+        last = sample(text, "pgwarden_policy_pass_targets", self.policy)
+        new = int(count - self._count)
+        if new == 1 and last == self.targets:
+            self.full.append(total - self._sum)
+        elif new > 0:
+            self.partial += new
+        self._count, self._sum = count, total
+        return new
+
+
+class PolicyWatch:
+    """Counts what changes the policy object on the API server while it runs (a watch in a thread)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, name: str) -> None:
+        self.material = self.heartbeat = self.other = 0
+        self._stop = threading.Event()
+        obj = custom(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        self._last = obj
+        self._thread = threading.Thread(target=self._run, args=(api, namespace, name, obj), daemon=True)
+        self._thread.start()
+
+    def _run(self, api: client.ApiClient, namespace: str, name: str, obj: dict[str, Any]) -> None:
+        w = watch.Watch()
+        stream = w.stream(
+            custom(api).list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            resource_version=obj["metadata"]["resourceVersion"],
+            timeout_seconds=600,
+        )
+        for event in stream:
+            if self._stop.is_set():
+                break
+            new = event["object"]
+            if event["type"] != "MODIFIED":
+                continue
+            before, after = self._last.get("status") or {}, new.get("status") or {}
+            if before == after:
+                self.other += 1  # metadata (kopf's annotations, finalizers) or spec
+            elif differs(before, after):
+                self.material += 1
+            else:
+                self.heartbeat += 1
+            self._last = new
+        w.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# -- phases -----------------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    api: client.ApiClient
+    kubeconfig: Path
+    namespace: str
+    port: int
+    servers: list[PgServer]
+    logdir: Path
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def row(self, what: str, value: str, target: str = "") -> None:
+        self.rows.append((what, value, target))
+        print(f"  {what:<54} {value:>14}  {target}", flush=True)
+
+    @contextlib.contextmanager
+    def operator(self) -> Iterator[Operator]:
+        op = Operator(self.kubeconfig, self.namespace, self.logdir)
+        try:
+            yield op
+        finally:
+            op.stop()
+
+    def wait_passes(
+        self, op: Operator, expected: dict[str, int], passes: int, timeout: float, full: bool = True
+    ) -> None:
+        """Until every policy completed `passes` passes (the last over all its targets, if `full`)."""
+
+        def done() -> bool:
+            text = op.metrics()
+            for name, targets in expected.items():
+                if (sample(text, "pgwarden_policy_pass_duration_seconds_count", name) or 0) < passes:
+                    return False
+                if sample(text, "pgwarden_targets", name) != targets:
+                    return False
+                if full and sample(text, "pgwarden_policy_pass_targets", name) != targets:
+                    return False
+            return True
+
+        try:
+            wait_for(done, timeout=timeout, interval=1.0, message=f"{passes} full passes of {len(expected)} policies")
+        except TimeoutError:
+            print("\n".join(line for line in op.metrics().splitlines() if "pass" in line or "targets" in line))
+            raise
+
+    def one_policy(self, targets: int, interval: str, minute: float) -> tuple[list[float], float]:
+        """Phase 1: one policy over every pod; full cycles, writes and Events over a steady-state minute."""
+        create = custom(self.api).create_namespaced_custom_object
+        with self.operator() as op:
+            create(GROUP, VERSION, self.namespace, PLURAL, policy("bench", self.port, interval, {"app": "pg"}))
+            self.wait_passes(op, {"bench": targets}, passes=3, timeout=120, full=False)
+            time.sleep(5)  # connections opened, first statuses written
+            print(f"  warm: {operator_connections(self.servers)} operator connections", flush=True)
+            passes = Passes("bench", targets)
+            passes.observe(op.metrics())
+            evaluations = sample(op.metrics(), "pgwarden_cycle_duration_seconds_count", "bench") or 0
+            events_before = policy_events(self.api, self.namespace)
+            watcher = PolicyWatch(self.api, self.namespace, "bench")
+            started = time.monotonic()
+            while time.monotonic() - started < minute:
+                time.sleep(0.5)
+                passes.observe(op.metrics())
+            elapsed = time.monotonic() - started
+            watcher.stop()
+            events = policy_events(self.api, self.namespace) - events_before
+            rss, hwm = op.memory()
+            per_minute = 60.0 / elapsed
+            self.row("passes in the window: full / partial", f"{len(passes.full)} / {passes.partial}")
+            cycles = sample(op.metrics(), "pgwarden_cycle_duration_seconds_count", "bench") or 0
+            self.row("target evaluations in the window, per second", f"{(cycles - evaluations) / elapsed:.0f}")
+            self.row("status writes/min: something new", f"{watcher.material * per_minute:.1f}", "target 0")
+            self.row("status writes/min: heartbeat (timestamps only)", f"{watcher.heartbeat * per_minute:.1f}")
+            self.row("other changes to the policy/min", f"{watcher.other * per_minute:.1f}")
+            self.row("Events/min", f"{events * per_minute:.1f}", "target 0")
+            self.row(f"RSS, 1 policy x {targets} targets", f"{rss:.0f} MB", f"peak {hwm:.0f} MB")
+            delete_policies(self.api, self.namespace)  # while the operator runs: it releases the finalizers
+        return passes.full, rss
+
+    def many_policies(self, count: int, targets: int, interval: str, overlap: bool) -> None:
+        """Phase 2: `count` policies over the same pods; RSS once every policy completed two full passes."""
+        layout = "every policy on every pod" if overlap else "each pod in one policy"
+        pairs = count * targets if overlap else targets
+        expected = {f"bench-{k:02d}": targets if overlap else len(range(k, targets, count)) for k in range(count)}
+        with self.operator() as op:
+            for k, name in enumerate(expected):
+                selector = {"app": "pg"} if overlap else {"app": "pg", "shard": str(k)}
+                body = policy(name, self.port, interval, selector)
+                custom(self.api).create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+            started = time.monotonic()
+            self.wait_passes(op, expected, passes=2, timeout=300)
+            ramp = time.monotonic() - started
+            time.sleep(5)
+            rss, hwm = op.memory()
+            conns = operator_connections(self.servers)
+            self.row(
+                f"RSS, {count} policies, {layout}",
+                f"{rss:.0f} MB",
+                f"target <= 150 MB; peak {hwm:.0f} MB; {pairs} targets, {conns} connections; ramp {ramp:.0f} s",
+            )
+            delete_policies(self.api, self.namespace)
+
+
+def summarise(floor_first: float, floors: list[float], cycles: list[float], bench: Bench) -> None:
+    floor = statistics.median(floors)
+    print("\nsummary")
+    print(f"  {'what':<54} {'value':>14}  note")
+    if cycles:
+        cycle = statistics.median(cycles)
+        bench.rows[:0] = [
+            (
+                "floor: SELECT 1 on every target, reused connections",
+                f"{floor * 1000:.1f} ms",
+                f"median of {len(floors)}",
+            ),
+            ("floor: first round (connect + SELECT 1)", f"{floor_first * 1000:.1f} ms", ""),
+            ("operator: one full cycle over every target", f"{cycle * 1000:.1f} ms", f"median of {len(cycles)}"),
+            ("ratio cycle / floor", f"{cycle / floor:.2f}", "target <= 1.5"),
+        ]
+    for what, value, note in bench.rows:
+        print(f"  {what:<54} {value:>14}  {note}")
+
+
+def raise_fd_limit(needed: int) -> None:
+    """The operator (a child: it inherits the limit) holds one socket per policy and target."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--major", default=selected_versions()[0], help="PostgreSQL major (default: first selected)")
+    parser.add_argument("--servers", type=int, default=4)
+    parser.add_argument("--targets", type=int, default=200, help="pods, spread evenly over the servers")
+    parser.add_argument("--policies", type=int, default=20)
+    parser.add_argument("--interval", default="2s", help="the one-policy phase's interval (more cycles per minute)")
+    parser.add_argument("--rss-interval", default="10s", help="the many-policies phases' interval")
+    parser.add_argument("--minute", type=float, default=60.0, help="length of the steady-state window, seconds")
+    parser.add_argument("--floor-rounds", type=int, default=30)
+    parser.add_argument("--overlap", action="store_true", help="also: every policy on every pod (4,000 connections)")
+    args = parser.parse_args()
+    if args.targets % args.servers:
+        parser.error("--targets must be a multiple of --servers")
+    per_server = args.targets // args.servers
+    sets = addresses(args.servers, per_server)
+    hosts = [h for s in sets for h in s]
+    port = shared_free_port(hosts)
+    connections = per_server * (args.policies if args.overlap else 1) + 100
+    raise_fd_limit(args.policies * args.targets + 1000)
+    print(f"PostgreSQL {args.major}: {args.servers} servers x {per_server} addresses, port {port}", flush=True)
+
+    with contextlib.ExitStack() as stack:
+        logdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-"))
+        print(f"operator logs in {logdir}")
+        servers = []
+        for group in sets:
+            settings = {"listen_addresses": "'" + ",".join(group) + "'", "max_connections": str(connections)}
+            server = stack.enter_context(
+                running_server(args.major, host=group[0], port=port, hba="password", settings=settings)
+            )
+            prepare(server)
+            servers.append(server)
+        plane = stack.enter_context(ControlPlane())
+        api = stack.enter_context(plane.api_client())
+        apply_crds(api)
+        namespace = new_namespace(api, "bench")
+        create_secret(api, namespace)
+        create_pods(api, namespace, hosts, args.policies)
+        print(f"control plane {plane.server}, namespace {namespace}, {len(hosts)} pods", flush=True)
+        bench = Bench(api, plane.kubeconfig, namespace, port, servers, logdir)
+
+        floor_first, floors = asyncio.run(floor_rounds(hosts, port, DEFAULT_CONCURRENCY, args.floor_rounds))
+        print(f"  floor: first {floor_first * 1000:.1f} ms, median {statistics.median(floors) * 1000:.1f} ms")
+        cycles, _ = bench.one_policy(args.targets, args.interval, args.minute)
+        _, after = asyncio.run(floor_rounds(hosts, port, DEFAULT_CONCURRENCY, args.floor_rounds))
+        print(f"  floor again after the operator: median {statistics.median(after) * 1000:.1f} ms", flush=True)
+        floors += after
+        bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=False)
+        if args.overlap:
+            bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=True)
+        summarise(floor_first, floors, cycles, bench)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""High availability: two `pgwarden run` replicas at once, and only one of them enforces.
+
+The replicas peer through kopf's peering (manifests/peering/): each keeps a record with a random priority
+in the namespace's `KopfPeering` named `pgwarden`, and a replica that sees a live peer with a higher
+priority pauses (kopf logs "Pausing operations in favour of ..."): no watch, no daemon, no connection to
+PostgreSQL. When the active replica goes away, the other resumes and enforces:
+- stopped cleanly (SIGTERM), kopf deletes its own record on the way out, so the take-over is immediate;
+- killed (SIGKILL), the record stays until its `lifetime` (kopf's default, 60 s) runs out.
+
+Which replica wins is random (the priorities are); the tests find out from the logs, then prove it from
+each replica's own /metrics and from PostgreSQL. Every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Callable
+
+import pytest
+from kubernetes import client
+
+from tests.e2e.test_operator import (
+    create_policy,
+    create_secret,
+    events,
+    next_host,
+    open_app_sessions,
+    policy_body,
+    prepare_server,
+)
+from tests.fixtures.operator import OperatorFactory, OperatorProcess, kopf_peers
+from tests.fixtures.postgres import PgFactory
+from tests.harness.k8s import create_running_pod
+from tests.harness.pgbinaries import selected_versions
+from tests.harness.postgres import PgServer, holds_for, wait_for
+
+pytestmark = [pytest.mark.k8s, pytest.mark.pg]
+
+PAUSED = "Pausing operations in favour of"
+RESUMED = "Resuming operations after the pause"
+PEERING_LIFETIME = 60  # kopf's settings.peering.lifetime default, which pgwarden keeps
+
+
+def actions_total(replica: OperatorProcess, namespace: str, policy: str) -> float:
+    """Sessions this replica terminated for the policy, from its own /metrics (0 if it never acted)."""
+    pattern = re.compile(
+        r'^pgwarden_actions_total\{action="terminate",mode="enforce",namespace="'
+        + re.escape(namespace)
+        + r'",policy="'
+        + re.escape(policy)
+        + r'",rule="idle"\} ([0-9.e+]+)$',
+        re.MULTILINE,
+    )
+    return sum(float(m) for m in pattern.findall(replica.metrics()))
+
+
+def targets_series(replica: OperatorProcess, namespace: str, policy: str) -> bool:
+    """True once the policy's daemon ran in this replica (it sets pgwarden_targets on its first step)."""
+    return f'pgwarden_targets{{namespace="{namespace}",policy="{policy}"}}' in replica.metrics()
+
+
+def settle(api: client.ApiClient, namespace: str, replicas: list[OperatorProcess]) -> tuple[OperatorProcess, ...]:
+    """Wait until both replicas have a peering record and exactly one has paused; return (active, standby)."""
+
+    def settled() -> tuple[OperatorProcess, ...] | None:
+        paused = [r for r in replicas if PAUSED in r.logs()]
+        if len(paused) == 1 and len(kopf_peers(api, namespace)) == len(replicas):
+            (standby,) = paused
+            (active,) = [r for r in replicas if r is not standby]
+            return active, standby
+        return None
+
+    result: tuple[OperatorProcess, ...] = wait_for(settled, timeout=60, interval=0.2, message="one replica to pause")
+    return result
+
+
+@pytest.fixture
+def target(pg_factory: PgFactory) -> PgServer:
+    server = pg_factory(host=next_host(), hba="password")
+    prepare_server(server)
+    return server
+
+
+def start_pair(
+    api: client.ApiClient, namespace: str, target: PgServer, run_operator: OperatorFactory
+) -> tuple[OperatorProcess, OperatorProcess]:
+    """A pod to enforce on, its credentials, and two replicas that have agreed which one is active."""
+    create_secret(api, namespace)
+    create_running_pod(api, namespace, "db-0", {"app": "pg"}, target.host)
+    replicas = [run_operator([namespace]), run_operator([namespace])]
+    active, standby = settle(api, namespace, replicas)
+    return active, standby
+
+
+def enforced_by(active: OperatorProcess, standby: OperatorProcess, namespace: str) -> Callable[[], bool]:
+    return lambda: actions_total(active, namespace, "reaper") > 0 and actions_total(standby, namespace, "reaper") == 0
+
+
+def test_only_one_replica_enforces_and_the_other_takes_over_on_sigterm(
+    kopf_peering: str,
+    k8s_api: client.ApiClient,
+    namespace: str,
+    target: PgServer,
+    run_operator: OperatorFactory,
+) -> None:
+    active, standby = start_pair(k8s_api, namespace, target, run_operator)
+    create_policy(k8s_api, namespace, policy_body("reaper", target.port))
+    doomed = open_app_sessions(target, 3)
+    for pid in doomed:
+        target.wait_gone(pid, timeout=30)
+
+    # The active replica did it; the paused one never even started the policy's daemon.
+    wait_for(enforced_by(active, standby, namespace), timeout=10, message="the active replica's action metrics")
+    assert actions_total(active, namespace, "reaper") == len(doomed)
+    assert targets_series(active, namespace, "reaper")
+    assert holds_for(lambda: not targets_series(standby, namespace, "reaper"), 3)
+    assert PAUSED not in active.logs()
+    terminated = [e for e in events(k8s_api, namespace, "reaper") if e.reason == "SessionsTerminated"]
+    pids = [int(p) for e in terminated for p in e.message.split("pids ")[1].rstrip(")").split(", ")]
+    assert sorted(pids) == sorted(doomed)  # each session reported once: one enforcer
+
+    # A clean stop removes the active replica's peering record, and the standby resumes at once.
+    active.stop()
+    wait_for(lambda: len(kopf_peers(k8s_api, namespace)) == 1, timeout=10, message="the stopped replica's record gone")
+    wait_for(lambda: RESUMED in standby.logs(), timeout=30, message="the standby to resume")
+    later = open_app_sessions(target, 2)
+    for pid in later:
+        target.wait_gone(pid, timeout=30)
+    wait_for(
+        lambda: actions_total(standby, namespace, "reaper") == len(later), timeout=10, message="the standby's actions"
+    )
+
+
+# Peering does not depend on the PostgreSQL version, and this test waits out a peering lifetime: one major.
+@pytest.mark.parametrize("pg_major", selected_versions()[:1])
+def test_the_standby_takes_over_when_the_active_replica_is_killed(
+    kopf_peering: str,
+    k8s_api: client.ApiClient,
+    namespace: str,
+    target: PgServer,
+    run_operator: OperatorFactory,
+) -> None:
+    active, standby = start_pair(k8s_api, namespace, target, run_operator)
+    create_policy(k8s_api, namespace, policy_body("reaper", target.port))
+    doomed = open_app_sessions(target, 2)
+    for pid in doomed:
+        target.wait_gone(pid, timeout=30)
+    wait_for(enforced_by(active, standby, namespace), timeout=10, message="the active replica's action metrics")
+
+    # SIGKILL: no goodbye. The record stays, so the standby keeps waiting until the record expires.
+    os.killpg(active.proc.pid, signal.SIGKILL)
+    active.proc.wait(timeout=10)
+    orphan = open_app_sessions(target, 1)[0]
+    assert holds_for(lambda: target.alive(orphan) and RESUMED not in standby.logs(), PEERING_LIFETIME / 2)
+    wait_for(lambda: RESUMED in standby.logs(), timeout=PEERING_LIFETIME + 30, message="the standby to resume")
+    target.wait_gone(orphan, timeout=30)
+    wait_for(lambda: actions_total(standby, namespace, "reaper") == 1, timeout=10, message="the standby's action")
