@@ -24,7 +24,7 @@ operator retries the 403s and exits after about a minute. See the note in manife
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +45,20 @@ from tests.e2e.test_manifests import (
 )
 from tests.e2e.test_operator import condition, events, get_policy, next_host
 from tests.fixtures.operator import OperatorProcess
-from tests.fixtures.postgres import PgFactory
 from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import as_dict, create_running_pod, new_namespace
-from tests.harness.postgres import wait_for
+from tests.harness.pgbinaries import selected_versions
+from tests.harness.postgres import PgServer, running_server, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
 
 SERVICE_ACCOUNT = "pgwarden"
-USER = f"system:serviceaccount:{SYSTEM_NAMESPACE}:{SERVICE_ACCOUNT}"
 FINALIZER = "pgwarden.dev/finalizer"
 PEERING = "pgwarden"
+# RBAC does not depend on the PostgreSQL version: one server of the newest selected major. Not the
+# session's pg_major parameter, which would make pytest regroup this module's tests by version and start
+# its control plane once per group.
+PG_MAJOR = max(selected_versions(), key=int)
 
 Rule = tuple[str, str, str, str]  # (apiGroup, resource, verb, resourceName or "" for any name)
 
@@ -151,9 +154,16 @@ def admin(cluster: ControlPlane) -> Iterator[client.ApiClient]:
 
 @pytest.fixture(scope="module")
 def token(cluster: ControlPlane, admin: client.ApiClient) -> str:
-    """A TokenRequest token for the operator's ServiceAccount, which manifests/rbac created."""
+    """A TokenRequest token for the operator's ServiceAccount, once its ClusterRole is in force.
+
+    The API server's authorizer learns about new RBAC objects from a watch: right after the install
+    it may still refuse. Waiting here keeps a 403 in the operator's log meaning a missing grant.
+    """
     client.CoreV1Api(admin).read_namespaced_service_account(SERVICE_ACCOUNT, SYSTEM_NAMESPACE)
-    return cluster.token_for(SYSTEM_NAMESPACE, SERVICE_ACCOUNT)
+    token = cluster.token_for(SYSTEM_NAMESPACE, SERVICE_ACCOUNT)
+    with cluster.api_client(token=token) as api:
+        wait_for(lambda: rules_review(api, "default")[0] >= EXPECTED, timeout=30, message="the ClusterRole in force")
+    return token
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +175,12 @@ def operator_kubeconfig(cluster: ControlPlane, token: str, tmp_path_factory: pyt
 def as_operator(cluster: ControlPlane, token: str) -> Iterator[client.ApiClient]:
     with cluster.api_client(token=token) as api:
         yield api
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PgServer]:
+    with running_server(PG_MAJOR, host=next_host(), hba="password") as server:
+        yield server
 
 
 @pytest.fixture
@@ -219,7 +235,7 @@ def rules_review(api: client.ApiClient, namespace: str) -> tuple[set[Rule], set[
     return resource, non_resource
 
 
-def forbidden(call: Any) -> bool:
+def forbidden(call: Callable[[], object]) -> bool:
     try:
         call()
     except client.ApiException as error:
@@ -296,12 +312,12 @@ def test_operator_enforces_as_its_service_account_as_deployed(
     cluster: ControlPlane,
     admin: client.ApiClient,
     operator_kubeconfig: Path,
-    pg_factory: PgFactory,
+    pg_server: PgServer,
     operators: list[OperatorProcess],
     tmp_path: Path,
 ) -> None:
     """The Deployment's mode and identity, end to end: sessions reaped, status, Events, finalizer, peering, no 403."""
-    server = pg_factory(host=next_host(), hba="password")
+    server = pg_server
     prepare_example_server(server)
     namespace = new_namespace(admin, prefix="rbac")
     policy = fast_idle_reaper(server.port)
@@ -321,7 +337,7 @@ def test_operator_enforces_as_its_service_account_as_deployed(
     stored = get_policy(admin, namespace, name)
     ready = condition(stored, "Ready")
     assert ready is not None
-    assert ready["status"] == "True"
+    assert ready["status"] == "True", stored["status"]
     assert [t["pod"] for t in stored["status"]["targets"]] == ["db-0"]
     # postgrespolicies patch: kopf's finalizer.
     assert FINALIZER in stored["metadata"].get("finalizers", [])

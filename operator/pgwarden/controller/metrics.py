@@ -56,6 +56,9 @@ TARGETS = Gauge(
 )
 
 
+_backends_seen: dict[tuple[str, str, str], dict[str, int]] = {}  # the counts last exported, per target
+
+
 def record_cycle(namespace: str, policy: str, pod: str, report: Mapping[str, Any], seconds: float) -> None:
     mode = str(report.get("enforcementAction", "enforce"))
     CYCLE_SECONDS.labels(namespace, policy).observe(seconds)
@@ -65,8 +68,15 @@ def record_cycle(namespace: str, policy: str, pod: str, report: Mapping[str, Any
     cancelled = (report.get("autovacuum") or {}).get("cancelled") or []
     if cancelled:
         ACTIONS.labels(namespace, policy, "autovacuum", "cancel", mode).inc(len(cancelled))
-    for backend_type, count in (report.get("backends") or {}).items():
-        BACKENDS.labels(namespace, policy, pod, backend_type).set(count)
+    # Only what changed: 200 targets x ~8 backend types are 1,600 label lookups a cycle otherwise. A type
+    # that is gone (an autovacuum worker that finished) drops to 0 instead of showing its last count forever.
+    key = (namespace, policy, pod)
+    before = _backends_seen.get(key, {})
+    now = {str(k): int(v) for k, v in (report.get("backends") or {}).items()}
+    for backend_type in before.keys() | now.keys():
+        if before.get(backend_type) != now.get(backend_type, 0):
+            BACKENDS.labels(namespace, policy, pod, backend_type).set(now.get(backend_type, 0))
+    _backends_seen[key] = now
 
 
 def record_pass(namespace: str, policy: str, targets: int, seconds: float) -> None:
@@ -80,6 +90,7 @@ def record_error(namespace: str, policy: str, pod: str) -> None:
 
 def forget_target(namespace: str, policy: str, pod: str) -> None:
     """Drop a departed pod's series so gauges never report a server that is gone."""
+    _backends_seen.pop((namespace, policy, pod), None)
     for labels in list(BACKENDS._metrics):
         if labels[:3] == (namespace, policy, pod):
             BACKENDS.remove(*labels)

@@ -16,6 +16,12 @@ from typing import Any
 
 MAX_LAST_ACTIONS = 20
 TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
+# Process counts move on any live server (sessions come and go, flip between idle and active; a server
+# shared by several policies or pods sees pgwarden's own connections flip). As gauges they are exported
+# exactly (pgwarden_backends); in the status they are a snapshot refreshed with the heartbeat, or with the
+# next write that says something new, never a reason to write by themselves: that would be a write per cycle.
+COUNT_FIELDS = frozenset({"backends", "clientStates", "runningWorkers"})
+VOLATILE_FIELDS = TIMESTAMP_FIELDS | COUNT_FIELDS
 TOTAL_KEYS = ("actions", "terminated", "cancelled", "autovacuumCancelled")
 
 
@@ -194,15 +200,15 @@ def _carry_transitions(
 
 
 def without_timestamps(value: Any) -> Any:
-    """`value` minus the fields that change every cycle, to tell a real change from a heartbeat."""
+    """`value` minus the fields that change every cycle (timestamps, counts), to tell a real change from a heartbeat."""
     if isinstance(value, Mapping):
-        return {k: without_timestamps(v) for k, v in value.items() if k not in TIMESTAMP_FIELDS}
+        return {k: without_timestamps(v) for k, v in value.items() if k not in VOLATILE_FIELDS}
     if isinstance(value, list):
         return [without_timestamps(v) for v in value]
     return value
 
 
 def differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """True when something other than a timestamp changed."""
+    """True when something other than a timestamp or a process count changed."""
     relevant = {k: v for k, v in (old or {}).items() if k != "kopf"}
     return bool(without_timestamps(relevant) != without_timestamps({k: v for k, v in new.items() if k != "kopf"}))
