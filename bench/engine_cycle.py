@@ -25,12 +25,12 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "operator"), str(Path(__file__).resolve().parents[1])]
 
 import psycopg  # noqa: E402
-from tests.harness.postgres import PgServer, running_server  # noqa: E402
 
 from pgwarden.engine.connection import connect, parse_dsn  # noqa: E402
 from pgwarden.engine.cycle import run_cycle  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
 from pgwarden.policy import parse_spec  # noqa: E402
+from tests.harness.postgres import PgServer, running_server  # noqa: E402
 
 APP = "bench-idle"
 NOTHING = parse_spec(

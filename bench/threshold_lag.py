@@ -23,7 +23,6 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "operator"), str(Path(__file__).resolve().parents[1])]
 
 import psycopg  # noqa: E402
-from tests.harness.postgres import PgServer, running_server  # noqa: E402
 
 from pgwarden.engine.connection import parse_dsn  # noqa: E402
 from pgwarden.engine.report import CycleReport  # noqa: E402
@@ -31,6 +30,7 @@ from pgwarden.engine.scheduler import run_loop  # noqa: E402
 from pgwarden.engine.session import TargetSession  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
 from pgwarden.policy import parse_spec  # noqa: E402
+from tests.harness.postgres import PgServer, running_server  # noqa: E402
 
 APP = "bench-lag"
 STATE_AGE = 5.0
