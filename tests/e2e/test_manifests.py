@@ -313,13 +313,6 @@ def test_crd_folder_applies_alone(control_plane: ControlPlane, k8s_api: client.A
 def test_apply_installs_everything_in_one_go_on_a_fresh_cluster(installed: Install) -> None:
     """One `kubectl apply -k manifests/` on a cluster that never saw pgwarden must succeed (exit 0)."""
     first = installed.first
-    if first.returncode != 0 and CRDS_FIRST in first.stderr and "ClusterKopfPeering" in first.stderr:
-        pytest.xfail(
-            "KNOWN DEFECT: manifests/peering/pgwarden-peering.yaml is a ClusterKopfPeering applied together with "
-            "its CRD; kubectl cannot map it on a fresh cluster and exits 1 (the rest is applied; a second apply "
-            "completes the install). Remove this branch once the object no longer ships in the same apply. "
-            f"kubectl said: {first.stderr.strip()}"
-        )
     assert first.returncode == 0, first.stderr
 
 

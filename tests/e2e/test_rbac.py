@@ -83,6 +83,8 @@ EXPECTED: frozenset[Rule] = frozenset(
         # kopf's peering: watch every ClusterKopfPeering (kopf cannot narrow the watch), patch ours only.
         ("kopf.dev", "clusterkopfpeerings", "list", ""),
         ("kopf.dev", "clusterkopfpeerings", "watch", ""),
+        # The operator creates the peering object "pgwarden" at start-up if missing (create takes no name).
+        ("kopf.dev", "clusterkopfpeerings", "create", ""),
         ("kopf.dev", "clusterkopfpeerings", "patch", PEERING),
     }
 )

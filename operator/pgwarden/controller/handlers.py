@@ -14,7 +14,7 @@ import structlog
 
 from pgwarden.controller.constants import CONTROLLER, FINALIZER, GROUP, PEERING_NAME, PLURAL, VERSION
 from pgwarden.controller.events import PolicyEvent
-from pgwarden.controller.kube import PolicyApi, SecretReader, load_api_client
+from pgwarden.controller.kube import PolicyApi, SecretReader, ensure_cluster_peering, load_api_client
 from pgwarden.controller.runtime import Runtime
 from pgwarden.controller.status import PolicyCondition, TargetUpdate
 from pgwarden.controller.targets import PodInfo, pod_info_from
@@ -42,8 +42,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Resources are resolved once at start-up; no cluster-wide watch of CRDs and namespaces, so the
     # ClusterRole needs neither (the CRD is installed before the operator, as kustomize orders it).
     settings.scanning.disabled = True
-    # HA: replicas peer through the "pgwarden" peering object when it exists (manifests/peering/), and
-    # the lower priority pauses. Without the object (a single replica, tests) kopf runs standalone.
+    # HA: replicas peer through the "pgwarden" peering object, and the lower priority pauses. Cluster-wide,
+    # the operator creates that object itself (kubectl cannot create a CRD and an object of it in one apply).
     settings.peering.name = PEERING_NAME
     settings.peering.priority = random.randint(1, 2**31 - 1)  # noqa: S311 - tie-breaking, not security
     runtime: Runtime = memo["runtime"]
@@ -51,6 +51,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         runtime.api = load_api_client()
     runtime.secrets = SecretReader(runtime.api)
     runtime.bind_writer(PolicyApi(runtime.api))
+    if settings.peering.clusterwide and not settings.peering.standalone:
+        outcome = await ensure_cluster_peering(runtime.api, PEERING_NAME)
+        log.info("cluster peering object", name=PEERING_NAME, outcome=outcome)
 
 
 @kopf.on.cleanup()

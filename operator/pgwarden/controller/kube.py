@@ -202,3 +202,24 @@ class EventPoster:
             await asyncio.to_thread(self._core.create_namespaced_event, str(meta.get("namespace")), body)  # type: ignore[arg-type]
         except ApiException as exc:  # an Event is best effort; the action is already logged
             structlog.get_logger("pgwarden.sidecar").warning("event not posted", reason=reason, status=exc.status)
+
+
+async def ensure_cluster_peering(api: client.ApiClient, name: str) -> str:
+    """Create kopf's ClusterKopfPeering `name` if missing, before kopf's peering starts.
+
+    Without the object kopf's keep-alives find nothing and every replica would enforce; with it the
+    replicas see each other. "absent-crd": the peering CRD is not installed, so kopf runs standalone.
+    """
+    custom = client.CustomObjectsApi(api)
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    try:
+        await asyncio.to_thread(custom.create_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", body)
+    except ApiException as exc:
+        if exc.status == 409:
+            return "exists"
+        if exc.status == 404:
+            return "absent-crd"
+        if exc.status == 403:
+            return "forbidden"
+        raise
+    return "created"
