@@ -63,8 +63,11 @@ lock:
 	  .lockvenv/bin/pip freeze --exclude-editable | grep -v '^pgwarden'; } > constraints.txt
 	rm -rf .lockvenv
 
+# Benchmarks print numbers; they are not part of the test suite (see README, Benchmarks).
 bench: assets
 	$(BIN)/python bench/engine_cycle.py
+	$(BIN)/python bench/threshold_lag.py
+	$(BIN)/python bench/operator_cycle.py
 
 clean:
 	rm -rf $(VENV) .devcluster .pytest_cache .mypy_cache .ruff_cache
