@@ -2,21 +2,24 @@
 
 Starts its own control plane (etcd + kube-apiserver, tests.harness) and a few PostgreSQL servers, each
 listening on many 127.0.x.y addresses on one shared port, so 200 Pods with distinct podIPs are reached by
-one policy's `connection.port`. Nothing matches any rule. Measured, in one run:
-  floor    median wall time of `SELECT 1` on all targets over psycopg async connections opened with the
-           engine's own conninfo, at the operator's concurrency (Runtime's semaphore), connections reused
-  cycle    median wall time of one full cycle of one policy over all targets, from the operator's
-           pgwarden_policy_pass_duration_seconds (a pass: targets that fell due together, until the last is
-           reported, status bookkeeping included); only passes over every target count
-  writes   changes to the policy object per steady-state minute, from a watch on the API server, split into
-           status writes that said something new, heartbeats (only timestamps moved) and anything else
+one policy's `connection.port`. Nothing matches any rule. Measured in one run, everything stopped after:
+  floor    median wall time of `SELECT 1` on every target over psycopg async connections opened with the
+           engine's own conninfo, at the operator's concurrency (Runtime's semaphore), connections reused;
+           interleaved with
+  engine   the same for one engine cycle of the policy per target (`EngineTarget.evaluate`, what the
+           operator's worker calls), so the controller's own share is cycle / engine
+  cycle    median wall time of one full cycle of one policy over every target (interval 2s), from the
+           operator's pgwarden_policy_pass_duration_seconds: targets that fell due together, from then until
+           the last is reported, status bookkeeping included; only passes over every target count
+  writes   changes to the policy object per steady-state minute, from a watch on the API server: status
+           writes that said something new, heartbeats (only timestamps and counts moved), anything else
   events   Events about the policy posted in that minute
-  RSS      VmRSS of the operator process (/proc) with 1 policy x 200 targets, then 20 policies over the same
-           200 pods: split (each pod targeted by one policy: 200 connections) and, with --overlap, every
-           policy targeting every pod (4,000 connections)
+  RSS      VmRSS of the operator process (/proc): 1 policy x 200 targets; then 20 policies over the same
+           200 pods, each pod in one policy (200 targets) and every policy on every pod (4,000 targets)
 Targets: cycle / floor <= 1.5; 0 writes and 0 Events per steady-state minute; RSS <= 150 MB.
+PGWARDEN_BENCH_PROFILE=DIR runs the operator under cProfile (one DIR/operator-PORT.prof per phase).
 
-    .venv/bin/python bench/operator_cycle.py [--major 15] [--servers 4] [--targets 200] [--overlap]
+    .venv/bin/python bench/operator_cycle.py [--major 15] [--servers 4] [--targets 200] [--minute 60]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import os
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -37,9 +41,10 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO)]
@@ -107,9 +112,7 @@ class References:
     engine: list[float] = field(default_factory=list)
 
 
-async def reference_rounds(
-    hosts: list[str], port: int, concurrency: int, rounds: int, refs: References, pause: float = 0.0
-) -> None:
+async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds: int, refs: References) -> None:
     """Interleaved rounds of (a) `SELECT 1` on every target over psycopg async connections opened with the
     engine's conninfo (the floor) and (b) one engine cycle of the bench policy on every target through
     `EngineTarget`, what the operator's worker calls (so: the controller's own cost is cycle - engine)."""
@@ -151,9 +154,7 @@ async def reference_rounds(
         for _ in range(5):  # connect the engine's sessions; let psycopg prepare the observation statement
             await round_(engine_cycle)
         for _ in range(rounds):
-            await asyncio.sleep(pause)
             refs.floor.append(await round_(select_1))
-            await asyncio.sleep(pause)
             refs.engine.append(await round_(engine_cycle))
     finally:
         await asyncio.gather(*(c.close() for c in conns.values()), return_exceptions=True)
@@ -171,21 +172,13 @@ def create_pods(api: client.ApiClient, namespace: str, hosts: list[str], shards:
             "metadata": {"name": name, "labels": {"app": "pg", "shard": str(i % shards)}},
             "spec": {"containers": [{"name": "postgres", "image": "postgres:18"}]},
         }
-        core.create_namespaced_pod(namespace, body)
+        core.create_namespaced_pod(namespace, body)  # type: ignore[arg-type]  # the client takes plain dicts
         core.patch_namespaced_pod_status(
             name, namespace, {"status": running_status(host, "postgres:18")}, _content_type=MERGE_PATCH
         )
 
-    threads = [threading.Thread(target=lambda c=chunk: [one(i, h) for i, h in c]) for chunk in _chunks(hosts, 8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
-def _chunks(hosts: list[str], n: int) -> list[list[tuple[int, str]]]:
-    items = list(enumerate(hosts))
-    return [items[k::n] for k in range(n)]
+    with ThreadPoolExecutor(8) as pool:  # 400 requests; a few at a time is a few seconds, not twenty
+        list(pool.map(one, range(len(hosts)), hosts))
 
 
 def create_secret(api: client.ApiClient, namespace: str) -> None:
@@ -193,7 +186,8 @@ def create_secret(api: client.ApiClient, namespace: str) -> None:
         "username": base64.b64encode(USER.encode()).decode(),
         "password": base64.b64encode(PASSWORD.encode()).decode(),
     }
-    client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": {"name": SECRET}, "data": data})
+    body = {"metadata": {"name": SECRET}, "data": data}
+    client.CoreV1Api(api).create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
 
 
 def policy(name: str, port: int, interval: str, selector: dict[str, str]) -> dict[str, Any]:
@@ -224,12 +218,17 @@ def custom(api: client.ApiClient) -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api)
 
 
+def list_policies(api: client.ApiClient, namespace: str) -> list[dict[str, Any]]:
+    listing = custom(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    return list(cast(dict[str, Any], listing)["items"])
+
+
 def delete_policies(api: client.ApiClient, namespace: str) -> None:
-    for item in custom(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+    for item in list_policies(api, namespace):
         custom(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"])
 
     def gone() -> bool:
-        return not custom(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        return not list_policies(api, namespace)
 
     wait_for(gone, timeout=60, interval=0.5, message="policies deleted (finalizers released)")
 
@@ -280,6 +279,11 @@ class Operator:
             line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ":" in line
         )
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the operator has used so far (/proc/PID/stat, fields 14 and 15)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -339,17 +343,18 @@ class Passes:
 class PolicyWatch:
     """Counts what changes the policy object on the API server while it runs (a watch in a thread)."""
 
-    def __init__(self, api: client.ApiClient, namespace: str, name: str) -> None:
+    def __init__(self, api: client.ApiClient, namespace: str, name: str, seconds: float) -> None:
         self.material = self.heartbeat = self.other = 0
         self._stop = threading.Event()
-        obj = custom(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        obj = cast(dict[str, Any], custom(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
         self._last = obj
-        self._thread = threading.Thread(target=self._run, args=(api, namespace, name, obj), daemon=True)
+        args = (api, namespace, name, obj, int(seconds) + 10)
+        self._thread = threading.Thread(target=self._run, args=args, daemon=True)
         self._thread.start()
 
-    def _run(self, api: client.ApiClient, namespace: str, name: str, obj: dict[str, Any]) -> None:
-        w = watch.Watch()
-        stream = w.stream(
+    def _run(self, api: client.ApiClient, namespace: str, name: str, obj: dict[str, Any], seconds: int) -> None:
+        w = watch.Watch()  # type: ignore[no-untyped-call]
+        stream = w.stream(  # type: ignore[no-untyped-call]
             custom(api).list_namespaced_custom_object,
             GROUP,
             VERSION,
@@ -357,12 +362,12 @@ class PolicyWatch:
             PLURAL,
             field_selector=f"metadata.name={name}",
             resource_version=obj["metadata"]["resourceVersion"],
-            timeout_seconds=600,
+            timeout_seconds=seconds,  # the thread ends on its own shortly after the window
         )
         for event in stream:
             if self._stop.is_set():
                 break
-            new = event["object"]
+            new: dict[str, Any] = event["object"]
             if event["type"] != "MODIFIED":
                 continue
             before, after = self._last.get("status") or {}, new.get("status") or {}
@@ -373,9 +378,10 @@ class PolicyWatch:
             else:
                 self.heartbeat += 1
             self._last = new
-        w.stop()
+        w.stop()  # type: ignore[no-untyped-call]
 
     def stop(self) -> None:
+        """Count nothing after now; the thread itself ends with its watch (or the process: it is a daemon)."""
         self._stop.set()
 
 
@@ -436,12 +442,12 @@ class Bench:
             passes.prime(op.metrics(*PASS_METRICS))
             evaluations = sample(op.metrics(*PASS_METRICS), "pgwarden_cycle_duration_seconds_count", "bench") or 0
             events_before = policy_events(self.api, self.namespace)
-            watcher = PolicyWatch(self.api, self.namespace, "bench")
-            started = time.monotonic()
+            watcher = PolicyWatch(self.api, self.namespace, "bench", minute)
+            started, cpu = time.monotonic(), op.cpu_seconds()
             while time.monotonic() - started < minute:
                 time.sleep(0.5)
                 passes.observe(op.metrics(*PASS_METRICS))
-            elapsed = time.monotonic() - started
+            elapsed, cpu = time.monotonic() - started, op.cpu_seconds() - cpu
             watcher.stop()
             events = policy_events(self.api, self.namespace) - events_before
             rss, hwm = op.memory()
@@ -453,6 +459,9 @@ class Bench:
                     f"{statistics.median(passes.full) * 1000:.1f} ms",
                     f"({deciles[0] * 1000:.0f}, {deciles[-1] * 1000:.0f} ms)",
                 )
+            if passes.full:
+                per_pass = cpu / (len(passes.full) + len(passes.partial))
+                self.row("operator CPU per cycle (user + system)", f"{per_pass * 1000:.1f} ms", "all threads")
             self.row(
                 "passes in the window: full / other",
                 f"{len(passes.full)} / {len(passes.partial)}",
@@ -536,32 +545,11 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--major", default=selected_versions()[0], help="PostgreSQL major (default: first selected)")
-    parser.add_argument("--servers", type=int, default=4)
-    parser.add_argument("--targets", type=int, default=200, help="pods, spread evenly over the servers")
-    parser.add_argument("--policies", type=int, default=20)
-    parser.add_argument("--interval", default="2s", help="the one-policy phase's interval (more cycles per minute)")
-    parser.add_argument("--rss-interval", default="30s", help="the many-policies phases' interval (CRD default)")
-    parser.add_argument("--minute", type=float, default=60.0, help="length of the steady-state window, seconds")
-    parser.add_argument("--reference-rounds", type=int, default=20, help="floor and engine rounds, before and after")
-    parser.add_argument("--overlap", action="store_true", help="also: every policy on every pod (4,000 connections)")
-    args = parser.parse_args()
-    if args.targets % args.servers:
-        parser.error("--targets must be a multiple of --servers")
-    per_server = args.targets // args.servers
-    sets = addresses(args.servers, per_server)
+def run(args: argparse.Namespace, sets: list[list[str]], port: int, logdir: Path) -> None:
+    """Servers, control plane, pods; the reference rounds around the one-policy phase; the RSS phases."""
     hosts = [h for s in sets for h in s]
-    port = shared_free_port(hosts)
-    connections = per_server * (args.policies if args.overlap else 1) + 100
-    raise_fd_limit(args.policies * args.targets + 1000)
-    configure_logging("warning")  # the engine (reference rounds) logs through structlog
-    print(f"PostgreSQL {args.major}: {args.servers} servers x {per_server} addresses, port {port}", flush=True)
-
+    connections = len(sets[0]) * args.policies + 100  # enough even if every policy had its own connections
     with contextlib.ExitStack() as stack:
-        logdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-"))
-        print(f"operator logs in {logdir}")
         servers = []
         for group in sets:
             settings = {"listen_addresses": "'" + ",".join(group) + "'", "max_connections": str(connections)}
@@ -591,9 +579,38 @@ def main() -> None:
             flush=True,
         )
         bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=False)
-        if args.overlap:
-            bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=True)
+        bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=True)
         summarise(refs, cycles, bench)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--major", default=selected_versions()[0], help="PostgreSQL major (default: first selected)")
+    parser.add_argument("--servers", type=int, default=4)
+    parser.add_argument("--targets", type=int, default=200, help="pods, spread evenly over the servers")
+    parser.add_argument("--policies", type=int, default=20)
+    parser.add_argument("--interval", default="2s", help="the one-policy phase's interval (more cycles per minute)")
+    parser.add_argument("--rss-interval", default="30s", help="the many-policies phases' interval (CRD default)")
+    parser.add_argument("--minute", type=float, default=60.0, help="length of the steady-state window, seconds")
+    parser.add_argument("--reference-rounds", type=int, default=20, help="floor and engine rounds, before and after")
+    args = parser.parse_args()
+    if args.targets % args.servers:
+        parser.error("--targets must be a multiple of --servers")
+    per_server = args.targets // args.servers
+    sets = addresses(args.servers, per_server)
+    hosts = [h for s in sets for h in s]
+    port = shared_free_port(hosts)
+    raise_fd_limit(args.policies * args.targets + 1000)
+    configure_logging("warning")  # the engine (reference rounds) logs through structlog
+    print(f"PostgreSQL {args.major}: {args.servers} servers x {per_server} addresses, port {port}", flush=True)
+
+    logdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-"))
+    try:
+        run(args, sets, port, logdir)
+    except BaseException:
+        print(f"operator logs kept in {logdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(logdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
