@@ -267,3 +267,36 @@ def test_missing_secret_is_a_condition_and_nothing_is_touched(
     create_secret(k8s_api, namespace)
     for pid in sessions:
         target.wait_gone(pid, timeout=60)
+
+
+def test_deleting_a_policy_releases_the_autovacuum_cap_it_set(
+    k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
+) -> None:
+    """The finalizer resets autovacuum_max_workers on the target before the policy goes (ALTER SYSTEM RESET)."""
+    server = pg_factory(host=next_host(), hba="password")
+    # A superuser here: the point is the finalizer, not the grants (tests/pg/test_autovacuum.py covers those).
+    server.create_role("warden", password=PASSWORD, superuser=True)
+    create_secret(k8s_api, namespace)
+    create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
+    run_operator([namespace])
+    create_policy(k8s_api, namespace, policy_body("capper", server.port, sessions=[], autovacuum={"maxWorkers": 2}))
+
+    def auto_conf() -> list[str]:
+        rows = server.execute(
+            "SELECT setting FROM pg_file_settings WHERE name = 'autovacuum_max_workers' "
+            "AND sourcefile LIKE '%/postgresql.auto.conf'"
+        )
+        return [str(r[0]) for r in rows]
+
+    wait_for(lambda: auto_conf() == ["2"], timeout=30, message="autovacuum_max_workers = 2 in postgresql.auto.conf")
+    custom(k8s_api).delete_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", "capper")
+    wait_for(lambda: auto_conf() == [], timeout=30, message="the finalizer to reset autovacuum_max_workers")
+
+    def deleted() -> bool:
+        try:
+            get_policy(k8s_api, namespace, "capper")
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(deleted, timeout=30, message="the policy to go once released")
