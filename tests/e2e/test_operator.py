@@ -91,6 +91,14 @@ def get_policy(api: client.ApiClient, namespace: str, name: str) -> dict[str, An
     )
 
 
+def policy_gone(api: client.ApiClient, namespace: str, name: str) -> bool:
+    try:
+        get_policy(api, namespace, name)
+    except client.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
 def patch_spec(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
     custom(api).patch_namespaced_custom_object(
         "pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", name, {"spec": spec}
@@ -201,14 +209,7 @@ def test_dry_run_then_edit_to_enforce_then_delete_stops_enforcement(
 
     custom(k8s_api).delete_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", "reaper")
 
-    def deleted() -> bool:
-        try:
-            get_policy(k8s_api, namespace, "reaper")
-        except client.ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_for(deleted, timeout=30, message="the policy (and its finalizer) to go")
+    wait_for(lambda: policy_gone(k8s_api, namespace, "reaper"), timeout=30, message="policy and finalizer to go")
     survivor = open_app_sessions(target, 1)[0]
     # Enforcement stopped: the session outlives several thresholds (2s) and intervals (5s).
     assert holds_for(lambda: target.alive(survivor), 8)
@@ -292,11 +293,4 @@ def test_deleting_a_policy_releases_the_autovacuum_cap_it_set(
     custom(k8s_api).delete_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", "capper")
     wait_for(lambda: auto_conf() == [], timeout=30, message="the finalizer to reset autovacuum_max_workers")
 
-    def deleted() -> bool:
-        try:
-            get_policy(k8s_api, namespace, "capper")
-        except client.ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_for(deleted, timeout=30, message="the policy to go once released")
+    wait_for(lambda: policy_gone(k8s_api, namespace, "capper"), timeout=30, message="the policy to go once released")
