@@ -1,0 +1,90 @@
+"""The API's words in one place: coordinates, condition types and reasons, Event reasons, skip reasons.
+
+Users, alerts and other tools match on these strings (`kubectl wait --for=condition=Ready`, an alert on
+reason `InsufficientPrivileges`, a script reading `skipped[].reason`), so they are a contract: spread over
+modules as literals they drift. Every layer imports them from here (the policy layer imports nothing
+that talks to a server, so the engine and the controller both may).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final, Literal
+
+# -- API coordinates --------------------------------------------------------------------------------
+GROUP: Final = "pgwarden.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "PostgresPolicy"
+PLURAL: Final = "postgrespolicies"
+SINGULAR: Final = "postgrespolicy"
+SHORT_NAME: Final = "pgpolicy"
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+# -- labels, annotations, finalizer -----------------------------------------------------------------
+FINALIZER: Final = f"{GROUP}/finalizer"
+ENFORCER_ANNOTATION: Final = f"{GROUP}/enforcer"
+"""`pgwarden.dev/enforcer: sidecar` on a pod hands it to its sidecar; the controller skips it."""
+CREDENTIALS_LABEL: Final = f"{GROUP}/credentials"
+"""Only Secrets labelled `pgwarden.dev/credentials: "true"` are read for credentials."""
+
+# -- conditions -------------------------------------------------------------------------------------
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    """Every target was evaluated in its last cycle."""
+    DEGRADED = "Degraded"
+    """Some target is failing, or the policy cannot be enforced as written."""
+
+
+class ConditionReason(StrEnum):
+    TARGETS_EVALUATED = "TargetsEvaluated"
+    NO_TARGETS = "NoTargets"
+    TARGET_ERRORS = "TargetErrors"
+    INVALID_SPEC = "InvalidSpec"
+    INSUFFICIENT_PRIVILEGES = "InsufficientPrivileges"
+    AUTOVACUUM_CONFLICT = "AutovacuumConflict"
+    CREDENTIALS_NOT_CONFIGURED = "CredentialsNotConfigured"
+    CREDENTIALS_SECRET_NOT_FOUND = "CredentialsSecretNotFound"
+    CREDENTIALS_SECRET_NOT_LABELLED = "CredentialsSecretNotLabelled"
+    CREDENTIALS_KEY_MISSING = "CredentialsKeyMissing"
+    CREDENTIALS_INVALID = "CredentialsInvalid"
+    CREDENTIALS_FORBIDDEN = "CredentialsForbidden"
+    CREDENTIALS_UNAVAILABLE = "CredentialsUnavailable"
+
+
+# -- Events -----------------------------------------------------------------------------------------
+EventType = Literal["Normal", "Warning"]
+
+
+class EventReason(StrEnum):
+    SESSIONS_TERMINATED = "SessionsTerminated"
+    QUERIES_CANCELLED = "QueriesCancelled"
+    AUTOVACUUM_CAPPED = "AutovacuumCapped"
+    AUTOVACUUM_LEFT_BEHIND = "AutovacuumLeftBehind"
+    DRY_RUN = "DryRun"
+    INSUFFICIENT_PRIVILEGES = "InsufficientPrivileges"
+
+
+# -- why a chosen session was left alone (`skipped[].reason`) ---------------------------------------
+class SkipReason(StrEnum):
+    MAX_ACTIONS = "maxActionsPerCycle"
+    MAX_FRACTION = "maxFractionPerCycle"
+    GONE = "gone"
+    """The backend ended (or its pid now belongs to another backend) between observation and action."""
+    STATE_CHANGED = "stateChanged"
+    """The session changed state since it was observed, so the rule's verdict no longer applies."""
+    PERMISSION_DENIED = "permissionDenied"
+    """PostgreSQL refused the signal (SQLSTATE 42501); also listed in `errors`."""
+    NOT_PERMITTED = "notPermitted"
+    """A superuser's session while the engine's role is not a superuser: never a candidate."""
+    FAILED = "error"
+    """Signalling failed for another reason; the message is in `errors`."""
+
+
+# -- who enforces a pod -----------------------------------------------------------------------------
+class EnforcerKind(StrEnum):
+    CONTROLLER = "controller"
+    SIDECAR = "sidecar"
