@@ -47,8 +47,8 @@ class ConditionReason(StrEnum):
     INSUFFICIENT_PRIVILEGES = "InsufficientPrivileges"
     AUTOVACUUM_CONFLICT = "AutovacuumConflict"
     CREDENTIALS_NOT_CONFIGURED = "CredentialsNotConfigured"
-    CREDENTIALS_SECRET_NOT_FOUND = "CredentialsSecretNotFound"
-    CREDENTIALS_SECRET_NOT_LABELLED = "CredentialsSecretNotLabelled"
+    CREDENTIALS_SECRET_NOT_FOUND = "CredentialsSecretNotFound"  # noqa: S105 - a reason, not a secret
+    CREDENTIALS_SECRET_NOT_LABELLED = "CredentialsSecretNotLabelled"  # noqa: S105 - a reason, not a secret
     CREDENTIALS_KEY_MISSING = "CredentialsKeyMissing"
     CREDENTIALS_INVALID = "CredentialsInvalid"
     CREDENTIALS_FORBIDDEN = "CredentialsForbidden"
