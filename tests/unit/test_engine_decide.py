@@ -17,8 +17,8 @@ from pgwarden.engine.decide import (
     rule_matches,
     victim_order,
 )
-from pgwarden.engine.observe import Observation, ObservedSession
 from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION
+from pgwarden.engine.types import Observation, ObservedSession
 from pgwarden.policy import PolicySpec, parse_spec
 from pgwarden.policy.model import ConnectionLimit, Exclude, Limits, SessionRule
 

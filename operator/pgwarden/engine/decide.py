@@ -18,9 +18,9 @@ import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from pgwarden.engine.observe import CLIENT_BACKEND, Observation, ObservedSession
 from pgwarden.engine.patterns import IpNetwork, address_in, matches_any, networks
 from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION, SkipRecord
+from pgwarden.engine.types import CLIENT_BACKEND, Observation, ObservedSession
 from pgwarden.policy.model import (
     ConnectionLimit,
     Exclude,
