@@ -53,7 +53,7 @@ import psycopg  # noqa: E402
 from kubernetes import client, watch  # noqa: E402
 
 from pgwarden.controller.runtime import DEFAULT_CONCURRENCY  # noqa: E402
-from pgwarden.controller.status import differs  # noqa: E402
+from pgwarden.enforcement.status import differs  # noqa: E402
 from pgwarden.engine.connection import parse_dsn  # noqa: E402
 from pgwarden.engine.session import EngineTarget  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402

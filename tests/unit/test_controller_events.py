@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgwarden.controller.events import events_for_cycle
+from pgwarden.enforcement.events import events_for_cycle
 
 
 def test_terminations_and_cancels_aggregate_per_rule() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgwarden.controller.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
 
 
 def report(*actions: dict[str, Any], mode: str = "enforce") -> dict[str, Any]:

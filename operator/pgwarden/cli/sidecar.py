@@ -42,6 +42,6 @@ def handle(args: argparse.Namespace) -> int:
             "pgwarden sidecar: --pod-name and --namespace (or POD_NAME and POD_NAMESPACE) are required", file=sys.stderr
         )
         return EXIT_USAGE
-    from pgwarden.controller.sidecar import run_sidecar  # kubernetes loads only for this command
+    from pgwarden.sidecar.app import run_sidecar  # kubernetes loads only for this command
 
     return run_sidecar(args.pod_name, args.namespace, args.dsn, args.metrics_port, args.health_port)

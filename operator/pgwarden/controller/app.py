@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import kopf
 
-from pgwarden.controller import metrics
 from pgwarden.controller.runtime import Runtime
+from pgwarden.enforcement import metrics
 
 
 def run_controller(

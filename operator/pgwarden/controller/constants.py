@@ -1,13 +1,6 @@
-"""Names shared by the controller and sidecar: the API coordinates and the labels/annotations we read."""
+"""Names only the kopf controller uses (the API's words shared with the sidecar live in pgwarden.policy.api)."""
 
 from typing import Final
 
-GROUP: Final = "pgwarden.dev"
-VERSION: Final = "v1alpha1"
-PLURAL: Final = "postgrespolicies"
-KIND: Final = "PostgresPolicy"
-FINALIZER: Final = "pgwarden.dev/finalizer"
-ENFORCER_ANNOTATION: Final = "pgwarden.dev/enforcer"
-SIDECAR: Final = "sidecar"
-CONTROLLER: Final = "controller"
 PEERING_NAME: Final = "pgwarden"
+"""The ClusterKopfPeering (or namespaced KopfPeering) the replicas peer through."""

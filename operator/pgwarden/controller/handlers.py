@@ -12,14 +12,15 @@ from typing import Any
 import kopf
 import structlog
 
-from pgwarden.controller.constants import CONTROLLER, FINALIZER, GROUP, PEERING_NAME, PLURAL, VERSION
-from pgwarden.controller.events import PolicyEvent
-from pgwarden.controller.kube import PolicyApi, SecretReader, ensure_cluster_peering, load_api_client
+from pgwarden.controller.constants import PEERING_NAME
 from pgwarden.controller.runtime import Runtime
-from pgwarden.controller.status import PolicyCondition, TargetUpdate
-from pgwarden.controller.targets import PodInfo, pod_info_from
-from pgwarden.controller.worker import PolicyWorker, wait_for_work
+from pgwarden.enforcement.events import PolicyEvent
+from pgwarden.enforcement.kube import PolicyApi, SecretReader, ensure_cluster_peering, load_api_client
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
+from pgwarden.enforcement.targets import PodInfo, pod_info_from
+from pgwarden.enforcement.worker import PolicyWorker, wait_for_work
 from pgwarden.policy import PolicyError, parse_spec
+from pgwarden.policy.api import FINALIZER, GROUP, PLURAL, VERSION, EnforcerKind
 
 log = structlog.get_logger("pgwarden.controller")
 
@@ -89,7 +90,7 @@ async def enforce(
             namespace,
             name,
             latest=dict(body),
-            writer=CONTROLLER,
+            writer=EnforcerKind.CONTROLLER,
             updates=updates,
             owned_pods=owned,
             condition=condition,

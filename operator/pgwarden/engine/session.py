@@ -70,7 +70,7 @@ class TargetSession:
 
 
 class EngineTarget:
-    """The controller's enforcer for one pod (see `pgwarden.controller.worker.TargetEnforcer`)."""
+    """The controller's enforcer for one pod (see `pgwarden.enforcement.worker.TargetEnforcer`)."""
 
     def __init__(
         self,

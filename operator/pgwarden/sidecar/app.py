@@ -17,15 +17,15 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from pgwarden.controller import metrics
-from pgwarden.controller.constants import SIDECAR
-from pgwarden.controller.events import PolicyEvent
-from pgwarden.controller.kube import EventPoster, PodApi, PolicyApi, PolicyLister, load_api_client
-from pgwarden.controller.status import PolicyCondition, TargetUpdate
-from pgwarden.controller.status_writer import StatusWriter
-from pgwarden.controller.targets import PodInfo, pod_info_from
-from pgwarden.controller.worker import Endpoint, PolicyWorker, TargetEnforcer, wait_for_work
+from pgwarden.enforcement import metrics
+from pgwarden.enforcement.events import PolicyEvent
+from pgwarden.enforcement.kube import EventPoster, PodApi, PolicyApi, PolicyLister, load_api_client
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
+from pgwarden.enforcement.status_writer import StatusWriter
+from pgwarden.enforcement.targets import PodInfo, pod_info_from
+from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer, wait_for_work
 from pgwarden.engine.session import EngineTarget
+from pgwarden.policy.api import EnforcerKind
 
 log = structlog.get_logger("pgwarden.sidecar")
 
@@ -65,7 +65,7 @@ class Sidecar:
                 self.namespace,
                 name,
                 latest=self.bodies.get(name),
-                writer=SIDECAR,
+                writer=EnforcerKind.SIDECAR,
                 updates=updates,
                 owned_pods=owned,
                 scope=lambda pod: pod == self.pod_name,
@@ -85,7 +85,7 @@ class Sidecar:
             write_status=write_status,
             post_event=post_event,
             concurrency=self.concurrency,
-            enforcer_kind=SIDECAR,
+            enforcer_kind=EnforcerKind.SIDECAR,
             fixed_endpoint=LOCAL,
         )
         self.workers[name] = worker

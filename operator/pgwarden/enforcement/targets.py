@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pgwarden.controller.constants import ENFORCER_ANNOTATION, SIDECAR
 from pgwarden.policy import LabelSelector
+from pgwarden.policy.api import ENFORCER_ANNOTATION, EnforcerKind
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class PodInfo:
 
     @property
     def sidecar_enforced(self) -> bool:
-        return self.annotations.get(ENFORCER_ANNOTATION) == SIDECAR
+        return self.annotations.get(ENFORCER_ANNOTATION) == EnforcerKind.SIDECAR
 
 
 def pod_info_from(name: str, namespace: str, meta: dict[str, object], status: dict[str, object]) -> PodInfo:

@@ -16,13 +16,13 @@ from typing import Any, Protocol
 
 import structlog
 
-from pgwarden.controller import metrics
-from pgwarden.controller.constants import CONTROLLER, SIDECAR
-from pgwarden.controller.events import PolicyEvent, events_for_cycle
-from pgwarden.controller.kube import CredentialsError, SecretReader
-from pgwarden.controller.status import PolicyCondition, TargetUpdate
-from pgwarden.controller.targets import PodInfo, select_targets
+from pgwarden.enforcement import metrics
+from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
+from pgwarden.enforcement.kube import CredentialsError, SecretReader
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
+from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.policy import PolicyError, PolicySpec, parse_spec
+from pgwarden.policy.api import EnforcerKind
 
 log = structlog.get_logger("pgwarden.controller")
 
@@ -103,7 +103,7 @@ class PolicyWorker:
     write_status: StatusSink
     post_event: EventSink
     concurrency: asyncio.Semaphore
-    enforcer_kind: str = CONTROLLER
+    enforcer_kind: str = EnforcerKind.CONTROLLER
     fixed_endpoint: Endpoint | None = None  # the sidecar's own server: no pod IPs, no Secrets
     states: dict[str, TargetState] = field(default_factory=dict)
     _generation: int | None = None
@@ -131,7 +131,7 @@ class PolicyWorker:
                 state.next_due = 0.0  # a changed policy takes effect now, on every target
         interval = spec.interval.total_seconds()
         chosen = select_targets(spec.selector, pods)
-        sidecar = self.enforcer_kind == SIDECAR
+        sidecar = self.enforcer_kind == EnforcerKind.SIDECAR
         ours = [p for p in chosen if p.sidecar_enforced == sidecar]
         skipped = [p for p in chosen if p.sidecar_enforced != sidecar]  # not `p not in ours`: O(n^2) on 200 pods
         await self._forget_departed({p.name for p in ours})
@@ -170,7 +170,7 @@ class PolicyWorker:
                     self.enforcer_kind,
                     skipped_reason=(
                         "enforced by its pgwarden sidecar (annotation pgwarden.dev/enforcer=sidecar)"
-                        if self.enforcer_kind == CONTROLLER
+                        if self.enforcer_kind == EnforcerKind.CONTROLLER
                         else "not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it"
                     ),
                 )
@@ -218,7 +218,9 @@ class PolicyWorker:
         if written is None:
             return
         chosen = [
-            p for p in select_targets(spec.selector, pods) if p.sidecar_enforced == (self.enforcer_kind == SIDECAR)
+            p
+            for p in select_targets(spec.selector, pods)
+            if p.sidecar_enforced == (self.enforcer_kind == EnforcerKind.SIDECAR)
         ]
 
         async def one(pod: PodInfo) -> None:

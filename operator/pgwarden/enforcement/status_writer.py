@@ -15,8 +15,8 @@ from typing import Any
 
 import structlog
 
-from pgwarden.controller.kube import PolicyApi, StatusConflict
-from pgwarden.controller.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.enforcement.kube import PolicyApi, StatusConflict
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
 
 log = structlog.get_logger("pgwarden.controller")
 

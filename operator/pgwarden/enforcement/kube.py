@@ -16,8 +16,8 @@ import structlog
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from pgwarden.controller.constants import GROUP, PLURAL, VERSION
 from pgwarden.policy import CredentialsSecret
+from pgwarden.policy.api import GROUP, PLURAL, VERSION
 
 
 def load_api_client() -> client.ApiClient:
