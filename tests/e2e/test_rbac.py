@@ -208,8 +208,17 @@ def deployed_args() -> list[str]:
     return list(args)
 
 
+def deployed_uid() -> int:
+    """The Deployment's runAsUser: the image's numeric user, which has no passwd entry in the image."""
+    deployment = yaml.safe_load((MANIFESTS / "operator" / "deployment.yaml").read_text())
+    return int(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
+
+
 def start_operator(kubeconfig: Path, logdir: Path, started: list[OperatorProcess]) -> OperatorProcess:
-    proc = OperatorProcess(kubeconfig, [], logdir, extra=deployed_args())
+    """`pgwarden run` as deployed: its arguments, its numeric user, POD_NAME from the downward API."""
+    proc = OperatorProcess(
+        kubeconfig, [], logdir, extra=deployed_args(), run_as=deployed_uid(), env={"POD_NAME": "pgwarden-5c7d-x2x4q"}
+    )
     started.append(proc)
     wait_for(lambda: proc.healthy() or proc.proc.poll() is not None, timeout=60, message="operator healthz")
     assert proc.proc.poll() is None, f"operator exited with {proc.proc.returncode}:\n{proc.logs()[-5000:]}"

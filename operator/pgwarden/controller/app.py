@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import kopf
 
+from pgwarden.controller.identity import peering_identity
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement import metrics
 
@@ -30,6 +31,9 @@ def run_controller(
             memo=kopf.Memo(runtime=Runtime()),
             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
             standalone=True if standalone else None,  # None: peer when a peering object exists
+            # kopf's default identity looks the uid up in passwd (controller/identity.py); its Identity type is
+            # a NewType of str that kopf does not export.
+            identity=peering_identity(),  # type: ignore[arg-type]
         )
     )
     return 0
