@@ -103,13 +103,25 @@ PRINTER_COLUMNS = (
     PrinterColumn("Age", "date", ".metadata.creationTimestamp"),
     PrinterColumn("Interval", "string", ".spec.interval", "How often each target is evaluated at least.", wide=True),
     PrinterColumn(
-        "Ready-Targets", "integer", ".status.readyTargets", "Targets evaluated without error in their last cycle.", True
+        "Ready-Targets",
+        "integer",
+        ".status.readyTargets",
+        "Targets evaluated without error in their last cycle.",
+        wide=True,
     ),
     PrinterColumn(
-        "Degraded", "string", _condition(ConditionType.DEGRADED, "status"), "True when some target is failing.", True
+        "Degraded",
+        "string",
+        _condition(ConditionType.DEGRADED, "status"),
+        "True when some target is failing.",
+        wide=True,
     ),
     PrinterColumn(
-        "Reason", "string", _condition(ConditionType.DEGRADED, "reason"), "Why the policy is degraded (or not).", True
+        "Reason",
+        "string",
+        _condition(ConditionType.DEGRADED, "reason"),
+        "Why the policy is degraded (or not).",
+        wide=True,
     ),
 )
 

@@ -15,8 +15,8 @@ from typing import get_args
 from pgwarden.policy.api import ConditionStatus, EnforcerKind
 from pgwarden.policy.openapi import JsonDict, array, boolean, integer, obj, string
 
-MAX_LAST_ACTIONS = 100
-"""The schema's bound on `targets[].lastActions`; the controller keeps fewer (controller.status)."""
+LAST_ACTIONS_MAX_ITEMS = 100
+"""The schema's bound on `targets[].lastActions`; the controller writes fewer (controller.status)."""
 
 # metav1.Condition's own validation (k8s.io/apimachinery/pkg/apis/meta/v1/types.go).
 _CONDITION_TYPE = (
@@ -80,7 +80,7 @@ _TARGET = obj(
         "lastActions": array(
             "The backends the last acting cycle cancelled or terminated (or would have, in dryRun).",
             _ACTION,
-            max_items=MAX_LAST_ACTIONS,
+            max_items=LAST_ACTIONS_MAX_ITEMS,
         ),
         "autovacuum": obj(
             "The autovacuum cap as the engine reports it (setting, workers, cancellations).",
