@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PGWARDEN_CACHE ?= /var/tmp/pgwarden-cache
 export PGWARDEN_CACHE
 
-.PHONY: venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets
+.PHONY: venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets crd
 
 $(BIN)/pgwarden: pyproject.toml constraints.txt
 	@echo ">>> creating $(VENV) and installing pgwarden with test tools"
@@ -26,6 +26,12 @@ assets: venv
 	$(BIN)/python -m tests.harness.pgbinaries
 	@echo ">>> control plane binaries (etcd, kube-apiserver, kubectl)"
 	$(BIN)/python -m tests.harness.controlplane_assets
+
+# The CRD is generated from the model (operator/pgwarden/policy/model.py is its one source); run this after
+# changing the model. tests/unit/test_crd.py fails while the committed file is stale.
+# PYTHONPATH: generate from this checkout's model even when the venv was installed from another checkout.
+crd: venv
+	PYTHONPATH=$(CURDIR)/operator $(BIN)/python -m pgwarden.policy.crd manifests/crd/pgwarden.dev_postgrespolicies.yaml
 
 lint: venv
 	@echo ">>> ruff"

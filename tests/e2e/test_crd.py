@@ -1,10 +1,11 @@
 """The PostgresPolicy CRD on a real kube-apiserver: it admits and refuses what the model does.
 
-tests/unit/test_crd_schema.py proves agreement on paper; this proves it where it counts. Every
-document of tests/data/policies/ goes to the API server: valid ones are created and read back (the
-server's defaults must be the model's), invalid ones must be refused with the message their
-`# expect:` line quotes. Then the status subresource and the printer columns, as `kubectl get` shows
-them, and the pruning of unknown fields that only strict field validation turns into an error.
+The CRD is generated from the model (`make crd`) and tests/unit/test_crd.py holds the model to the
+corpus; this holds the API server to it, where it counts. Every document of tests/data/policies/ goes
+to the API server: valid ones are created and read back (the server's defaults must be the model's),
+invalid ones must be refused with the message their `# expect:` line quotes. Then the status
+subresource and the printer columns, as `kubectl get` shows them, and the pruning of unknown fields
+that only strict field validation turns into an error.
 """
 
 from __future__ import annotations
@@ -16,27 +17,23 @@ import pytest
 from kubernetes import client
 
 from pgwarden.policy import parse_spec
+from pgwarden.policy.api import CRD_NAME, GROUP, KIND, PLURAL, SHORT_NAME, VERSION
 from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import MERGE_PATCH, as_dict, new_namespace
-from tests.harness.postgres import wait_for
-from tests.unit.test_crd_schema import (
-    GROUP,
+from tests.harness.policy_corpus import (
     INVALID,
-    KIND,
     MODEL_REFUSES,
-    PLURAL,
     VALID,
-    VERSION,
     Example,
     apply_crd_defaults,
     load_crd,
     version_schema,
 )
+from tests.harness.postgres import wait_for
 
 pytestmark = pytest.mark.k8s
 
 APPLY_PATCH = "application/apply-patch+yaml"
-CRD_NAME = f"{PLURAL}.{GROUP}"
 
 
 def _established(ext: client.ApiextensionsV1Api) -> bool:
@@ -114,7 +111,7 @@ def test_served_crd_has_the_printer_columns_and_schema(k8s_api: client.ApiClient
         "Age",
     ]
     assert version["schema"]["openAPIV3Schema"] == version_schema(served_crd)
-    assert served_dict["spec"]["names"]["shortNames"] == ["pgpolicy"]
+    assert served_dict["spec"]["names"]["shortNames"] == [SHORT_NAME]
 
 
 @pytest.mark.parametrize("example", VALID, ids=lambda e: e.name)

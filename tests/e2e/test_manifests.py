@@ -39,8 +39,8 @@ from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import as_dict, create_running_pod, new_namespace
+from tests.harness.policy_corpus import INVALID, Example
 from tests.harness.postgres import PgServer, wait_for
-from tests.unit.test_crd_schema import INVALID, Example
 
 pytestmark = [pytest.mark.k8s]
 

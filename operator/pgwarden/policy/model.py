@@ -1,8 +1,14 @@
-"""Typed models of `PostgresPolicy.spec` (pgwarden.dev/v1alpha1).
+"""Typed models of `PostgresPolicy.spec` (pgwarden.dev/v1alpha1), and the one source of its CRD.
 
 Field names are the CRD's camelCase; Python code uses snake_case attributes. Unknown fields are
-errors, so a typo in a policy is refused instead of silently meaning "no rule". Defaults here are the
-CRD's defaults (tests/unit/test_crd_schema.py and tests/e2e/test_crd.py keep the two in step).
+errors, so a typo in a policy is refused instead of silently meaning "no rule".
+
+`make crd` writes manifests/crd/ from these models (pgwarden.policy.crd): types, enums, bounds and
+defaults as pydantic sees them; descriptions as `kubectl explain` shows them (a field's `description`,
+else its model's docstring); and, through `crd(...)` (pgwarden.policy.openapi), what only the API
+server checks: CEL rules with the messages users read, the length bounds those rules need, list-map
+keys. Each CEL rule has a Python twin here (a validator) that gives the same message; the corpus under
+tests/data/policies/ goes to both the model and a real API server to prove it.
 """
 
 from __future__ import annotations
@@ -25,13 +31,50 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from pgwarden.policy import durations
 from pgwarden.policy.durations import format_duration, parse_duration
+from pgwarden.policy.openapi import CelRule, crd
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _PREFIX_LENGTH = re.compile(r"0|[1-9][0-9]{0,2}")
 
+# -- the CEL rules and their messages (each has a Python twin below that says the same) ---------------
+_GO_DURATION = r"^[+]?(0|(([0-9]+([.][0-9]*)?|[.][0-9]+)(ns|us|µs|μs|ms|s|m|h))+)$"
+"""Go's time.ParseDuration grammar without the sign, which CEL's duration() would accept."""
+_NOT_A_DURATION = (
+    "must be a duration such as 90s, 10m or 1h30m: a number and a unit (ns, us, ms, s, m, h), not negative; "
+    "write days as hours (24h)"
+)
+_NOT_A_CIDR = "is not a CIDR such as '10.0.0.0/8' or an address such as '10.0.0.7'"
+_NOT_A_DNS_LABEL = (
+    "must be a DNS label: at most 63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+)
+_NO_AGE = "a session rule needs at least one of stateAge, queryAge, transactionAge, connectionAge"
+
+_AGE_RULE = CelRule(
+    rule=f"self.matches('{_GO_DURATION}') && duration(self) >= duration('0s')",
+    message=_NOT_A_DURATION,
+)
+_INTERVAL_RULE = CelRule(
+    rule=f"self.matches('{_GO_DURATION}') && duration(self) >= duration('1s')",
+    message_expression=(
+        f"self.matches('{_GO_DURATION}')"
+        " ? 'must be at least 1s: pgwarden reads pg_stat_activity at most once a second per target'"
+        f" : '{_NOT_A_DURATION}'"
+    ),
+    message=_NOT_A_DURATION,
+)
+_CIDR_RULE = CelRule(
+    rule="isCIDR(self) || isIP(self)",
+    message_expression=f'"\'" + self + "\' {_NOT_A_CIDR}"',
+    message=_NOT_A_CIDR,
+)
+_DNS_LABEL_RULE = CelRule(rule=f"self.matches('{DNS_LABEL.pattern}')", message=_NOT_A_DNS_LABEL)
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
 """A Go-style duration string in YAML, a timedelta in Python."""
+Age = Annotated[Duration, Field(json_schema_extra=crd(max_length=durations.MAX_LENGTH, rules=[_AGE_RULE]))]
+"""A session age threshold: any duration, 0s included."""
 
 
 def _check_cidr(value: str) -> str:
@@ -46,16 +89,13 @@ def _check_cidr(value: str) -> str:
             raise ValueError(value)
         ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ValueError(f"{value!r} is not a CIDR such as '10.0.0.0/8' or an address such as '10.0.0.7'") from None
+        raise ValueError(f"{value!r} {_NOT_A_CIDR}") from None
     return value
 
 
 def _check_dns_label(value: str) -> str:
     if len(value) > 63 or not DNS_LABEL.fullmatch(value):  # fullmatch: `$` would let a trailing newline in
-        raise ValueError(
-            f"{value!r} must be a DNS label: at most 63 lowercase letters, digits or '-', starting and ending "
-            "with a letter or digit"
-        )
+        raise ValueError(f"{value!r} {_NOT_A_DNS_LABEL}")
     return value
 
 
@@ -66,9 +106,18 @@ def _no_strings_or_booleans(value: object) -> object:
     return value
 
 
-Cidr = Annotated[str, AfterValidator(_check_cidr)]
+Cidr = Annotated[
+    str,
+    AfterValidator(_check_cidr),
+    Field(
+        description="An IPv4 or IPv6 CIDR (127.0.0.0/8) or address (127.0.0.1).",
+        json_schema_extra=crd(max_length=64, rules=[_CIDR_RULE]),  # 64: the longest IPv6 CIDR has 43 characters
+    ),
+]
 Integer = Annotated[int, BeforeValidator(_no_strings_or_booleans)]
-RuleName = Annotated[str, AfterValidator(_check_dns_label)]
+RuleName = Annotated[
+    str, AfterValidator(_check_dns_label), Field(json_schema_extra=crd(max_length=63, rules=[_DNS_LABEL_RULE]))
+]
 Pattern = Annotated[str, Field(min_length=1)]
 
 
@@ -97,7 +146,7 @@ class SessionAction(StrEnum):
 
 
 class SessionState(StrEnum):
-    """Values of `pg_stat_activity.state`."""
+    """A pg_stat_activity.state value."""
 
     ACTIVE = "active"
     IDLE = "idle"
@@ -124,9 +173,35 @@ class SslMode(StrEnum):
 
 
 class LabelSelectorRequirement(_Model):
-    key: str = Field(min_length=1)
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = Field(default_factory=list)
+    """One requirement on one pod label."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd(
+            rules=[
+                CelRule(
+                    rule="!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+                    message_expression="'operator ' + self.operator + ' needs at least one value'",
+                    message="operators In and NotIn need at least one value",
+                ),
+                CelRule(
+                    rule="!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || "
+                    "size(self.values) == 0",
+                    message_expression="'operator ' + self.operator + ' takes no values'",
+                    message="operators Exists and DoesNotExist take no values",
+                ),
+            ]
+        )
+    )
+
+    key: str = Field(min_length=1, description="The pod label the requirement tests.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="In: the label's value is one of values. NotIn: the label is absent or its value is none of "
+        "values. Exists: the pod has the label. DoesNotExist: it does not."
+    )
+    values: list[str] = Field(
+        default_factory=list,
+        description="The label values In and NotIn compare with; empty for Exists and DoesNotExist.",
+    )
 
     @model_validator(mode="after")
     def _values_match_operator(self) -> LabelSelectorRequirement:
@@ -140,8 +215,13 @@ class LabelSelectorRequirement(_Model):
 class LabelSelector(_Model):
     """A Kubernetes label selector; only the operator uses it (the CLI ignores it)."""
 
-    match_labels: dict[str, str] = Field(default_factory=dict)
-    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list)
+    match_labels: dict[str, str] = Field(
+        default_factory=dict, description="Label values a pod must all carry to be targeted."
+    )
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list,
+        description="Label requirements a pod must all meet to be targeted (ANDed with matchLabels).",
+    )
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Kubernetes semantics: every matchLabels pair and every expression must hold."""
@@ -161,57 +241,152 @@ class LabelSelector(_Model):
 
 
 class CredentialsSecret(_Model):
-    name: str = Field(min_length=1)
-    username_key: str = Field(default="username", min_length=1)
-    password_key: str = Field(default="password", min_length=1)
+    name: str = Field(min_length=1, description="Name of the Secret.")
+    username_key: str = Field(
+        default="username", min_length=1, description="Key of the Secret whose value is the PostgreSQL role name."
+    )
+    password_key: str = Field(
+        default="password", min_length=1, description="Key of the Secret whose value is that role's password."
+    )
 
 
 class ConnectionSettings(_Model):
     """How the operator reaches each target pod; the CLI and sidecar take a DSN instead."""
 
-    port: Integer = Field(default=5432, ge=1, le=65535)
-    database: str = Field(default="postgres", min_length=1)
-    ssl_mode: SslMode = SslMode.PREFER
-    credentials_secret: CredentialsSecret | None = None
+    port: Integer = Field(
+        default=5432,
+        ge=1,
+        le=65535,
+        description="TCP port PostgreSQL listens on in each targeted pod (its `port` setting).",
+    )
+    database: str = Field(
+        default="postgres",
+        min_length=1,
+        description="Database the controller connects to. pg_stat_activity lists the sessions of every database "
+        "from any one of them, so it only has to exist and admit the login.",
+    )
+    ssl_mode: SslMode = Field(
+        default=SslMode.PREFER,
+        description="libpq sslmode of the controller's connections: disable, allow, prefer (TLS when the server "
+        "offers it), require, verify-ca or verify-full.",
+    )
+    credentials_secret: CredentialsSecret | None = Field(
+        default=None,
+        description="Secret in this namespace holding the PostgreSQL role and password the controller logs in "
+        "with. The role needs pg_signal_backend (or superuser) to cancel or terminate other roles' backends, and "
+        "ALTER SYSTEM on autovacuum_max_workers to cap autovacuum. The central controller enforces nothing "
+        "without it (the policy reports why); a sidecar ignores it and logs in with its own credentials.",
+    )
 
 
 class Limits(_Model):
     """Blast-radius guard: caps on how much one cycle may do to one target."""
 
-    max_actions_per_cycle: Integer = Field(default=50, ge=1)
-    max_fraction_per_cycle: float = Field(default=0.5, gt=0, le=1, strict=True)  # strict: ints yes, "0.5" no
+    max_actions_per_cycle: Integer = Field(
+        default=50,
+        ge=1,
+        description="At most this many cancellations and terminations per server per cycle.",
+    )
+    max_fraction_per_cycle: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        strict=True,  # strict: ints yes, "0.5" no
+        description="At most this fraction of the server's client backends may be cancelled or terminated in one "
+        "cycle, in (0, 1], rounded down (one action per cycle is always allowed); 1 allows all of them (draining "
+        "a database).",
+    )
 
 
 class SessionFilters(_Model):
     """Which sessions a rule is about; empty lists mean any. Globs are fnmatch-style, case-sensitive."""
 
-    users: list[Pattern] = Field(default_factory=list)
-    databases: list[Pattern] = Field(default_factory=list)
-    application_names: list[Pattern] = Field(default_factory=list)
-    client_addresses: list[Cidr] = Field(default_factory=list, max_length=32)
+    users: list[Pattern] = Field(
+        default_factory=list,
+        description="Role names (pg_stat_activity.usename) or globs a session must match; empty means any.",
+    )
+    databases: list[Pattern] = Field(
+        default_factory=list,
+        description="Database names (pg_stat_activity.datname) or globs a session must match; empty means any.",
+    )
+    application_names: list[Pattern] = Field(
+        default_factory=list,
+        description="application_name values (pg_stat_activity.application_name) or globs a session must match; "
+        "empty means any.",
+    )
+    client_addresses: list[Cidr] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Client addresses (pg_stat_activity.client_addr) as CIDRs or single IPs a session must match; "
+        "empty means any. A Unix-socket session has no address and matches only when this list is empty.",
+    )
 
 
 class Exclude(_Model):
     """Sessions no rule may touch, on top of the built-in protections."""
 
-    users: list[Pattern] = Field(default_factory=list)
-    databases: list[Pattern] = Field(default_factory=list)
-    application_names: list[Pattern] = Field(default_factory=list)
+    users: list[Pattern] = Field(
+        default_factory=list, description="Role names (pg_stat_activity.usename) or globs never touched."
+    )
+    databases: list[Pattern] = Field(
+        default_factory=list, description="Database names (pg_stat_activity.datname) or globs never touched."
+    )
+    application_names: list[Pattern] = Field(
+        default_factory=list,
+        description="application_name values (pg_stat_activity.application_name) or globs never touched.",
+    )
 
 
 class SessionRule(SessionFilters):
-    name: RuleName
-    action: SessionAction
-    states: list[SessionState] = Field(default_factory=list)
-    state_age: Duration | None = None
-    query_age: Duration | None = None
-    transaction_age: Duration | None = None
-    connection_age: Duration | None = None
+    """One session rule. A session matches when it passes every filter (an empty filter passes any session), is
+    in one of states, and is older than every age given (at least one age is required)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd(
+            rules=[
+                CelRule(
+                    rule="has(self.stateAge) || has(self.queryAge) || has(self.transactionAge) || "
+                    "has(self.connectionAge)",
+                    message=_NO_AGE,
+                )
+            ]
+        )
+    )
+
+    name: RuleName = Field(description="Rule name, unique in this policy; reported in status, Events and metrics.")
+    action: SessionAction = Field(
+        description="terminate closes the backend with pg_terminate_backend (the client is disconnected); cancel "
+        "stops its running query with pg_cancel_backend (the session stays)."
+    )
+    states: list[SessionState] = Field(
+        default_factory=list,
+        description="pg_stat_activity.state values the rule applies to; empty means any state.",
+    )
+    state_age: Age | None = Field(
+        default=None,
+        description="Match once the session has been in its current state this long "
+        "(now - pg_stat_activity.state_change), as a Go duration.",
+    )
+    query_age: Age | None = Field(
+        default=None,
+        description="Match once the session's current or last query started this long ago "
+        "(now - pg_stat_activity.query_start), as a Go duration.",
+    )
+    transaction_age: Age | None = Field(
+        default=None,
+        description="Match once the session's open transaction started this long ago "
+        "(now - pg_stat_activity.xact_start), as a Go duration; sessions outside a transaction never match.",
+    )
+    connection_age: Age | None = Field(
+        default=None,
+        description="Match once the session has been connected this long (now - pg_stat_activity.backend_start), "
+        "as a Go duration; 0s matches every session at once (draining a database).",
+    )
 
     @model_validator(mode="after")
     def _needs_an_age(self) -> SessionRule:
         if all(age is None for age in self.ages().values()):
-            raise ValueError("a session rule needs at least one of stateAge, queryAge, transactionAge, connectionAge")
+            raise ValueError(_NO_AGE)
         return self
 
     def ages(self) -> dict[str, timedelta | None]:
@@ -225,15 +400,36 @@ class SessionRule(SessionFilters):
 
 
 class ConnectionLimit(SessionFilters):
-    name: RuleName
-    group_by: GroupBy
-    max: Integer = Field(ge=0)
-    include_active: bool = Field(default=False, strict=True)
+    """One connection limit. Sessions matching every filter are grouped by groupBy; each group may keep at most
+    max backends."""
+
+    name: RuleName = Field(description="Limit name, unique in this policy; reported in status, Events and metrics.")
+    group_by: GroupBy = Field(
+        description="The pg_stat_activity column sessions are counted by: user (usename), database (datname), "
+        "applicationName (application_name) or clientAddress (client_addr)."
+    )
+    max: Integer = Field(ge=0, description="Backends each group may hold; 0 terminates every matching session.")
+    include_active: bool = Field(
+        default=False,
+        strict=True,
+        description="Whether sessions running a query (state active) may also be terminated to bring the group "
+        "under max; by default they are left alone.",
+    )
 
 
 class Autovacuum(_Model):
-    max_workers: Annotated[int, Field(ge=1, le=262143), BeforeValidator(_no_strings_or_booleans)] | None = None
-    cancel_excess_workers: bool = Field(default=False, strict=True)
+    max_workers: Annotated[int, Field(ge=1, le=262143), BeforeValidator(_no_strings_or_booleans)] | None = Field(
+        default=None,
+        description="Set autovacuum_max_workers to this with ALTER SYSTEM and pg_reload_conf(). PostgreSQL 18 "
+        "applies it at once (up to autovacuum_worker_slots); earlier versions at their next restart, which "
+        "pgwarden never performs. Unset leaves the setting alone.",
+    )
+    cancel_excess_workers: bool = Field(
+        default=False,
+        strict=True,
+        description="Also cancel (pg_cancel_backend) running autovacuum workers beyond maxWorkers, newest first, "
+        "never one preventing wraparound. Needs superuser, or pg_signal_autovacuum_worker on PostgreSQL 18.",
+    )
 
 
 def _unique_names(kind: str, items: list[SessionRule] | list[ConnectionLimit]) -> None:
@@ -245,15 +441,68 @@ def _unique_names(kind: str, items: list[SessionRule] | list[ConnectionLimit]) -
 
 
 class PolicySpec(_Model):
-    selector: LabelSelector | None = None
-    connection: ConnectionSettings = Field(default_factory=ConnectionSettings)
-    interval: Duration = Field(default=timedelta(seconds=30))
-    enforcement_action: EnforcementAction = EnforcementAction.ENFORCE
-    limits: Limits = Field(default_factory=Limits)
-    exclude: Exclude = Field(default_factory=Exclude)
-    sessions: list[SessionRule] = Field(default_factory=list, max_length=64)
-    connection_limits: list[ConnectionLimit] = Field(default_factory=list, max_length=64)
-    autovacuum: Autovacuum = Field(default_factory=Autovacuum)
+    """What pgwarden enforces. Every cycle it reads pg_stat_activity on each targeted server and calls
+    pg_cancel_backend or pg_terminate_backend on the backends the rules select, within the limits below."""
+
+    selector: LabelSelector | None = Field(
+        default=None,
+        description="The pods in this policy's namespace whose PostgreSQL servers are enforced on: Running pods "
+        "with a podIP and matching labels. Required so that no policy targets every database by omission; an "
+        "explicit empty selector ({}) selects every pod in the namespace.",
+        # The one deliberate difference between the model and the CRD: the CLI and the sidecar enforce on the
+        # server they are given and ignore selector, so the model lets it be absent.
+        json_schema_extra=crd(required=True),
+    )
+    connection: ConnectionSettings = Field(
+        default_factory=ConnectionSettings,
+        description="How the central controller logs in to each targeted server (podIP:port). A sidecar ignores "
+        "this and connects over localhost or a Unix socket with its own credentials.",
+        json_schema_extra=crd(fill_defaults=True),
+    )
+    interval: Duration = Field(
+        default=timedelta(seconds=30),
+        description="How often each target is evaluated at least, as a Go duration (30s, 1m, 1h30m); a cycle also "
+        "runs sooner when a session is due to cross an age threshold. At least 1s.",
+        json_schema_extra=crd(max_length=durations.MAX_LENGTH, rules=[_INTERVAL_RULE]),
+    )
+    enforcement_action: EnforcementAction = Field(
+        default=EnforcementAction.ENFORCE,
+        description="enforce calls pg_cancel_backend / pg_terminate_backend and caps autovacuum; dryRun changes "
+        "nothing on PostgreSQL and only reports, in status and Events, what it would have done.",
+    )
+    limits: Limits = Field(
+        default_factory=Limits,
+        description="Blast-radius guard: how many backends one cycle may cancel or terminate on one server. Both "
+        "caps apply; the rest wait for the next cycle.",
+        json_schema_extra=crd(fill_defaults=True),
+    )
+    exclude: Exclude = Field(
+        default_factory=Exclude,
+        description="Sessions no rule may cancel or terminate, on top of the built-in protections (pgwarden's own "
+        "sessions, and every backend that is not a client backend: walsenders, background and autovacuum "
+        "workers). Globs are fnmatch-style and case-sensitive.",
+    )
+    sessions: list[SessionRule] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Rules that cancel the running query of, or terminate, client backends (pg_stat_activity rows "
+        "with backend_type 'client backend'), evaluated in order: a session is acted on by the first rule it "
+        "matches.",
+        json_schema_extra=crd(list_map_keys=["name"]),
+    )
+    connection_limits: list[ConnectionLimit] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Caps on how many client backends one group of sessions may hold. Sessions above the cap are "
+        "terminated (pg_terminate_backend): idle ones first, longest idle first.",
+        json_schema_extra=crd(list_map_keys=["name"]),
+    )
+    autovacuum: Autovacuum = Field(
+        default_factory=Autovacuum,
+        description="A cap on concurrent autovacuum workers. Deleting the policy resets autovacuum_max_workers "
+        "(ALTER SYSTEM RESET) when the value in force is still the one pgwarden wrote.",
+        json_schema_extra=crd(fill_defaults=True),
+    )
 
     @field_validator("interval")
     @classmethod
