@@ -191,7 +191,7 @@ def test_crd_defaulting_matches_the_server_for_a_known_case() -> None:
     """Pins apply_crd_defaults to what kube-apiserver 1.37 returned for `spec: {selector: {}}`."""
     assert apply_crd_defaults({"selector": {}}, _spec_schema()) == {
         "selector": {},
-        "connection": {"port": 5432, "database": "postgres", "sslMode": "prefer"},
+        "connection": {"port": 5432, "database": "postgres", "sslMode": "prefer", "requireAuth": "scram-sha-256"},
         "interval": "30s",
         "enforcementAction": "enforce",
         "limits": {"maxActionsPerCycle": 50, "maxFractionPerCycle": 0.5},

@@ -15,6 +15,7 @@ from pgwarden.policy.model import (
     LabelSelector,
     Limits,
     PolicySpec,
+    RequireAuth,
     SessionRule,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "PolicyDocument",
     "PolicyError",
     "PolicySpec",
+    "RequireAuth",
     "SessionRule",
     "format_duration",
     "load_policy_document",

@@ -172,6 +172,16 @@ class SslMode(StrEnum):
     VERIFY_FULL = "verify-full"
 
 
+class RequireAuth(StrEnum):
+    """libpq's `require_auth`: the authentication methods the server may ask for before it gets a password."""
+
+    SCRAM_SHA_256 = "scram-sha-256"
+    MD5 = "md5"
+    PASSWORD = "password"  # noqa: S105 - the name of libpq's cleartext method, not a password
+    ANY = "any"
+    """No restriction: whatever the server asks for (libpq's behaviour without require_auth)."""
+
+
 class LabelSelectorRequirement(_Model):
     """One requirement on one pod label."""
 
@@ -268,7 +278,15 @@ class ConnectionSettings(_Model):
     ssl_mode: SslMode = Field(
         default=SslMode.PREFER,
         description="libpq sslmode of the controller's connections: disable, allow, prefer (TLS when the server "
-        "offers it), require, verify-ca or verify-full.",
+        "offers it), require, verify-ca or verify-full. Use verify-full in production: anything weaker lets "
+        "whatever answers at podIP:port pose as the server.",
+    )
+    require_auth: RequireAuth = Field(
+        default=RequireAuth.SCRAM_SHA_256,
+        description="Authentication methods the server may ask for before the controller sends the password "
+        "(libpq require_auth): scram-sha-256 (the default; with TLS, channel binding when the server offers it), "
+        "md5, password (cleartext), or any. A server asking for a weaker method gets no password, and the "
+        "target's error names the method it refused.",
     )
     credentials_secret: CredentialsSecret | None = Field(
         default=None,
