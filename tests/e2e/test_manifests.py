@@ -20,6 +20,7 @@ Every wait polls with a deadline. Helpers here are imported by tests/e2e/test_rb
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -264,6 +265,8 @@ def test_kustomize_renders_the_install_and_each_subfolder_alone(control_plane: C
         ("ClusterRoleBinding", "pgwarden"),
         ("Deployment", "pgwarden"),
         ("Service", "pgwarden-metrics"),
+        ("PodDisruptionBudget", "pgwarden"),
+        ("NetworkPolicy", "pgwarden"),
     }
     cluster_scoped = {
         "Namespace",
@@ -285,7 +288,7 @@ def test_kustomize_renders_the_install_and_each_subfolder_alone(control_plane: C
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pgwarden", "namespace": SYSTEM_NAMESPACE}]
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == f"ghcr.io/pgwarden/pgwarden:{__version__}", "image tag must match the package"
+    assert container["image"] == f"localhost/pgwarden:{__version__}", "image tag must match the package"
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "pgwarden"
 
     for sub in SUBFOLDERS:
@@ -343,13 +346,88 @@ def test_everything_rendered_exists_after_install(installed: Install, fresh_api:
 
 
 def test_reapply_changes_nothing(installed: Install) -> None:
-    """Applying again is a no-op and `kubectl diff` sees no drift: a GitOps tool stays in sync."""
+    """Applying again changes no object and `kubectl diff` sees no drift: a GitOps tool stays in sync.
+
+    (kubectl itself says "configured" for a PodDisruptionBudget every time: its selector's patch strategy
+    is "replace", so kubectl always sends it. The server changes nothing, which is what counts.)
+    """
     plane = installed.plane
+
+    def versions() -> dict[tuple[str, str], str]:
+        live = yaml.safe_load(plane.kubectl("get", "-k", str(MANIFESTS), "-o", "yaml").stdout)["items"]
+        return {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"] for o in live}
+
+    before = versions()
     again = plane.kubectl("apply", "-k", str(MANIFESTS)).stdout.splitlines()
-    assert again
-    assert all(line.endswith(" unchanged") for line in again), again
+    assert [line for line in again if not line.endswith(" unchanged")] == [
+        "poddisruptionbudget.policy/pgwarden configured"
+    ]
+    assert versions() == before
     diff = plane.kubectl("diff", "-k", str(MANIFESTS), check=False)
     assert diff.returncode == 0, diff.stdout + diff.stderr
+
+
+def test_the_operator_pod_passes_the_restricted_pod_security_level(installed: Install, tmp_path: Path) -> None:
+    """The namespace enforces `restricted` and the Deployment's pod is admitted by it; a weaker pod is refused."""
+    plane = installed.plane
+    live = plane.kubectl("get", "deployment/pgwarden", "-n", SYSTEM_NAMESPACE, "-o", "yaml").stdout
+    spec = yaml.safe_load(live)["spec"]["template"]["spec"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pss-probe"}, "spec": spec}
+    path = tmp_path / "pss-probe.yaml"
+    path.write_text(yaml.safe_dump(pod))
+    done = plane.kubectl("create", "--dry-run=server", "-n", SYSTEM_NAMESPACE, "-f", str(path), check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr  # `warn: restricted` would speak up here
+    weaker = copy.deepcopy(pod)
+    for container in weaker["spec"]["containers"]:
+        container["securityContext"]["allowPrivilegeEscalation"] = True
+    path.write_text(yaml.safe_dump(weaker))
+    refused = plane.kubectl("create", "--dry-run=server", "-n", SYSTEM_NAMESPACE, "-f", str(path), check=False)
+    assert refused.returncode != 0
+    assert 'violates PodSecurity "restricted' in refused.stderr, refused.stderr
+
+
+def test_replicas_are_spread_softly_and_guarded_by_a_disruption_budget(installed: Install) -> None:
+    """HA that scheduling backs, yet runs on one node: soft spread only, a PDB, ingress only to the served ports."""
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in rendered(installed.plane, MANIFESTS)}
+    template = objects[("Deployment", "pgwarden")]["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    spread = template["spec"]["topologySpreadConstraints"]
+    assert spread
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in spread)
+    assert "podAntiAffinity" not in (template["spec"].get("affinity") or {})
+    budget = objects[("PodDisruptionBudget", "pgwarden")]["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    netpol = objects[("NetworkPolicy", "pgwarden")]["spec"]
+    assert netpol["podSelector"]["matchLabels"].items() <= labels.items()
+    assert netpol["policyTypes"] == ["Ingress"]
+    (container,) = template["spec"]["containers"]
+    served = {p["name"] for p in container["ports"]}
+    assert {p["port"] for rule in netpol["ingress"] for p in rule["ports"]} == served == {"metrics", "health"}
+
+
+def test_servicemonitor_component_selects_the_metrics_service(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """The optional component, used the way its comment says, renders a ServiceMonitor for pgwarden-metrics."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # kustomize takes relative paths only, as a user's overlay beside the checkout would have them
+                "resources": [os.path.relpath(MANIFESTS, overlay)],
+                "components": [os.path.relpath(MANIFESTS / "components" / "servicemonitor", overlay)],
+            }
+        )
+    )
+    objects = rendered(control_plane, overlay)
+    (monitor,) = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "pgwarden-metrics"]
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"] == SYSTEM_NAMESPACE
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
 
 
 # -- examples -------------------------------------------------------------------------------------------------

@@ -383,7 +383,7 @@ def test_deployment_runs_this_version_as_this_user(stages: list[list[Instruction
     deployment = yaml.safe_load(DEPLOYMENT.read_text())
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == f"ghcr.io/pgwarden/pgwarden:{VERSION}"
+    assert container["image"] == f"localhost/pgwarden:{VERSION}"
     assert "command" not in container, "the image's ENTRYPOINT (`pgwarden run`) is what runs"
     (user,) = values(stages[-1], "USER")
     assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
