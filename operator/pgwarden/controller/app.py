@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import kopf
 
+from pgwarden.controller import loop_errors
 from pgwarden.controller.identity import peering_identity
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement import metrics
@@ -25,15 +26,25 @@ def run_controller(
     metrics.serve(metrics_port)
     clusterwide = all_namespaces or not namespaces
     asyncio.run(
-        kopf.operator(
+        _operate(
             clusterwide=clusterwide,
             namespaces=() if clusterwide else list(namespaces),
-            memo=kopf.Memo(runtime=Runtime()),
-            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
-            standalone=True if standalone else None,  # None: peer when a peering object exists
-            # kopf's default identity looks the uid up in passwd (controller/identity.py); its Identity type is
-            # a NewType of str that kopf does not export.
-            identity=peering_identity(),  # type: ignore[arg-type]
+            health_port=health_port,
+            standalone=standalone,
         )
     )
     return 0
+
+
+async def _operate(*, clusterwide: bool, namespaces: Sequence[str], health_port: int, standalone: bool) -> None:
+    loop_errors.install(asyncio.get_running_loop())
+    await kopf.operator(
+        clusterwide=clusterwide,
+        namespaces=list(namespaces),
+        memo=kopf.Memo(runtime=Runtime()),
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+        standalone=True if standalone else None,  # None: peer when a peering object exists
+        # kopf's default identity looks the uid up in passwd (controller/identity.py); its Identity type is
+        # a NewType of str that kopf does not export.
+        identity=peering_identity(),  # type: ignore[arg-type]
+    )
