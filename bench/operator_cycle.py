@@ -141,7 +141,7 @@ async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds
     async def engine_cycle(i: int) -> None:
         async with sem:
             report, _ = await engines[i].evaluate(spec, policy="bench/reference", target=f"{hosts[i]}:{port}")
-            assert not report["actions"], report["actions"]
+            assert not report.actions, report.actions
 
     async def round_(one: Any) -> float:
         started = time.perf_counter()

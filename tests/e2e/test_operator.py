@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from pgwarden.policy.api import EventReason
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod, set_pod_labels
@@ -270,17 +271,19 @@ def test_missing_secret_is_a_condition_and_nothing_is_touched(
         target.wait_gone(pid, timeout=60)
 
 
-def test_deleting_a_policy_releases_the_autovacuum_cap_it_set(
+def test_autovacuum_cap_dry_run_event_then_enforced_and_released_on_delete(
     k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
 ) -> None:
-    """The finalizer resets autovacuum_max_workers on the target before the policy goes (ALTER SYSTEM RESET)."""
+    """A dry run posts what the cap would do and writes nothing; enforced, it writes; the finalizer resets
+    autovacuum_max_workers on the target before the policy goes (ALTER SYSTEM RESET)."""
     server = pg_factory(host=next_host(), hba="password")
     # A superuser here: the point is the finalizer, not the grants (tests/pg/test_autovacuum.py covers those).
     server.create_role("warden", password=PASSWORD, superuser=True)
     create_secret(k8s_api, namespace)
     create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
     run_operator([namespace])
-    create_policy(k8s_api, namespace, policy_body("capper", server.port, sessions=[], autovacuum={"maxWorkers": 2}))
+    body = policy_body("capper", server.port, mode="dryRun", sessions=[], autovacuum={"maxWorkers": 2})
+    create_policy(k8s_api, namespace, body)
 
     def auto_conf() -> list[str]:
         rows = server.execute(
@@ -289,6 +292,15 @@ def test_deleting_a_policy_releases_the_autovacuum_cap_it_set(
         )
         return [str(r[0]) for r in rows]
 
+    def would_cap() -> bool:
+        return any(
+            e.reason == EventReason.DRY_RUN and "would set autovacuum_max_workers to 2" in e.message
+            for e in events(k8s_api, namespace, "capper")
+        )
+
+    wait_for(would_cap, timeout=30, message="a DryRun Event saying the cap would be written")
+    assert auto_conf() == []
+    patch_spec(k8s_api, namespace, "capper", {"enforcementAction": "enforce"})
     wait_for(lambda: auto_conf() == ["2"], timeout=30, message="autovacuum_max_workers = 2 in postgresql.auto.conf")
     custom(k8s_api).delete_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", "capper")
     wait_for(lambda: auto_conf() == [], timeout=30, message="the finalizer to reset autovacuum_max_workers")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.report import ActionRecord, CycleReport, SkipRecord, render_text
 from pgwarden.policy.model import EnforcementAction
 
@@ -87,8 +88,10 @@ def test_dry_run_and_autovacuum() -> None:
     assert out["enforcementAction"] == "dryRun"
     assert all(a["done"] is False for a in out["actions"])
     assert "autovacuum" not in out
-    report.autovacuum = {"maxWorkers": {"desired": 2}}
-    assert report.to_json()["autovacuum"] == {"maxWorkers": {"desired": 2}}
+    report.autovacuum = AutovacuumReport(desired=2, dry_run=True, in_force=3, would_write=True)
+    assert report.to_json()["autovacuum"] == report.autovacuum.to_json()
+    assert report.to_json()["autovacuum"]["maxWorkers"]["wouldWrite"] is True
+    assert list(report.to_json())[-1] == "autovacuum"
 
 
 def test_text_rendering() -> None:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pgwarden.engine.report import ActionRecord, CycleReport
+from pgwarden.policy.model import SessionAction
+
 MAX_LAST_ACTIONS = 20
 TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
 # Process counts move on any live server (sessions come and go, flip between idle and active; a server
@@ -36,7 +39,7 @@ class TargetUpdate:
     pod: str
     pod_ip: str | None
     enforcer: str
-    report: Mapping[str, Any] | None = None
+    report: CycleReport | None = None
     error: str | None = None
     skipped_reason: str | None = None
     when: str = field(default_factory=now_rfc3339)
@@ -55,15 +58,7 @@ class TargetUpdate:
             if previous and key in previous:
                 entry[key] = previous[key]
         if self.report is not None:
-            entry["serverVersion"] = self.report.get("serverVersion")
-            entry["backends"] = dict(self.report.get("backends") or {})
-            entry["clientStates"] = dict(self.report.get("clientStates") or {})
-            if self.report.get("autovacuum") is not None:
-                entry["autovacuum"] = self.report["autovacuum"]
-            actions = list(self.report.get("actions") or [])
-            if actions:
-                entry["lastActions"] = [_action_entry(a) for a in actions[:MAX_LAST_ACTIONS]]
-                entry["lastActionTime"] = self.when
+            entry.update(_report_fields(self.report, self.when))
             # Per-session problems in the report (e.g. PostgreSQL refusing to signal a superuser's session)
             # are logged and reported by the engine; the target itself was evaluated, so it is not failing.
         return {k: v for k, v in entry.items() if v is not None}
@@ -73,21 +68,37 @@ class TargetUpdate:
         out = dict.fromkeys(TOTAL_KEYS, 0)
         if self.report is None:
             return out
-        for action in self.report.get("actions") or []:
-            if not action.get("done"):
+        for action in self.report.actions:
+            if not action.done:
                 continue
             out["actions"] += 1
-            out["terminated" if action.get("action") == "terminate" else "cancelled"] += 1
-        cancelled = (self.report.get("autovacuum") or {}).get("cancelled") or []
-        if not self.report.get("autovacuum", {}).get("dryRun"):
-            out["autovacuumCancelled"] += len(cancelled)
-            out["actions"] += len(cancelled)
+            out["terminated" if action.action == SessionAction.TERMINATE else "cancelled"] += 1
+        autovacuum = self.report.autovacuum
+        if autovacuum is not None and not autovacuum.dry_run:
+            out["autovacuumCancelled"] += len(autovacuum.cancelled)
+            out["actions"] += len(autovacuum.cancelled)
         return out
 
 
-def _action_entry(action: Mapping[str, Any]) -> dict[str, Any]:
+def _report_fields(report: CycleReport, when: str) -> dict[str, Any]:
+    """The report serialised into the fields of a `status.targets[]` item (the edge where JSON is written)."""
+    fields: dict[str, Any] = {
+        "serverVersion": report.server_version,
+        "backends": dict(report.backends),
+        "clientStates": dict(report.client_states),
+    }
+    if report.autovacuum is not None:
+        fields["autovacuum"] = report.autovacuum.to_json()
+    if report.actions:
+        fields["lastActions"] = [_action_entry(a) for a in report.actions[:MAX_LAST_ACTIONS]]
+        fields["lastActionTime"] = when
+    return fields
+
+
+def _action_entry(action: ActionRecord) -> dict[str, Any]:
     keys = ("rule", "action", "pid", "user", "database", "applicationName", "clientAddress", "state", "done")
-    return {k: action[k] for k in keys if action.get(k) is not None}
+    serialised = action.to_json()
+    return {k: serialised[k] for k in keys if serialised.get(k) is not None}
 
 
 @dataclass

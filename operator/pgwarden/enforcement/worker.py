@@ -21,6 +21,8 @@ from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
 from pgwarden.enforcement.kube import CredentialsError, SecretReader
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo, select_targets
+from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.report import CycleReport
 from pgwarden.policy import PolicyError, PolicySpec, parse_spec
 from pgwarden.policy.api import EnforcerKind
 
@@ -34,10 +36,10 @@ IDLE_POLL = 2.0  # how often a sleeping worker looks at the pods index for new t
 class TargetEnforcer(Protocol):
     """What the worker needs from the engine for one PostgreSQL server (see pgwarden.engine.session)."""
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[dict[str, Any], float | None]:
-        """Run one cycle; return the JSON report and seconds until the next threshold (None: none seen)."""
+    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+        """Run one cycle; return its report and seconds until the next threshold (None: none seen)."""
 
-    async def release_autovacuum(self, written: int) -> dict[str, Any]: ...
+    async def release_autovacuum(self, written: int) -> ReleaseReport: ...
 
     async def close(self) -> None: ...
 
@@ -227,7 +229,7 @@ class PolicyWorker:
             enforcer = self.make_enforcer(await self._endpoint(spec, pod))
             try:
                 result = await enforcer.release_autovacuum(written)
-                log.info("released autovacuum_max_workers", policy=self.name, pod=pod.name, result=result)
+                log.info("released autovacuum_max_workers", policy=self.name, pod=pod.name, result=result.to_json())
             finally:
                 await enforcer.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.policy.model import EnforcementAction
 
 # Reasons a chosen session was left alone (`skipped[].reason`).
@@ -80,7 +81,7 @@ class CycleReport:
     actions: list[ActionRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    autovacuum: dict[str, Any] | None = None
+    autovacuum: AutovacuumReport | None = None
     """The autovacuum report, only when the policy configures autovacuum."""
     next_deadline: float | None = None
     """Seconds after `observed_at` when a session seen now crosses a rule's thresholds (not in JSON)."""
@@ -106,7 +107,7 @@ class CycleReport:
             "errors": list(self.errors),
         }
         if self.autovacuum is not None:
-            out["autovacuum"] = self.autovacuum
+            out["autovacuum"] = self.autovacuum.to_json()
         return out
 
 
@@ -155,7 +156,7 @@ def render_text(report: CycleReport) -> str:
         rows = [[s.rule, str(s.pid), s.reason] for s in report.skipped]
         lines.extend("    " + line for line in _table(["RULE", "PID", "REASON"], rows))
     if report.autovacuum is not None:
-        lines.append(f"  autovacuum: {report.autovacuum}")
+        lines.append(f"  autovacuum: {report.autovacuum.to_json()}")
     for error in report.errors:
         lines.append(f"  error: {error}")
     return "\n".join(lines)
