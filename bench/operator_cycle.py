@@ -58,13 +58,13 @@ from pgwarden.engine.connection import parse_dsn  # noqa: E402
 from pgwarden.engine.session import EngineTarget  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
 from pgwarden.policy import parse_spec  # noqa: E402
+from pgwarden.policy.api import GROUP, PLURAL, VERSION  # noqa: E402
 from tests.fixtures.operator import apply_crds  # noqa: E402
 from tests.harness.controlplane import ControlPlane  # noqa: E402
 from tests.harness.k8s import MERGE_PATCH, new_namespace, running_status  # noqa: E402
 from tests.harness.pgbinaries import selected_versions  # noqa: E402
 from tests.harness.postgres import PgServer, free_port, running_server, wait_for  # noqa: E402
 
-GROUP, VERSION, PLURAL = "pgwarden.dev", "v1alpha1", "postgrespolicies"
 USER, PASSWORD = "warden", "bench-Pa55word"  # throwaway, for servers this script starts and destroys
 SECRET = "pg-credentials"  # noqa: S105 - the Secret's name, not a secret
 

@@ -6,6 +6,7 @@ import dataclasses
 
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.policy.api import ConditionReason, ConditionType
 from tests.harness.reports import action, cycle_report
 
 TERMINATED = action(7)
@@ -21,8 +22,12 @@ def test_a_cycle_that_acted_records_actions_totals_and_ready() -> None:
         {"rule": "idle", "action": "terminate", "pid": 7, "user": "app", "state": "idle", "done": True}
     ]
     assert status["totals"] == {"actions": 1, "terminated": 1, "cancelled": 0, "autovacuumCancelled": 0}
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "TargetsEvaluated", 3)
+    ready = next(c for c in status["conditions"] if c["type"] == ConditionType.READY)
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
+        "True",
+        ConditionReason.TARGETS_EVALUATED,
+        3,
+    )
     assert status["observedGeneration"] == 3
     assert (status["targetCount"], status["readyTargets"]) == (1, 1)
 
@@ -55,9 +60,9 @@ def test_failing_target_makes_policy_degraded_and_names_it() -> None:
         ],
     )
     conditions = {c["type"]: c for c in status["conditions"]}
-    assert conditions["Ready"]["status"] == "False"
-    assert conditions["Degraded"]["status"] == "True"
-    assert "db-1: connection refused" in conditions["Degraded"]["message"]
+    assert conditions[ConditionType.READY]["status"] == "False"
+    assert conditions[ConditionType.DEGRADED]["status"] == "True"
+    assert "db-1: connection refused" in conditions[ConditionType.DEGRADED]["message"]
     assert (status["targetCount"], status["readyTargets"]) == (2, 1)
 
 
@@ -97,10 +102,10 @@ def test_controller_skip_notice_does_not_overwrite_the_sidecars_cycle_report() -
 
 
 def test_condition_override_and_transition_time_kept_when_status_unchanged() -> None:
-    invalid = PolicyCondition("Ready", "False", "InvalidSpec", "spec.interval: bad")
+    invalid = PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, "spec.interval: bad")
     first = next_status(None, generation=2, updates=[], policy_condition=invalid)
-    ready = next(c for c in first["conditions"] if c["type"] == "Ready")
-    assert (ready["reason"], ready["message"]) == ("InvalidSpec", "spec.interval: bad")
+    ready = next(c for c in first["conditions"] if c["type"] == ConditionType.READY)
+    assert (ready["reason"], ready["message"]) == (ConditionReason.INVALID_SPEC, "spec.interval: bad")
     again = next_status(first, generation=2, updates=[], policy_condition=invalid)
     assert again["conditions"] == first["conditions"]
     assert not differs(first, again)

@@ -6,6 +6,7 @@ import json
 
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.report import ActionRecord, CycleReport, SkipRecord, render_text
+from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import EnforcementAction
 
 
@@ -23,7 +24,7 @@ def _report(mode: EnforcementAction = EnforcementAction.ENFORCE, *, done: bool =
             ),
             ActionRecord("per-user", "terminate", 4244, "app", "shop", "web", None, "idle", None, done),
         ],
-        skipped=[SkipRecord("idle-connections", 4243, "maxActionsPerCycle")],
+        skipped=[SkipRecord("idle-connections", 4243, SkipReason.MAX_ACTIONS)],
         errors=[],
         next_deadline=3.0,
     )

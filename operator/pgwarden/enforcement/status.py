@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgwarden.engine.report import ActionRecord, CycleReport
+from pgwarden.policy.api import ConditionReason, ConditionStatus, ConditionType
 from pgwarden.policy.model import SessionAction
 
 MAX_LAST_ACTIONS = 20
@@ -105,9 +106,9 @@ def _action_entry(action: ActionRecord) -> dict[str, Any]:
 class PolicyCondition:
     """A condition the writer asserts; lastTransitionTime is carried over when the status is unchanged."""
 
-    type: str
-    status: str
-    reason: str
+    type: ConditionType
+    status: ConditionStatus
+    reason: ConditionReason
     message: str
 
 
@@ -163,25 +164,22 @@ def _conditions(
     active: list[dict[str, Any]], failing: list[dict[str, Any]], override: PolicyCondition | None
 ) -> list[PolicyCondition]:
     if override is not None:
-        degraded = PolicyCondition("Degraded", "True", override.reason, override.message)
-        return [override, degraded] if override.type == "Ready" else [override]
+        degraded = PolicyCondition(ConditionType.DEGRADED, "True", override.reason, override.message)
+        return [override, degraded] if override.type == ConditionType.READY else [override]
     if failing:
         detail = "; ".join(f"{t['pod']}: {t['error']}" for t in failing[:5])
-        ready = PolicyCondition(
-            "Ready", "False", "TargetErrors", f"{len(failing)} of {len(active)} targets failed: {detail}"
-        )
-        degraded = PolicyCondition("Degraded", "True", "TargetErrors", ready.message)
-        return [ready, degraded]
+        message = f"{len(failing)} of {len(active)} targets failed: {detail}"
+        return _ready_and_degraded(False, ConditionReason.TARGET_ERRORS, message)
     if not active:
-        message = "no running pod matches spec.selector"
-        return [
-            PolicyCondition("Ready", "True", "NoTargets", message),
-            PolicyCondition("Degraded", "False", "NoTargets", message),
-        ]
-    message = f"all {len(active)} targets evaluated"
+        return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
+    return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")
+
+
+def _ready_and_degraded(ready: bool, reason: ConditionReason, message: str) -> list[PolicyCondition]:
+    """Ready and Degraded always disagree, for one reason."""
     return [
-        PolicyCondition("Ready", "True", "TargetsEvaluated", message),
-        PolicyCondition("Degraded", "False", "TargetsEvaluated", message),
+        PolicyCondition(ConditionType.READY, "True" if ready else "False", reason, message),
+        PolicyCondition(ConditionType.DEGRADED, "False" if ready else "True", reason, message),
     ]
 
 

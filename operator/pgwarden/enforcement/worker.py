@@ -24,7 +24,7 @@ from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import PolicyError, PolicySpec, parse_spec
-from pgwarden.policy.api import EnforcerKind
+from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind
 
 log = structlog.get_logger("pgwarden.controller")
 
@@ -123,7 +123,7 @@ class PolicyWorker:
             spec = self._spec(generation, body)
         except PolicyError as exc:
             await self._close_all()
-            condition = PolicyCondition("Ready", "False", "InvalidSpec", str(exc))
+            condition = PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, str(exc))
             await self.write_status([], [], condition, True)
             log.warning("policy invalid; nothing enforced", policy=self.name, namespace=self.namespace, error=str(exc))
             return IDLE_POLL * 5
@@ -149,7 +149,7 @@ class PolicyWorker:
             try:
                 endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
             except CredentialsError as exc:
-                credentials_condition = PolicyCondition("Ready", "False", exc.reason, str(exc))
+                credentials_condition = PolicyCondition(ConditionType.READY, "False", exc.reason, str(exc))
                 for state in due:
                     state.failures += 1
                     state.next_due = now + self._backoff(state, interval)
@@ -268,7 +268,8 @@ class PolicyWorker:
             user, password = creds.username, creds.password
         elif conn.credentials_secret is None:
             raise CredentialsError(
-                "CredentialsNotConfigured", "spec.connection.credentialsSecret is required for the central controller"
+                ConditionReason.CREDENTIALS_NOT_CONFIGURED,
+                "spec.connection.credentialsSecret is required for the central controller",
             )
         assert pod.pod_ip is not None  # select_targets only returns pods with an IP
         return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password)
