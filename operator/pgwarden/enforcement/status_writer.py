@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from pgwarden.enforcement.kube import PolicyApi, StatusConflict
+from pgwarden.enforcement.kube import StatusConflict
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
 
 log = structlog.get_logger("pgwarden.controller")
@@ -24,9 +24,19 @@ HEARTBEAT_SECONDS = 60.0
 MAX_ATTEMPTS = 8
 
 
+class PolicyStore(Protocol):
+    """The two calls the writer makes (`pgwarden.enforcement.kube.PolicyApi`)."""
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The policy, or None when it is gone."""
+
+    async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
+        """Write `status` if the policy is still at `resource_version` (else StatusConflict)."""
+
+
 @dataclass
 class StatusWriter:
-    policies: PolicyApi
+    policies: PolicyStore
     heartbeat: float = HEARTBEAT_SECONDS
     writes: int = 0
     _last_write: dict[tuple[str, str], float] = field(default_factory=dict)

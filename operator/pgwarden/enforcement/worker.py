@@ -18,12 +18,12 @@ import structlog
 
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
-from pgwarden.enforcement.kube import CredentialsError, SecretReader
+from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.report import CycleReport
-from pgwarden.policy import PolicyError, PolicySpec, parse_spec
+from pgwarden.policy import CredentialsSecret, PolicyError, PolicySpec, parse_spec
 from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind
 
 log = structlog.get_logger("pgwarden.controller")
@@ -42,6 +42,13 @@ class TargetEnforcer(Protocol):
     async def release_autovacuum(self, written: int) -> ReleaseReport: ...
 
     async def close(self) -> None: ...
+
+
+class CredentialSource(Protocol):
+    """Where the controller's credentials come from (`pgwarden.enforcement.kube.SecretReader`)."""
+
+    async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
+        """The username and password the Secret holds; raises CredentialsError saying why not."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class PolicyWorker:
 
     namespace: str
     name: str
-    secrets: SecretReader | None
+    secrets: CredentialSource | None
     make_enforcer: EnforcerFactory
     write_status: StatusSink
     post_event: EventSink
@@ -111,6 +118,7 @@ class PolicyWorker:
     _generation: int | None = None
     _parsed: tuple[int | None, PolicySpec] | None = None
     _reported: tuple[list[str], int | None] | None = None  # (owned pods, generation) last given to write_status
+    clock: Callable[[], float] = time.monotonic  # tests step time by hand
 
     @property
     def policy_key(self) -> str:
@@ -119,82 +127,19 @@ class PolicyWorker:
     async def step(self, body: Mapping[str, Any], pods: Iterable[PodInfo]) -> float:
         """Evaluate whatever is due now; return how long to sleep before the next step."""
         generation = (body.get("metadata") or {}).get("generation")
-        try:
-            spec = self._spec(generation, body)
-        except PolicyError as exc:
-            await self._close_all()
-            condition = PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, str(exc))
-            await self.write_status([], [], condition, True)
-            log.warning("policy invalid; nothing enforced", policy=self.name, namespace=self.namespace, error=str(exc))
+        spec = await self._spec_or_report_invalid(generation, body)
+        if spec is None:
             return IDLE_POLL * 5
-        if generation != self._generation:
-            self._generation = generation
-            for state in self.states.values():
-                state.next_due = 0.0  # a changed policy takes effect now, on every target
-        interval = spec.interval.total_seconds()
-        chosen = select_targets(spec.selector, pods)
-        sidecar = self.enforcer_kind == EnforcerKind.SIDECAR
-        ours = [p for p in chosen if p.sidecar_enforced == sidecar]
-        skipped = [p for p in chosen if p.sidecar_enforced != sidecar]  # not `p not in ours`: O(n^2) on 200 pods
-        await self._forget_departed({p.name for p in ours})
-        for pod in ours:
-            state = self.states.setdefault(pod.name, TargetState(pod))
-            state.pod = pod
-        metrics.TARGETS.labels(self.namespace, self.name).set(len(ours))
-
-        now = time.monotonic()
-        due = [s for s in self.states.values() if s.task is None and s.next_due <= now]
-        credentials_condition: PolicyCondition | None = None
-        if due:
-            try:
-                endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
-            except CredentialsError as exc:
-                credentials_condition = PolicyCondition(ConditionType.READY, "False", exc.reason, str(exc))
-                for state in due:
-                    state.failures += 1
-                    state.next_due = now + self._backoff(state, interval)
-                    await state.drop_connection()
-                log.warning("credentials unavailable; nothing enforced", policy=self.name, reason=exc.reason)
-            else:
-                batch = Pass(now, len(due), len(due))
-                for state in due:
-                    state.batch = batch
-                    state.task = asyncio.create_task(
-                        self._evaluate(state, spec, endpoints[state.pod.name], interval),
-                        name=f"pgwarden {self.policy_key} {state.pod.name}",
-                    )
+        self._note_generation(generation)
+        ours, skipped = self._choose_targets(spec, pods)
+        await self._track(ours)
+        credentials_condition = await self._start_due(spec, self.clock())
         updates, finished = self._harvest()
-        for pod in skipped:
-            updates.append(
-                TargetUpdate(
-                    pod.name,
-                    pod.pod_ip,
-                    self.enforcer_kind,
-                    skipped_reason=(
-                        "enforced by its pgwarden sidecar (annotation pgwarden.dev/enforcer=sidecar)"
-                        if self.enforcer_kind == EnforcerKind.CONTROLLER
-                        else "not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it"
-                    ),
-                )
-            )
-        owned = sorted(self.states)
-        # A step that evaluated nothing and changed neither the target set nor the generation has nothing to
-        # say; the status writer would work out that nothing changed, at the cost of a diff of the whole status.
-        if updates or credentials_condition is not None or self._reported != (owned, generation):
-            await self.write_status(updates, owned, credentials_condition, False)
-            self._reported = (owned, generation)
+        updates.extend(self._skip_notices(skipped))
+        await self._report(updates, generation, credentials_condition)
         for done in finished:
-            metrics.record_pass(self.namespace, self.name, done.targets, time.monotonic() - done.started)
-        # wait_for_work wakes when *every* evaluation in flight has landed, not at each one: one step then
-        # harvests a whole pass and writes the status once. An evaluation in flight cannot make its target due
-        # sooner than MIN_DELAY after its pass began, so waking then (to harvest and schedule the others while a
-        # slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
-        now = time.monotonic()
-        wakes = [s.next_due for s in self.states.values() if s.task is None]
-        wakes += [b.started + MIN_DELAY for s in self.states.values() if (b := s.batch) and b.started + MIN_DELAY > now]
-        if not wakes:
-            return IDLE_POLL
-        return max(0.05, min(min(wakes) - now, IDLE_POLL))
+            metrics.record_pass(self.namespace, self.name, done.targets, self.clock() - done.started)
+        return self._next_wake(self.clock())
 
     def inflight(self) -> list[asyncio.Task[TargetUpdate]]:
         return [s.task for s in self.states.values() if s.task is not None]
@@ -244,6 +189,98 @@ class PolicyWorker:
         await self._close_all()
 
     # -- internals ------------------------------------------------------------------------------------
+    async def _spec_or_report_invalid(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec | None:
+        """The parsed spec; for an invalid one, every target let go and the reason written (then None)."""
+        try:
+            return self._spec(generation, body)
+        except PolicyError as exc:
+            await self._close_all()
+            condition = PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, str(exc))
+            await self.write_status([], [], condition, True)
+            log.warning("policy invalid; nothing enforced", policy=self.name, namespace=self.namespace, error=str(exc))
+            return None
+
+    def _note_generation(self, generation: int | None) -> None:
+        if generation != self._generation:
+            self._generation = generation
+            for state in self.states.values():
+                state.next_due = 0.0  # a changed policy takes effect now, on every target
+
+    def _choose_targets(self, spec: PolicySpec, pods: Iterable[PodInfo]) -> tuple[list[PodInfo], list[PodInfo]]:
+        """The selected pods this enforcer handles, and those its counterpart (sidecar or controller) does."""
+        chosen = select_targets(spec.selector, pods)
+        sidecar = self.enforcer_kind == EnforcerKind.SIDECAR
+        ours = [p for p in chosen if p.sidecar_enforced == sidecar]
+        skipped = [p for p in chosen if p.sidecar_enforced != sidecar]  # not `p not in ours`: O(n^2) on 200 pods
+        return ours, skipped
+
+    async def _track(self, ours: list[PodInfo]) -> None:
+        """Drop departed targets (connections, metric series), add new ones, refresh the pods' details."""
+        await self._forget_departed({p.name for p in ours})
+        for pod in ours:
+            state = self.states.setdefault(pod.name, TargetState(pod))
+            state.pod = pod
+        metrics.TARGETS.labels(self.namespace, self.name).set(len(ours))
+
+    async def _start_due(self, spec: PolicySpec, now: float) -> PolicyCondition | None:
+        """Start an evaluation task on every idle target that is due; a credentials problem instead backs
+        them all off and is returned as the condition to report."""
+        due = [s for s in self.states.values() if s.task is None and s.next_due <= now]
+        if not due:
+            return None
+        interval = spec.interval.total_seconds()
+        try:
+            endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
+        except CredentialsError as exc:
+            for state in due:
+                state.failures += 1
+                state.next_due = now + self._backoff(state, interval)
+                await state.drop_connection()
+            log.warning("credentials unavailable; nothing enforced", policy=self.name, reason=exc.reason)
+            return PolicyCondition(ConditionType.READY, "False", exc.reason, str(exc))
+        batch = Pass(now, len(due), len(due))
+        for state in due:
+            state.batch = batch
+            state.task = asyncio.create_task(
+                self._evaluate(state, spec, endpoints[state.pod.name], interval),
+                name=f"pgwarden {self.policy_key} {state.pod.name}",
+            )
+        return None
+
+    def _skip_notices(self, skipped: list[PodInfo]) -> list[TargetUpdate]:
+        """One status entry per selected pod the other kind of enforcer handles, saying so."""
+        reason = (
+            "enforced by its pgwarden sidecar (annotation pgwarden.dev/enforcer=sidecar)"
+            if self.enforcer_kind == EnforcerKind.CONTROLLER
+            else "not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it"
+        )
+        return [TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, skipped_reason=reason) for pod in skipped]
+
+    async def _report(
+        self, updates: list[TargetUpdate], generation: int | None, condition: PolicyCondition | None
+    ) -> None:
+        """Hand the step's outcome to the status sink, unless the step has nothing to say."""
+        owned = sorted(self.states)
+        # A step that evaluated nothing and changed neither the target set nor the generation has nothing to
+        # say; the status writer would work out that nothing changed, at the cost of a diff of the whole status.
+        if updates or condition is not None or self._reported != (owned, generation):
+            await self.write_status(updates, owned, condition, False)
+            self._reported = (owned, generation)
+
+    def _next_wake(self, now: float) -> float:
+        """Seconds until the next step is worthwhile.
+
+        wait_for_work wakes when *every* evaluation in flight has landed, not at each one: one step then
+        harvests a whole pass and writes the status once. An evaluation in flight cannot make its target due
+        sooner than MIN_DELAY after its pass began, so waking then (to harvest and schedule the others while a
+        slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
+        """
+        wakes = [s.next_due for s in self.states.values() if s.task is None]
+        wakes += [b.started + MIN_DELAY for s in self.states.values() if (b := s.batch) and b.started + MIN_DELAY > now]
+        if not wakes:
+            return IDLE_POLL
+        return max(0.05, min(min(wakes) - now, IDLE_POLL))
+
     def _spec(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec:
         """The parsed spec, re-parsed only when the generation moves (the engine caches per spec object)."""
         if self._parsed is None or self._parsed[0] != generation or generation is None:
@@ -286,7 +323,7 @@ class PolicyWorker:
             state.endpoint = endpoint
         if state.enforcer is None:
             state.enforcer = self.make_enforcer(endpoint)
-        started = time.monotonic()
+        started = self.clock()
         bound = structlog.contextvars.bound_contextvars(policy=self.name, namespace=self.namespace, pod=pod.name)
         try:
             with bound:
@@ -296,7 +333,7 @@ class PolicyWorker:
                     )
         except Exception as exc:  # every engine failure is a per-target report, never a crash
             state.failures += 1
-            state.next_due = time.monotonic() + self._backoff(state, interval)
+            state.next_due = self.clock() + self._backoff(state, interval)
             await state.drop_connection()
             metrics.record_error(self.namespace, self.name, pod.name)
             log.warning("target failed", policy=self.name, namespace=self.namespace, pod=pod.name, error=str(exc))
@@ -308,7 +345,7 @@ class PolicyWorker:
             state.next_due = (state.batch.started if state.batch is not None else started) + interval
         else:
             state.next_due = started + min(interval, max(MIN_DELAY, next_in))
-        metrics.record_cycle(self.namespace, self.name, pod.name, report, time.monotonic() - started)
+        metrics.record_cycle(self.namespace, self.name, pod.name, report, self.clock() - started)
         for event in events_for_cycle(pod.name, report):
             self.post_event(event)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
