@@ -7,7 +7,7 @@ from typing import Any
 
 from pgwarden.enforcement.kube import StatusConflict
 from pgwarden.enforcement.status import TargetUpdate
-from pgwarden.enforcement.status_writer import MAX_ATTEMPTS, StatusWriter
+from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.policy.api import EnforcerKind
 from tests.harness.reports import action, cycle_report
 
@@ -79,9 +79,11 @@ async def test_a_heartbeat_only_change_is_not_written_until_the_heartbeat_is_due
 
 async def test_a_writer_that_always_loses_gives_up_and_a_gone_policy_is_not_written() -> None:
     policies = FakePolicies()
-    policies.sneak_in.extend({"pod": f"db-{9 + i}", "enforcer": EnforcerKind.SIDECAR} for i in range(MAX_ATTEMPTS))
-    writer = StatusWriter(policies)
+    writer_attempts = 3
+    policies.sneak_in.extend({"pod": f"db-{9 + i}", "enforcer": EnforcerKind.SIDECAR} for i in range(writer_attempts))
+    writer = StatusWriter(policies, max_attempts=writer_attempts)
     assert not await _record(writer, _update(7))
     assert policies.writes == []
+    assert policies.reads == 1 + writer_attempts  # the first read, and one after each conflict
     policies.obj = None
     assert not await _record(StatusWriter(policies), _update(7))

@@ -20,20 +20,16 @@ from pgwarden.enforcement.events import PolicyEvent
 from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
-from pgwarden.enforcement.worker import (
-    IDLE_POLL,
-    MAX_BACKOFF,
-    MIN_DELAY,
-    Endpoint,
-    PolicyWorker,
-    TargetEnforcer,
-)
+from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
 from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, PolicySpec
 from pgwarden.policy.api import ENFORCER_ANNOTATION, ConditionReason, ConditionType, EnforcerKind, EventReason
+from pgwarden.settings import DEFAULTS
 from tests.harness.reports import action, cycle_report
+
+MIN_DELAY, IDLE_POLL = DEFAULTS.min_delay, DEFAULTS.idle_poll
 
 INTERVAL = 10.0
 _namespaces = itertools.count()
@@ -247,8 +243,9 @@ async def test_a_failing_target_backs_off_doubling_up_to_the_interval_and_recove
             h.clock.advance(0.5)
             waited += 0.5
         delays.append(waited)
-    assert delays == [2.0, 4.0, 8.0, INTERVAL, INTERVAL]  # 2^failures, capped by the interval (and MAX_BACKOFF)
-    assert INTERVAL < MAX_BACKOFF
+    # The one retry rule (Settings.retry_delay): min_delay doubling, capped by the interval (and max_backoff).
+    assert delays == [1.0, 2.0, 4.0, 8.0, INTERVAL]
+    assert DEFAULTS.max_backoff > INTERVAL
     errors = [u for c in h.statuses for u in c.updates if u.error]
     assert len(errors) == 6
     assert all(u.error == "connection to 127.0.0.2:5432 refused" for u in errors)
@@ -280,9 +277,9 @@ async def test_credentials_error_is_a_condition_backs_off_and_connects_nowhere(
     assert call.condition == PolicyCondition(
         ConditionType.READY, "False", ConditionReason.CREDENTIALS_SECRET_NOT_FOUND, "Secret ns/pg-credentials not found"
     )
-    h.clock.advance(1.9)
+    h.clock.advance(MIN_DELAY - 0.1)
     await h.step([DB0])
-    assert h.secrets.reads == 1  # backing off: 2 s after the first failure
+    assert h.secrets.reads == 1  # backing off: the first retry comes min_delay after the failure
     h.secrets.error = None
     h.clock.advance(0.1)
     assert await h.starts([DB0]) == 1
@@ -354,7 +351,7 @@ async def test_an_invalid_spec_is_reported_and_lets_go_of_every_target(make_harn
     h = make_harness()
     await h.starts([DB0])
     delay = await h.step([DB0], generation=2, interval="soon")
-    assert delay == IDLE_POLL * 5
+    assert delay == DEFAULTS.invalid_spec_poll
     assert h.worker.states == {}
     assert h.engine.closed() == ["127.0.0.2"]
     call = h.statuses[-1]

@@ -9,6 +9,7 @@ import kopf
 
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement import metrics
+from pgwarden.settings import DEFAULTS, Settings
 
 
 def run_controller(
@@ -17,6 +18,7 @@ def run_controller(
     metrics_port: int,
     health_port: int,
     standalone: bool = False,
+    settings: Settings = DEFAULTS,
 ) -> int:
     """Run until SIGINT/SIGTERM. Without namespaces and without --all-namespaces, watch all namespaces."""
     from pgwarden.controller import handlers  # noqa: F401 - importing registers the handlers
@@ -27,7 +29,7 @@ def run_controller(
         kopf.operator(
             clusterwide=clusterwide,
             namespaces=() if clusterwide else list(namespaces),
-            memo=kopf.Memo(runtime=Runtime()),
+            memo=kopf.Memo(runtime=Runtime(settings)),
             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
             standalone=True if standalone else None,  # None: peer when a peering object exists
         )

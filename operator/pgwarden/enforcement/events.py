@@ -9,8 +9,7 @@ from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy.api import EventReason, EventType
 from pgwarden.policy.model import SessionAction
-
-MAX_PIDS_IN_MESSAGE = 20
+from pgwarden.settings import DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -24,28 +23,29 @@ def _sessions(count: int) -> str:
     return f"{count} session" if count == 1 else f"{count} sessions"
 
 
-def _pids(pids: list[int]) -> str:
-    shown = ", ".join(str(p) for p in pids[:MAX_PIDS_IN_MESSAGE])
-    more = len(pids) - MAX_PIDS_IN_MESSAGE
+def _pids(pids: list[int], cap: int) -> str:
+    shown = ", ".join(str(p) for p in pids[:cap])
+    more = len(pids) - cap
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def events_for_cycle(pod: str, report: CycleReport) -> list[PolicyEvent]:
+def events_for_cycle(pod: str, report: CycleReport, *, max_pids: int = DEFAULTS.event_max_pids) -> list[PolicyEvent]:
     """Events summarising one cycle on one pod: who (pod, rule), what (count, pids), why (the rule)."""
     grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
     for action in report.actions:
         if report.dry_run or action.done:
             grouped[(action.action, action.rule)].append(action.pid)
     events = [
-        _session_event(pod, action, rule, pids, report.dry_run) for (action, rule), pids in sorted(grouped.items())
+        _session_event(pod, action, rule, pids, report.dry_run, max_pids)
+        for (action, rule), pids in sorted(grouped.items())
     ]
     if report.autovacuum is not None:
-        events.extend(_autovacuum_events(pod, report.autovacuum))
+        events.extend(_autovacuum_events(pod, report.autovacuum, max_pids))
     return events
 
 
-def _session_event(pod: str, action: str, rule: str, pids: list[int], dry_run: bool) -> PolicyEvent:
-    sessions = f"{_sessions(len(pids))} (pids {_pids(pids)})"
+def _session_event(pod: str, action: str, rule: str, pids: list[int], dry_run: bool, cap: int) -> PolicyEvent:
+    sessions = f"{_sessions(len(pids))} (pids {_pids(pids, cap)})"
     if dry_run:
         verb = "would terminate" if action == SessionAction.TERMINATE else "would cancel queries of"
         return PolicyEvent("Normal", EventReason.DRY_RUN, f"pod {pod}: rule {rule} {verb} {sessions}")
@@ -56,7 +56,7 @@ def _session_event(pod: str, action: str, rule: str, pids: list[int], dry_run: b
     )
 
 
-def _autovacuum_events(pod: str, autovacuum: AutovacuumReport) -> list[PolicyEvent]:
+def _autovacuum_events(pod: str, autovacuum: AutovacuumReport, cap: int) -> list[PolicyEvent]:
     """What the cap wrote and stopped, or in a dry run what it would have (`would_write`, `would_cancel`)."""
     parts = []
     if autovacuum.dry_run:
@@ -64,7 +64,7 @@ def _autovacuum_events(pod: str, autovacuum: AutovacuumReport) -> list[PolicyEve
             parts.append(f"would set autovacuum_max_workers to {autovacuum.desired}")
         if autovacuum.would_cancel:
             stopped = autovacuum.would_cancel
-            parts.append(f"would stop {len(stopped)} excess autovacuum workers (pids {_pids(stopped)})")
+            parts.append(f"would stop {len(stopped)} excess autovacuum workers (pids {_pids(stopped, cap)})")
         reason = EventReason.DRY_RUN
     else:
         if autovacuum.written:
@@ -72,7 +72,7 @@ def _autovacuum_events(pod: str, autovacuum: AutovacuumReport) -> list[PolicyEve
             parts.append(f"set autovacuum_max_workers to {autovacuum.desired}{pending}")
         if autovacuum.cancelled:
             stopped = autovacuum.cancelled
-            parts.append(f"stopped {len(stopped)} excess autovacuum workers (pids {_pids(stopped)})")
+            parts.append(f"stopped {len(stopped)} excess autovacuum workers (pids {_pids(stopped, cap)})")
         reason = EventReason.AUTOVACUUM_CAPPED
     if not parts:
         return []

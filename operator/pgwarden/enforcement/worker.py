@@ -25,12 +25,9 @@ from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, PolicyError, PolicySpec, parse_spec
 from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind
+from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
-
-MIN_DELAY = 1.0
-MAX_BACKOFF = 300.0
-IDLE_POLL = 2.0  # how often a sleeping worker looks at the pods index for new targets
 
 
 class TargetEnforcer(Protocol):
@@ -118,6 +115,7 @@ class PolicyWorker:
     _generation: int | None = None
     _parsed: tuple[int | None, PolicySpec] | None = None
     _reported: tuple[list[str], int | None] | None = None  # (owned pods, generation) last given to write_status
+    settings: Settings = DEFAULTS
     clock: Callable[[], float] = time.monotonic  # tests step time by hand
 
     @property
@@ -129,7 +127,7 @@ class PolicyWorker:
         generation = (body.get("metadata") or {}).get("generation")
         spec = await self._spec_or_report_invalid(generation, body)
         if spec is None:
-            return IDLE_POLL * 5
+            return self.settings.invalid_spec_poll
         self._note_generation(generation)
         ours, skipped = self._choose_targets(spec, pods)
         await self._track(ours)
@@ -272,14 +270,15 @@ class PolicyWorker:
 
         wait_for_work wakes when *every* evaluation in flight has landed, not at each one: one step then
         harvests a whole pass and writes the status once. An evaluation in flight cannot make its target due
-        sooner than MIN_DELAY after its pass began, so waking then (to harvest and schedule the others while a
+        sooner than min_delay after its pass began, so waking then (to harvest and schedule the others while a
         slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
         """
+        min_delay, idle_poll = self.settings.min_delay, self.settings.idle_poll
         wakes = [s.next_due for s in self.states.values() if s.task is None]
-        wakes += [b.started + MIN_DELAY for s in self.states.values() if (b := s.batch) and b.started + MIN_DELAY > now]
+        wakes += [b.started + min_delay for s in self.states.values() if (b := s.batch) and b.started + min_delay > now]
         if not wakes:
-            return IDLE_POLL
-        return max(0.05, min(min(wakes) - now, IDLE_POLL))
+            return idle_poll
+        return max(0.05, min(min(wakes) - now, idle_poll))
 
     def _spec(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec:
         """The parsed spec, re-parsed only when the generation moves (the engine caches per spec object)."""
@@ -312,7 +311,7 @@ class PolicyWorker:
         return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password)
 
     def _backoff(self, state: TargetState, interval: float) -> float:
-        return float(min(MAX_BACKOFF, max(MIN_DELAY, interval), 2.0 ** min(state.failures, 10)))
+        return self.settings.retry_delay(state.failures, interval)
 
     async def _evaluate(
         self, state: TargetState, spec: PolicySpec, endpoint: Endpoint, interval: float
@@ -344,9 +343,9 @@ class PolicyWorker:
             # targets due together stay together, so the next pass is again one step, not a trickle of many.
             state.next_due = (state.batch.started if state.batch is not None else started) + interval
         else:
-            state.next_due = started + min(interval, max(MIN_DELAY, next_in))
+            state.next_due = started + min(interval, max(self.settings.min_delay, next_in))
         metrics.record_cycle(self.namespace, self.name, pod.name, report, self.clock() - started)
-        for event in events_for_cycle(pod.name, report):
+        for event in events_for_cycle(pod.name, report, max_pids=self.settings.event_max_pids):
             self.post_event(event)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
 
