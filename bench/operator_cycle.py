@@ -52,19 +52,19 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO)]
 import psycopg  # noqa: E402
 from kubernetes import client, watch  # noqa: E402
 
-from pgwarden.controller.runtime import DEFAULT_CONCURRENCY  # noqa: E402
 from pgwarden.enforcement.status import differs  # noqa: E402
 from pgwarden.engine.connection import parse_dsn  # noqa: E402
 from pgwarden.engine.session import EngineTarget  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
 from pgwarden.policy import parse_spec  # noqa: E402
+from pgwarden.policy.api import GROUP, PLURAL, VERSION  # noqa: E402
+from pgwarden.settings import DEFAULTS  # noqa: E402
 from tests.fixtures.operator import apply_crds  # noqa: E402
 from tests.harness.controlplane import ControlPlane  # noqa: E402
 from tests.harness.k8s import MERGE_PATCH, new_namespace, running_status  # noqa: E402
 from tests.harness.pgbinaries import selected_versions  # noqa: E402
 from tests.harness.postgres import PgServer, free_port, running_server, wait_for  # noqa: E402
 
-GROUP, VERSION, PLURAL = "pgwarden.dev", "v1alpha1", "postgrespolicies"
 USER, PASSWORD = "warden", "bench-Pa55word"  # throwaway, for servers this script starts and destroys
 SECRET = "pg-credentials"  # noqa: S105 - the Secret's name, not a secret
 
@@ -141,7 +141,7 @@ async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds
     async def engine_cycle(i: int) -> None:
         async with sem:
             report, _ = await engines[i].evaluate(spec, policy="bench/reference", target=f"{hosts[i]}:{port}")
-            assert not report["actions"], report["actions"]
+            assert not report.actions, report.actions
 
     async def round_(one: Any) -> float:
         started = time.perf_counter()
@@ -568,11 +568,11 @@ def run(args: argparse.Namespace, sets: list[list[str]], port: int, logdir: Path
         bench = Bench(api, plane.kubeconfig, namespace, port, servers, logdir)
 
         refs = References()
-        asyncio.run(reference_rounds(hosts, port, DEFAULT_CONCURRENCY, args.reference_rounds, refs))
+        asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
         floor, engine = statistics.median(refs.floor), statistics.median(refs.engine)
         print(f"  floor {floor * 1000:.1f} ms, engine {engine * 1000:.1f} ms", flush=True)
         cycles, _ = bench.one_policy(args.targets, args.interval, args.minute)
-        asyncio.run(reference_rounds(hosts, port, DEFAULT_CONCURRENCY, args.reference_rounds, refs))
+        asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
         print(
             f"  floor and engine again, after: {statistics.median(refs.floor) * 1000:.1f} ms, "
             f"{statistics.median(refs.engine) * 1000:.1f} ms",

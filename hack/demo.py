@@ -38,6 +38,7 @@ import psycopg
 import yaml
 from kubernetes import client
 
+from pgwarden.policy.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, EventReason
 from tests.harness.controlplane import ControlPlane, log_tail, pid_alive
 from tests.harness.k8s import create_running_pod
 from tests.harness.pgbinaries import selected_versions
@@ -290,8 +291,8 @@ class Operator:
 def policy_manifest(port: int) -> dict[str, Any]:
     """The seed's idle-connection reaper with a short threshold, aimed at the demo pod."""
     return {
-        "apiVersion": "pgwarden.dev/v1alpha1",
-        "kind": "PostgresPolicy",
+        "apiVersion": API_VERSION,
+        "kind": KIND,
         "metadata": {"name": POLICY, "namespace": NAMESPACE},
         "spec": {
             "selector": {"matchLabels": POD_LABELS},
@@ -304,9 +305,7 @@ def policy_manifest(port: int) -> dict[str, Any]:
 
 
 def policy_status(api: client.ApiClient) -> dict[str, Any]:
-    body = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        "pgwarden.dev", "v1alpha1", NAMESPACE, "postgrespolicies", POLICY
-    )
+    body = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, POLICY)
     return dict(cast(dict[str, Any], body).get("status") or {})
 
 
@@ -535,7 +534,7 @@ class Demo:
                 deadline = gone_at + max(SURVIVE_SECONDS, REPORT_TIMEOUT)
                 print(f"\n[{self.console.clock()}] the {IDLE_SESSIONS} idle sessions are gone; watching the others")
             reported = (policy_status(api).get("totals") or {}).get("terminated", 0) >= IDLE_SESSIONS and any(
-                e.reason == "SessionsTerminated" for e in events
+                e.reason == EventReason.SESSIONS_TERMINATED for e in events
             )
             if gone_at is not None and reported and time.monotonic() - gone_at >= SURVIVE_SECONDS:
                 return

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from pgwarden.policy.api import EventReason
 from tests.e2e.test_operator import (
     create_policy,
     create_secret,
@@ -135,7 +136,7 @@ def test_only_one_replica_enforces_and_the_other_takes_over_on_sigterm(
     assert targets_series(active, namespace, "reaper")
     assert holds_for(lambda: not targets_series(standby, namespace, "reaper"), 3)
     assert PAUSED not in active.logs()
-    terminated = [e for e in events(k8s_api, namespace, "reaper") if e.reason == "SessionsTerminated"]
+    terminated = [e for e in events(k8s_api, namespace, "reaper") if e.reason == EventReason.SESSIONS_TERMINATED]
     pids = [int(p) for e in terminated for p in e.message.split("pids ")[1].rstrip(")").split(", ")]
     assert sorted(pids) == sorted(doomed)  # each session reported once: one enforcer
 

@@ -35,6 +35,7 @@ from psycopg import sql
 
 from pgwarden import __version__
 from pgwarden.policy import parse_spec
+from pgwarden.policy.api import GROUP, PLURAL, VERSION, ConditionType, EventReason
 from tests.e2e.test_operator import PASSWORD, condition, events, get_policy, next_host, open_app_sessions
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
@@ -93,9 +94,7 @@ def crd_established(api: client.ApiClient, name: str) -> bool:
 def policies_served(api: client.ApiClient, namespace: str) -> bool:
     """True once postgrespolicies answer (Established comes a moment before the handler is installed)."""
     try:
-        client.CustomObjectsApi(api).list_namespaced_custom_object(
-            "pgwarden.dev", "v1alpha1", namespace, "postgrespolicies"
-        )
+        client.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
     except client.ApiException as error:
         if error.status == 404:
             return False
@@ -603,11 +602,11 @@ def test_idle_reaper_example_terminates_idle_sessions(
     assert terminated_total(k8s_api, namespace, name) == 3
     assert all(server.alive(pid) for pid in survivors)
     stored = get_policy(k8s_api, namespace, name)
-    ready = condition(stored, "Ready")
+    ready = condition(stored, ConditionType.READY)
     assert ready is not None
     assert ready["status"] == "True", stored["status"]
     wait_for(
-        lambda: any(e.reason == "SessionsTerminated" for e in events(k8s_api, namespace, name)),
+        lambda: any(e.reason == EventReason.SESSIONS_TERMINATED for e in events(k8s_api, namespace, name)),
         timeout=30,
         message="a SessionsTerminated event",
     )

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from pgwarden.policy.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ConditionReason, ConditionType, EventReason
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod, set_pod_labels
@@ -70,8 +71,8 @@ def policy_body(name: str, port: int, *, mode: str = "enforce", state_age: str =
     }
     body_spec.update(spec)
     return {
-        "apiVersion": "pgwarden.dev/v1alpha1",
-        "kind": "PostgresPolicy",
+        "apiVersion": API_VERSION,
+        "kind": KIND,
         "metadata": {"name": name},
         "spec": body_spec,
     }
@@ -82,13 +83,11 @@ def custom(api: client.ApiClient) -> client.CustomObjectsApi:
 
 
 def create_policy(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> None:
-    custom(api).create_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", body)
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
 
 def get_policy(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    return dict(
-        custom(api).get_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", name)
-    )
+    return dict(custom(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
 
 
 def policy_gone(api: client.ApiClient, namespace: str, name: str) -> bool:
@@ -100,9 +99,7 @@ def policy_gone(api: client.ApiClient, namespace: str, name: str) -> bool:
 
 
 def patch_spec(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
-    custom(api).patch_namespaced_custom_object(
-        "pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", name, {"spec": spec}
-    )
+    custom(api).patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
 
 
 def condition(policy: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -158,14 +155,14 @@ def test_idle_sessions_reaped_on_matching_pod_only_with_status_events_and_metric
     assert entry["backends"]["checkpointer"] == 1
     assert entry["backends"]["client backend"] >= 2
     assert {a["pid"] for a in entry["lastActions"]} <= set(doomed)
-    ready = condition(policy, "Ready")
+    ready = condition(policy, ConditionType.READY)
     assert ready is not None
     assert ready["status"] == "True"
     terminated_pids: set[int] = set()
 
     def all_pids_evented() -> bool:
         for event in events(k8s_api, namespace, "reaper"):
-            if event.reason == "SessionsTerminated":
+            if event.reason == EventReason.SESSIONS_TERMINATED:
                 assert "pod db-0" in event.message
                 assert "rule idle" in event.message
                 terminated_pids.update(int(p) for p in event.message.split("pids ")[1].rstrip(")").split(", "))
@@ -195,7 +192,7 @@ def test_dry_run_then_edit_to_enforce_then_delete_stops_enforcement(
     create_policy(k8s_api, namespace, policy_body("reaper", target.port, mode="dryRun"))
 
     def dry_run_event() -> bool:
-        return any(e.reason == "DryRun" for e in events(k8s_api, namespace, "reaper"))
+        return any(e.reason == EventReason.DRY_RUN for e in events(k8s_api, namespace, "reaper"))
 
     wait_for(dry_run_event, timeout=30, message="a DryRun event")
     assert all(target.alive(pid) for pid in sessions)
@@ -207,7 +204,7 @@ def test_dry_run_then_edit_to_enforce_then_delete_stops_enforcement(
     for pid in sessions:
         target.wait_gone(pid, timeout=30)
 
-    custom(k8s_api).delete_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", "reaper")
+    custom(k8s_api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "reaper")
 
     wait_for(lambda: policy_gone(k8s_api, namespace, "reaper"), timeout=30, message="policy and finalizer to go")
     survivor = open_app_sessions(target, 1)[0]
@@ -233,13 +230,13 @@ def test_label_change_adds_a_target_and_unreachable_target_degrades_without_bloc
 
     def degraded() -> dict[str, Any] | None:
         policy = get_policy(k8s_api, namespace, "reaper")
-        cond = condition(policy, "Degraded")
+        cond = condition(policy, ConditionType.DEGRADED)
         return policy if cond and cond["status"] == "True" else None
 
     policy = wait_for(degraded, timeout=30, message="Degraded=True for the unreachable target")
     broken = next(t for t in policy["status"]["targets"] if t["pod"] == "db-broken")
     assert broken["error"]
-    assert "db-broken" in condition(policy, "Degraded")["message"]  # type: ignore[index]
+    assert "db-broken" in condition(policy, ConditionType.DEGRADED)["message"]  # type: ignore[index]
     assert all(second.alive(pid) for pid in kept_second)
 
     set_pod_labels(k8s_api, namespace, "db-1", {"app": "pg"})
@@ -257,8 +254,8 @@ def test_missing_secret_is_a_condition_and_nothing_is_touched(
     create_policy(k8s_api, namespace, policy_body("reaper", target.port))
 
     def reported() -> dict[str, Any] | None:
-        cond = condition(get_policy(k8s_api, namespace, "reaper"), "Ready")
-        return cond if cond and cond["reason"] == "CredentialsSecretNotFound" else None
+        cond = condition(get_policy(k8s_api, namespace, "reaper"), ConditionType.READY)
+        return cond if cond and cond["reason"] == ConditionReason.CREDENTIALS_SECRET_NOT_FOUND else None
 
     cond = wait_for(reported, timeout=30, message="Ready=False CredentialsSecretNotFound")
     assert cond["status"] == "False"
@@ -270,17 +267,19 @@ def test_missing_secret_is_a_condition_and_nothing_is_touched(
         target.wait_gone(pid, timeout=60)
 
 
-def test_deleting_a_policy_releases_the_autovacuum_cap_it_set(
+def test_autovacuum_cap_dry_run_event_then_enforced_and_released_on_delete(
     k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
 ) -> None:
-    """The finalizer resets autovacuum_max_workers on the target before the policy goes (ALTER SYSTEM RESET)."""
+    """A dry run posts what the cap would do and writes nothing; enforced, it writes; the finalizer resets
+    autovacuum_max_workers on the target before the policy goes (ALTER SYSTEM RESET)."""
     server = pg_factory(host=next_host(), hba="password")
     # A superuser here: the point is the finalizer, not the grants (tests/pg/test_autovacuum.py covers those).
     server.create_role("warden", password=PASSWORD, superuser=True)
     create_secret(k8s_api, namespace)
     create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
     run_operator([namespace])
-    create_policy(k8s_api, namespace, policy_body("capper", server.port, sessions=[], autovacuum={"maxWorkers": 2}))
+    body = policy_body("capper", server.port, mode="dryRun", sessions=[], autovacuum={"maxWorkers": 2})
+    create_policy(k8s_api, namespace, body)
 
     def auto_conf() -> list[str]:
         rows = server.execute(
@@ -289,8 +288,17 @@ def test_deleting_a_policy_releases_the_autovacuum_cap_it_set(
         )
         return [str(r[0]) for r in rows]
 
+    def would_cap() -> bool:
+        return any(
+            e.reason == EventReason.DRY_RUN and "would set autovacuum_max_workers to 2" in e.message
+            for e in events(k8s_api, namespace, "capper")
+        )
+
+    wait_for(would_cap, timeout=30, message="a DryRun Event saying the cap would be written")
+    assert auto_conf() == []
+    patch_spec(k8s_api, namespace, "capper", {"enforcementAction": "enforce"})
     wait_for(lambda: auto_conf() == ["2"], timeout=30, message="autovacuum_max_workers = 2 in postgresql.auto.conf")
-    custom(k8s_api).delete_namespaced_custom_object("pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", "capper")
+    custom(k8s_api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "capper")
     wait_for(lambda: auto_conf() == [], timeout=30, message="the finalizer to reset autovacuum_max_workers")
 
     wait_for(lambda: policy_gone(k8s_api, namespace, "capper"), timeout=30, message="the policy to go once released")

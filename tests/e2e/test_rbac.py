@@ -32,6 +32,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from pgwarden.policy.api import GROUP, PLURAL, VERSION, ConditionType, EventReason
 from tests.e2e.test_manifests import (
     MANIFESTS,
     SYSTEM_NAMESPACE,
@@ -300,24 +301,20 @@ def test_refused_requests_are_refused_for_real(admin: client.ApiClient, as_opera
     create_running_pod(admin, namespace, "db-0", {"app": "bystander"}, "127.0.0.1")
     policy = fast_idle_reaper(5432)
     policy["spec"]["selector"] = {"matchLabels": {"app": "nothing-here"}}
-    client.CustomObjectsApi(admin).create_namespaced_custom_object(
-        "pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", policy
-    )
+    client.CustomObjectsApi(admin).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, policy)
     core = client.CoreV1Api(as_operator)
     custom = client.CustomObjectsApi(as_operator)
     name = policy["metadata"]["name"]
     assert forbidden(lambda: core.list_namespaced_secret(namespace))
     assert forbidden(lambda: core.list_secret_for_all_namespaces())
     assert forbidden(
-        lambda: custom.delete_namespaced_custom_object(
-            "pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", name, dry_run="All"
-        )
+        lambda: custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, dry_run="All")
     )
     pod = client.CoreV1Api(admin).read_namespaced_pod("db-0", namespace)
     assert forbidden(lambda: core.replace_namespaced_pod("db-0", namespace, pod, dry_run="All"))
     # ...while what it does need answers.
     assert core.list_pod_for_all_namespaces().items
-    assert custom.list_cluster_custom_object("pgwarden.dev", "v1alpha1", "postgrespolicies")["items"]
+    assert custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
 
 
 def test_operator_enforces_as_its_service_account_as_deployed(
@@ -347,7 +344,7 @@ def test_operator_enforces_as_its_service_account_as_deployed(
     # postgrespolicies/status patch.
     wait_for(lambda: terminated_total(admin, namespace, name) >= 3, timeout=30, message="status totals")
     stored = get_policy(admin, namespace, name)
-    ready = condition(stored, "Ready")
+    ready = condition(stored, ConditionType.READY)
     assert ready is not None
     assert ready["status"] == "True", stored["status"]
     assert [t["pod"] for t in stored["status"]["targets"]] == ["db-0"]
@@ -355,7 +352,7 @@ def test_operator_enforces_as_its_service_account_as_deployed(
     assert FINALIZER in stored["metadata"].get("finalizers", [])
     # events create.
     wait_for(
-        lambda: any(e.reason == "SessionsTerminated" for e in events(admin, namespace, name)),
+        lambda: any(e.reason == EventReason.SESSIONS_TERMINATED for e in events(admin, namespace, name)),
         timeout=30,
         message="a SessionsTerminated event",
     )
@@ -364,9 +361,7 @@ def test_operator_enforces_as_its_service_account_as_deployed(
     assert len(records) == 1, records
 
     # Deleting the policy: kopf's delete handler runs and the finalizer is removed (patch again).
-    client.CustomObjectsApi(admin).delete_namespaced_custom_object(
-        "pgwarden.dev", "v1alpha1", namespace, "postgrespolicies", name
-    )
+    client.CustomObjectsApi(admin).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
     def deleted() -> bool:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from pgwarden.policy.api import EventReason
 from tests.e2e.test_operator import (
     PASSWORD,
     create_policy,
@@ -101,7 +102,9 @@ def test_sidecars_enforce_own_server_share_status_and_hand_over_to_controller(
     wait_for(all_three_reported, timeout=30, message="three sidecar entries in status.targets")
     totals = get_policy(k8s_api, namespace, "reaper")["status"]["totals"]
     assert totals["terminated"] == 6
-    sources = {e.source.component for e in events(k8s_api, namespace, "reaper") if e.reason == "SessionsTerminated"}
+    sources = {
+        e.source.component for e in events(k8s_api, namespace, "reaper") if e.reason == EventReason.SESSIONS_TERMINATED
+    }
     assert sources == {"pgwarden-sidecar"}
 
     # Hand db-0 back to the controller: the sidecar goes idle, the controller takes over.

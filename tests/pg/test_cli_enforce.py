@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from pgwarden.policy.api import SkipReason
 from tests.fixtures.postgres import PgFactory
 from tests.harness.engine import unique, wait_all_gone
 from tests.harness.postgres import PgServer, free_port
@@ -98,7 +99,7 @@ def test_once_prints_the_json_contract_and_acts(pg: PgServer, tmp_path: Path, re
     assert report["clientStates"]["active"] >= 2
     assert len(report["actions"]) == 2
     assert len(report["skipped"]) == 1
-    assert report["skipped"][0]["reason"] == "maxActionsPerCycle"
+    assert report["skipped"][0]["reason"] == SkipReason.MAX_ACTIONS
     action = report["actions"][0]
     assert list(action) == ACTION_KEYS
     assert action["rule"] == "idle-connections"

@@ -18,9 +18,9 @@ from pgwarden.engine.connection import connect, parse_dsn
 from pgwarden.engine.decide import PlannedAction, plan
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.observe import compile_observation, observe
-from pgwarden.engine.report import GONE, PERMISSION_DENIED, STATE_CHANGED
 from pgwarden.engine.session import TargetSession
 from pgwarden.policy import PolicySpec
+from pgwarden.policy.api import SkipReason
 from tests.harness.engine import acted, enforce, spec_of, unique
 from tests.harness.postgres import PgServer
 
@@ -59,7 +59,7 @@ async def test_session_that_ended_before_the_signal_is_skipped_not_an_error(
     leaving.close()
     pg.wait_gone(leaving.pid)
     outcome = await act(engine, planned, log)
-    assert [(s.pid, s.reason) for s in outcome.skipped] == [(leaving.pid, GONE)]
+    assert [(s.pid, s.reason) for s in outcome.skipped] == [(leaving.pid, SkipReason.GONE)]
     assert [a.pid for a in outcome.actions] == [staying.pid]
     assert outcome.errors == []
     pg.wait_gone(staying.pid)
@@ -73,7 +73,7 @@ async def test_session_that_changed_state_since_observation_is_left_alone(
     planned = await _planned(engine, _idle_rule(app))
     session.conn.execute("SELECT 1")  # busy in between: idle again, but a new idle period (state_change moved)
     outcome = await act(engine, planned, log)
-    assert [(s.pid, s.reason) for s in outcome.skipped] == [(session.pid, STATE_CHANGED)]
+    assert [(s.pid, s.reason) for s in outcome.skipped] == [(session.pid, SkipReason.STATE_CHANGED)]
     assert outcome.actions == []
     assert outcome.errors == []
     assert pg.alive(session.pid)
@@ -89,7 +89,7 @@ async def test_reused_pid_is_never_signalled(
     earlier = planned.session.backend_start.replace(microsecond=(planned.session.backend_start.microsecond + 1) % 10**6)
     impostor = dataclasses.replace(planned, session=dataclasses.replace(planned.session, backend_start=earlier))
     outcome = await act(engine, [impostor], log)
-    assert [(s.pid, s.reason) for s in outcome.skipped] == [(session.pid, GONE)]
+    assert [(s.pid, s.reason) for s in outcome.skipped] == [(session.pid, SkipReason.GONE)]
     assert pg.alive(session.pid)
 
 
@@ -105,7 +105,7 @@ async def test_refused_signal_is_reported_per_session_and_the_cycle_goes_on(
     spec = spec_of(sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s", "applicationNames": [app]}])
     report = await enforce(pg, spec, user=engine_role)
     assert acted(report) == {app_session.pid}
-    assert [(s.pid, s.reason) for s in report.skipped] == [(superuser_session.pid, PERMISSION_DENIED)]
+    assert [(s.pid, s.reason) for s in report.skipped] == [(superuser_session.pid, SkipReason.PERMISSION_DENIED)]
     assert len(report.errors) == 1
     assert str(superuser_session.pid) in report.errors[0]
     assert "permission denied" in report.errors[0]

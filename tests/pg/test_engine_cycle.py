@@ -59,13 +59,13 @@ async def test_engine_target_for_the_controller(pg: PgServer, request: pytest.Fi
     )
     try:
         report, next_in = await target.evaluate(spec, policy="ns/p", target="pod-0")
-        assert report["policy"] == "ns/p"
-        assert report["target"] == "pod-0"
-        assert [a["pid"] for a in report["actions"]] == [victim.pid]
+        assert report.policy == "ns/p"
+        assert report.target == "pod-0"
+        assert [a.pid for a in report.actions] == [victim.pid]
         assert next_in is not None
         assert 29 < next_in <= 30.2
         released = await target.release_autovacuum(3)
-        assert released["outcome"] == "absent"
+        assert released.outcome == "absent"
     finally:
         await target.close()
     pg.wait_gone(victim.pid)
@@ -73,6 +73,6 @@ async def test_engine_target_for_the_controller(pg: PgServer, request: pytest.Fi
     from_dsn = EngineTarget.from_dsn(pg.dsn(via_socket=True))
     try:
         report, _ = await from_dsn.evaluate(spec_of(), policy="p", target="local")
-        assert report["serverVersion"].split(".")[0] == pg.major
+        assert report.server_version.split(".")[0] == pg.major
     finally:
         await from_dsn.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION
+from pgwarden.policy.api import SkipReason
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
 from tests.harness.postgres import PgServer
 
@@ -25,7 +25,7 @@ async def test_max_actions_per_cycle_holds_when_everything_matches(
     done = acted(report)
     assert len(done) == 2
     assert {s.pid for s in report.skipped} == pids - done
-    assert {s.reason for s in report.skipped} == {MAX_ACTIONS}
+    assert {s.reason for s in report.skipped} == {SkipReason.MAX_ACTIONS}
     wait_all_gone(pg, done)
     assert alive(pg, pids) == pids - done
     # The next cycle takes the next two, and so on: the guard bounds a cycle, not the policy.
@@ -42,7 +42,7 @@ async def test_max_fraction_per_cycle_rounds_down_but_allows_one(pg: PgServer, r
     clients = report.backends["client backend"]
     assert clients < 100  # so 1% rounds down to 0, and the floor of one action applies
     assert len(report.actions) == 1
-    assert {s.reason for s in report.skipped} == {MAX_FRACTION}
+    assert {s.reason for s in report.skipped} == {SkipReason.MAX_FRACTION}
     assert len(report.skipped) == 3
     pg.wait_gone(report.actions[0].pid)
     assert len(alive(pg, pids)) == 3

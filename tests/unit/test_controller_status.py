@@ -2,52 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.policy.api import ConditionReason, ConditionType
+from tests.harness.reports import action, cycle_report
 
-
-def report(*actions: dict[str, Any], mode: str = "enforce") -> dict[str, Any]:
-    return {
-        "serverVersion": "18.6",
-        "enforcementAction": mode,
-        "backends": {"client backend": 3, "checkpointer": 1},
-        "clientStates": {"idle": 3},
-        "actions": list(actions),
-        "skipped": [],
-        "errors": [],
-    }
-
-
-TERMINATED = {"rule": "idle", "action": "terminate", "pid": 7, "user": "app", "done": True}
+TERMINATED = action(7)
 
 
 def test_a_cycle_that_acted_records_actions_totals_and_ready() -> None:
     status = next_status(
-        None, generation=3, updates=[TargetUpdate("db-0", "127.0.0.2", "controller", report(TERMINATED))]
+        None, generation=3, updates=[TargetUpdate("db-0", "127.0.0.2", "controller", cycle_report(TERMINATED))]
     )
     (target,) = status["targets"]
     assert target["pod"] == "db-0"
-    assert target["lastActions"] == [{"rule": "idle", "action": "terminate", "pid": 7, "user": "app", "done": True}]
+    assert target["lastActions"] == [
+        {"rule": "idle", "action": "terminate", "pid": 7, "user": "app", "state": "idle", "done": True}
+    ]
     assert status["totals"] == {"actions": 1, "terminated": 1, "cancelled": 0, "autovacuumCancelled": 0}
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "TargetsEvaluated", 3)
+    ready = next(c for c in status["conditions"] if c["type"] == ConditionType.READY)
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
+        "True",
+        ConditionReason.TARGETS_EVALUATED,
+        3,
+    )
     assert status["observedGeneration"] == 3
     assert (status["targetCount"], status["readyTargets"]) == (1, 1)
 
 
 def test_dry_run_actions_are_shown_but_not_counted() -> None:
-    action = dict(TERMINATED, done=False)
+    would = dataclasses.replace(TERMINATED, done=False)
     status = next_status(
-        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(action, mode="dryRun"))]
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(would, dry_run=True))]
     )
     assert status["totals"]["actions"] == 0
     assert status["targets"][0]["lastActions"][0]["done"] is False
 
 
 def test_totals_accumulate_and_last_actions_survive_a_quiet_cycle() -> None:
-    first = next_status(None, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(TERMINATED))])
-    second = next_status(first, generation=1, updates=[TargetUpdate("db-0", None, "controller", report())])
+    first = next_status(
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(TERMINATED))]
+    )
+    second = next_status(first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())])
     assert second["totals"]["terminated"] == 1
     assert second["targets"][0]["lastActions"] == first["targets"][0]["lastActions"]
 
@@ -57,14 +55,14 @@ def test_failing_target_makes_policy_degraded_and_names_it() -> None:
         None,
         generation=1,
         updates=[
-            TargetUpdate("db-0", None, "controller", report()),
+            TargetUpdate("db-0", None, "controller", cycle_report()),
             TargetUpdate("db-1", None, "controller", error="connection refused"),
         ],
     )
     conditions = {c["type"]: c for c in status["conditions"]}
-    assert conditions["Ready"]["status"] == "False"
-    assert conditions["Degraded"]["status"] == "True"
-    assert "db-1: connection refused" in conditions["Degraded"]["message"]
+    assert conditions[ConditionType.READY]["status"] == "False"
+    assert conditions[ConditionType.DEGRADED]["status"] == "True"
+    assert "db-1: connection refused" in conditions[ConditionType.DEGRADED]["message"]
     assert (status["targetCount"], status["readyTargets"]) == (2, 1)
 
 
@@ -73,9 +71,9 @@ def test_departed_pods_are_dropped_but_other_writers_entries_stay() -> None:
         None,
         generation=1,
         updates=[
-            TargetUpdate("db-0", None, "controller", report()),
-            TargetUpdate("db-1", None, "controller", report()),
-            TargetUpdate("db-2", None, "sidecar", report()),
+            TargetUpdate("db-0", None, "controller", cycle_report()),
+            TargetUpdate("db-1", None, "controller", cycle_report()),
+            TargetUpdate("db-2", None, "sidecar", cycle_report()),
         ],
     )
     after = next_status(status, generation=1, updates=[], owned_pods=["db-0"])
@@ -83,19 +81,19 @@ def test_departed_pods_are_dropped_but_other_writers_entries_stay() -> None:
 
 
 def test_a_sidecar_never_drops_a_sibling_sidecars_entry() -> None:
-    status = next_status(None, generation=1, updates=[TargetUpdate("db-1", None, "sidecar", report())])
+    status = next_status(None, generation=1, updates=[TargetUpdate("db-1", None, "sidecar", cycle_report())])
     after = next_status(
         status,
         generation=1,
-        updates=[TargetUpdate("db-2", None, "sidecar", report())],
+        updates=[TargetUpdate("db-2", None, "sidecar", cycle_report())],
         owned_pods=["db-2"],
         scope=lambda pod: pod == "db-2",
     )
     assert [t["pod"] for t in after["targets"]] == ["db-1", "db-2"]
 
 
-def test_controller_skip_notice_does_not_overwrite_the_sidecars_report() -> None:
-    status = next_status(None, generation=1, updates=[TargetUpdate("db-1", None, "sidecar", report(TERMINATED))])
+def test_controller_skip_notice_does_not_overwrite_the_sidecars_cycle_report() -> None:
+    status = next_status(None, generation=1, updates=[TargetUpdate("db-1", None, "sidecar", cycle_report(TERMINATED))])
     after = next_status(
         status, generation=1, updates=[TargetUpdate("db-1", None, "controller", skipped_reason="sidecar")]
     )
@@ -104,10 +102,10 @@ def test_controller_skip_notice_does_not_overwrite_the_sidecars_report() -> None
 
 
 def test_condition_override_and_transition_time_kept_when_status_unchanged() -> None:
-    invalid = PolicyCondition("Ready", "False", "InvalidSpec", "spec.interval: bad")
+    invalid = PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, "spec.interval: bad")
     first = next_status(None, generation=2, updates=[], policy_condition=invalid)
-    ready = next(c for c in first["conditions"] if c["type"] == "Ready")
-    assert (ready["reason"], ready["message"]) == ("InvalidSpec", "spec.interval: bad")
+    ready = next(c for c in first["conditions"] if c["type"] == ConditionType.READY)
+    assert (ready["reason"], ready["message"]) == (ConditionReason.INVALID_SPEC, "spec.interval: bad")
     again = next_status(first, generation=2, updates=[], policy_condition=invalid)
     assert again["conditions"] == first["conditions"]
     assert not differs(first, again)
@@ -115,12 +113,31 @@ def test_condition_override_and_transition_time_kept_when_status_unchanged() -> 
 
 def test_only_timestamps_changing_is_not_a_difference() -> None:
     a = next_status(
-        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(), when="2026-01-01T00:00:00Z")]
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(), when="2026-01-01T00:00:00Z")],
     )
     b = next_status(
-        a, generation=1, updates=[TargetUpdate("db-0", None, "controller", report(), when="2026-01-01T00:01:00Z")]
+        a, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(), when="2026-01-01T00:01:00Z")]
     )
     assert a["targets"][0]["lastCycleTime"] != b["targets"][0]["lastCycleTime"]
     assert not differs(a, b)
     c = next_status(b, generation=1, updates=[TargetUpdate("db-0", None, "controller", error="boom")])
     assert differs(b, c)
+
+
+def test_autovacuum_is_serialised_into_the_entry_and_only_real_stops_are_counted() -> None:
+    capped = AutovacuumReport(desired=2, in_force=3, written=True, cancelled=[11, 12])
+    status = next_status(
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=capped))]
+    )
+    assert status["targets"][0]["autovacuum"] == capped.to_json()
+    assert status["totals"] == {"actions": 2, "terminated": 0, "cancelled": 0, "autovacuumCancelled": 2}
+    would = AutovacuumReport(desired=2, dry_run=True, in_force=3, would_write=True, would_cancel=[11, 12])
+    dry = next_status(
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=would, dry_run=True))],
+    )
+    assert dry["targets"][0]["autovacuum"]["wouldCancel"] == [11, 12]
+    assert dry["totals"]["actions"] == 0

@@ -17,9 +17,9 @@ from pgwarden.engine.decide import (
     rule_matches,
     victim_order,
 )
-from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION
 from pgwarden.engine.types import Observation, ObservedSession
 from pgwarden.policy import PolicySpec, parse_spec
+from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import ConnectionLimit, Exclude, Limits, SessionRule
 
 _pids = itertools.count(1000)
@@ -220,13 +220,13 @@ def test_rules_then_limits_then_blast_radius() -> None:
 @pytest.mark.parametrize(
     ("max_actions", "fraction", "clients", "expected"),
     [
-        (50, 0.5, 1000, (50, MAX_ACTIONS)),
-        (50, 0.5, 40, (20, MAX_FRACTION)),
-        (50, 0.5, 3, (1, MAX_FRACTION)),  # 1.5 rounds down to 1
-        (50, 0.1, 5, (1, MAX_FRACTION)),  # 0.5 rounds down to 0, but one action is always allowed
-        (50, 0.29, 100, (29, MAX_FRACTION)),  # no float surprise (0.29 * 100 = 28.999...)
-        (1, 1.0, 0, (1, MAX_ACTIONS)),
-        (10, 1.0, 10, (10, MAX_ACTIONS)),
+        (50, 0.5, 1000, (50, SkipReason.MAX_ACTIONS)),
+        (50, 0.5, 40, (20, SkipReason.MAX_FRACTION)),
+        (50, 0.5, 3, (1, SkipReason.MAX_FRACTION)),  # 1.5 rounds down to 1
+        (50, 0.1, 5, (1, SkipReason.MAX_FRACTION)),  # 0.5 rounds down to 0, but one action is always allowed
+        (50, 0.29, 100, (29, SkipReason.MAX_FRACTION)),  # no float surprise (0.29 * 100 = 28.999...)
+        (1, 1.0, 0, (1, SkipReason.MAX_ACTIONS)),
+        (10, 1.0, 10, (10, SkipReason.MAX_ACTIONS)),
     ],
 )
 def test_allowed_actions(max_actions: int, fraction: float, clients: int, expected: tuple[int, str]) -> None:
@@ -242,7 +242,7 @@ def test_blast_radius_holds_when_everything_matches() -> None:
     )
     result = plan(observation(*sessions), s)
     assert len(result.actions) == 3
-    assert [x.reason for x in result.skipped] == [MAX_ACTIONS] * 7
+    assert [x.reason for x in result.skipped] == [SkipReason.MAX_ACTIONS] * 7
     assert {p.session.pid for p in result.actions} | {x.pid for x in result.skipped} == {x.pid for x in sessions}
 
 

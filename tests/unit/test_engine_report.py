@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.report import ActionRecord, CycleReport, SkipRecord, render_text
+from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import EnforcementAction
 
 
@@ -22,7 +24,7 @@ def _report(mode: EnforcementAction = EnforcementAction.ENFORCE, *, done: bool =
             ),
             ActionRecord("per-user", "terminate", 4244, "app", "shop", "web", None, "idle", None, done),
         ],
-        skipped=[SkipRecord("idle-connections", 4243, "maxActionsPerCycle")],
+        skipped=[SkipRecord("idle-connections", 4243, SkipReason.MAX_ACTIONS)],
         errors=[],
         next_deadline=3.0,
     )
@@ -87,8 +89,10 @@ def test_dry_run_and_autovacuum() -> None:
     assert out["enforcementAction"] == "dryRun"
     assert all(a["done"] is False for a in out["actions"])
     assert "autovacuum" not in out
-    report.autovacuum = {"maxWorkers": {"desired": 2}}
-    assert report.to_json()["autovacuum"] == {"maxWorkers": {"desired": 2}}
+    report.autovacuum = AutovacuumReport(desired=2, dry_run=True, in_force=3, would_write=True)
+    assert report.to_json()["autovacuum"] == report.autovacuum.to_json()
+    assert report.to_json()["autovacuum"]["maxWorkers"]["wouldWrite"] is True
+    assert list(report.to_json())[-1] == "autovacuum"
 
 
 def test_text_rendering() -> None:

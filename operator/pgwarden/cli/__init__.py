@@ -13,9 +13,11 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pgwarden import __version__
 from pgwarden.logs import configure_logging
+from pgwarden.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -38,6 +40,16 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("PGWARDEN_LOG_LEVEL", "info").lower(),
         help="log verbosity on stderr (default: info, or $PGWARDEN_LOG_LEVEL)",
     )
+
+
+def load_settings(prog: str, **flags: Any) -> Settings | None:
+    """The settings from $PGWARDEN_* and the flags given (None ones are not given); None after printing why
+    they are unusable."""
+    try:
+        return Settings.from_env().replace(**flags)
+    except SettingsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,4 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["EXIT_OK", "EXIT_UNREACHABLE", "EXIT_USAGE", "SUBCOMMANDS", "add_common_options", "build_parser", "main"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "SUBCOMMANDS",
+    "add_common_options",
+    "build_parser",
+    "load_settings",
+    "main",
+]

@@ -28,6 +28,7 @@ from pgwarden.engine.report import CycleReport, render_text
 from pgwarden.engine.scheduler import run_loop
 from pgwarden.engine.session import TargetSession
 from pgwarden.policy import PolicyDocument, PolicyError, load_policy_document
+from pgwarden.settings import Settings, SettingsError
 
 log = structlog.get_logger("pgwarden.cli")
 
@@ -104,7 +105,9 @@ class _Printer:
             os.dup2(devnull, self.stream.fileno())
 
 
-async def _enforce(dsn: EngineDsn, doc: PolicyDocument, *, dry_run: bool, once: bool, printer: _Printer) -> int:
+async def _enforce(
+    dsn: EngineDsn, doc: PolicyDocument, *, dry_run: bool, once: bool, printer: _Printer, settings: Settings
+) -> int:
     spec, policy = doc.spec, doc.metadata.name
     session = TargetSession(dsn)
     # From here on SIGINT/SIGTERM never cut a cycle short: they set `stop`, checked between cycles.
@@ -136,6 +139,7 @@ async def _enforce(dsn: EngineDsn, doc: PolicyDocument, *, dry_run: bool, once: 
             stop=stop,
             on_report=on_report,
             on_error=on_error,
+            settings=settings,
         )
         log.info("stopped", policy=policy, target=session.target)
         return EXIT_OK
@@ -157,7 +161,8 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         dsn = parse_dsn(args.dsn)
-    except InvalidDsn as exc:
+        settings = Settings.from_env()
+    except (InvalidDsn, SettingsError) as exc:
         _fail(str(exc))
         return EXIT_USAGE
     output = args.output or ("text" if sys.stdout.isatty() else "json")
@@ -171,5 +176,12 @@ def main(args: argparse.Namespace) -> int:
         interval_seconds=doc.spec.interval.total_seconds(),
     )
     return asyncio.run(
-        _enforce(dsn, doc, dry_run=bool(args.dry_run), once=bool(args.once), printer=_Printer(output, sys.stdout))
+        _enforce(
+            dsn,
+            doc,
+            dry_run=bool(args.dry_run),
+            once=bool(args.once),
+            printer=_Printer(output, sys.stdout),
+            settings=settings,
+        )
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pgwarden.cli import EXIT_USAGE, add_common_options
+from pgwarden.cli import EXIT_USAGE, add_common_options, load_settings
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--standalone", action="store_true", help="never pause for peers (one replica only; no peering object)"
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="evaluations run at once over all policies and targets (default 32, or $PGWARDEN_CONCURRENCY)",
+    )
     add_common_options(parser)
     parser.set_defaults(handler=handle)
 
@@ -42,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def handle(args: argparse.Namespace) -> int:
     if args.all_namespaces and args.namespaces:
         print("pgwarden run: --all-namespaces and --namespace are mutually exclusive", file=sys.stderr)
+        return EXIT_USAGE
+    settings = load_settings("pgwarden run", concurrency=args.concurrency)
+    if settings is None:
         return EXIT_USAGE
     from pgwarden.controller.app import run_controller  # kopf and kubernetes load only for this command
 
@@ -51,4 +60,5 @@ def handle(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         health_port=args.health_port,
         standalone=args.standalone,
+        settings=settings,
     )

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from pgwarden.cli import EXIT_USAGE, add_common_options
+from pgwarden.cli import EXIT_USAGE, add_common_options, load_settings
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
     parser.add_argument("--health-port", type=int, default=8080, help="liveness /healthz port (default 8080)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="evaluations run at once on this server (default 4, or $PGWARDEN_SIDECAR_CONCURRENCY)",
+    )
     add_common_options(parser)
     parser.set_defaults(handler=handle)
 
@@ -42,6 +48,9 @@ def handle(args: argparse.Namespace) -> int:
             "pgwarden sidecar: --pod-name and --namespace (or POD_NAME and POD_NAMESPACE) are required", file=sys.stderr
         )
         return EXIT_USAGE
+    settings = load_settings("pgwarden sidecar", sidecar_concurrency=args.concurrency)
+    if settings is None:
+        return EXIT_USAGE
     from pgwarden.sidecar.app import run_sidecar  # kubernetes loads only for this command
 
-    return run_sidecar(args.pod_name, args.namespace, args.dsn, args.metrics_port, args.health_port)
+    return run_sidecar(args.pod_name, args.namespace, args.dsn, args.metrics_port, args.health_port, settings)

@@ -15,7 +15,7 @@ import structlog
 from pgwarden.controller.constants import PEERING_NAME
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement.events import PolicyEvent
-from pgwarden.enforcement.kube import PolicyApi, SecretReader, ensure_cluster_peering, load_api_client
+from pgwarden.enforcement.kube import ensure_cluster_peering, load_api_client
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
 from pgwarden.enforcement.worker import PolicyWorker, wait_for_work
@@ -23,8 +23,6 @@ from pgwarden.policy import PolicyError, parse_spec
 from pgwarden.policy.api import FINALIZER, GROUP, PLURAL, VERSION, EnforcerKind
 
 log = structlog.get_logger("pgwarden.controller")
-
-RELEASE_TIMEOUT = 10.0
 
 
 @kopf.on.startup()
@@ -48,12 +46,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.peering.name = PEERING_NAME
     settings.peering.priority = random.randint(1, 2**31 - 1)  # noqa: S311 - tie-breaking, not security
     runtime: Runtime = memo["runtime"]
-    if runtime.api is None:
-        runtime.api = load_api_client()
-    runtime.secrets = SecretReader(runtime.api)
-    runtime.bind_writer(PolicyApi(runtime.api))
+    api = runtime.api if runtime.api is not None else load_api_client()
+    runtime.bind_clients(api)
     if settings.peering.clusterwide and not settings.peering.standalone:
-        outcome = await ensure_cluster_peering(runtime.api, PEERING_NAME)
+        outcome = await ensure_cluster_peering(api, PEERING_NAME)
         log.info("cluster peering object", name=PEERING_NAME, outcome=outcome)
 
 
@@ -107,6 +103,7 @@ async def enforce(
         write_status=write_status,
         post_event=post_event,
         concurrency=runtime.concurrency,
+        settings=runtime.settings,
     )
     try:
         while not stopped:
@@ -140,11 +137,13 @@ async def release(
         write_status=_no_status,
         post_event=lambda _event: None,
         concurrency=runtime.concurrency,
+        settings=runtime.settings,
     )
+    timeout = runtime.settings.release_timeout
     try:
         await asyncio.wait_for(
-            worker.release(parsed, list(pods_by_namespace.get(namespace, [])), RELEASE_TIMEOUT),
-            RELEASE_TIMEOUT + 5,
+            worker.release(parsed, list(pods_by_namespace.get(namespace, [])), timeout),
+            timeout + 5,  # each target is bounded by `timeout`; this bounds the whole, gathering included
         )
     except Exception as exc:  # a gone or broken target never blocks deletion
         log.warning("release incomplete; deleting anyway", policy=name, namespace=namespace, error=str(exc))

@@ -14,25 +14,31 @@ from pgwarden.enforcement.kube import PolicyApi, SecretReader
 from pgwarden.enforcement.pool import ConnectionPool
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.enforcement.worker import Endpoint, TargetEnforcer
-
-DEFAULT_CONCURRENCY = 32
+from pgwarden.settings import DEFAULTS, Settings
 
 
 @dataclass
 class Runtime:
+    settings: Settings = DEFAULTS
     api: client.ApiClient | None = None
     secrets: SecretReader | None = None
     _writer: StatusWriter | None = None
-    concurrency: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(DEFAULT_CONCURRENCY))
+    concurrency: asyncio.Semaphore = field(init=False)
     pool: ConnectionPool = field(default_factory=ConnectionPool)
+
+    def __post_init__(self) -> None:
+        self.concurrency = asyncio.Semaphore(self.settings.concurrency)
 
     @property
     def writer(self) -> StatusWriter:
         assert self._writer is not None, "the startup handler binds the status writer"
         return self._writer
 
-    def bind_writer(self, policies: PolicyApi) -> None:
-        self._writer = StatusWriter(policies)
+    def bind_clients(self, api: client.ApiClient) -> None:
+        """The Secret reader and the status writer over `api`, tuned by the settings."""
+        self.api = api
+        self.secrets = SecretReader(api, ttl=self.settings.secret_cache_ttl)
+        self._writer = StatusWriter.configured(PolicyApi(api), self.settings)
 
     def make_enforcer(self, endpoint: Endpoint) -> TargetEnforcer:
         return self.pool.acquire(endpoint)

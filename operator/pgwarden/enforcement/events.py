@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-MAX_PIDS_IN_MESSAGE = 20
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.engine.report import CycleReport
+from pgwarden.policy.api import EventReason, EventType
+from pgwarden.policy.model import SessionAction
+from pgwarden.settings import DEFAULTS
 
 
 @dataclass(frozen=True)
 class PolicyEvent:
-    type: str  # Normal | Warning
-    reason: str
+    type: EventType
+    reason: EventReason
     message: str
 
 
@@ -21,55 +23,57 @@ def _sessions(count: int) -> str:
     return f"{count} session" if count == 1 else f"{count} sessions"
 
 
-def _pids(pids: list[int]) -> str:
-    shown = ", ".join(str(p) for p in pids[:MAX_PIDS_IN_MESSAGE])
-    more = len(pids) - MAX_PIDS_IN_MESSAGE
+def _pids(pids: list[int], cap: int) -> str:
+    shown = ", ".join(str(p) for p in pids[:cap])
+    more = len(pids) - cap
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def events_for_cycle(pod: str, report: Mapping[str, Any]) -> list[PolicyEvent]:
+def events_for_cycle(pod: str, report: CycleReport, *, max_pids: int = DEFAULTS.event_max_pids) -> list[PolicyEvent]:
     """Events summarising one cycle on one pod: who (pod, rule), what (count, pids), why (the rule)."""
-    dry_run = report.get("enforcementAction") == "dryRun"
     grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for action in report.get("actions") or []:
-        if dry_run or action.get("done"):
-            grouped[(str(action.get("action")), str(action.get("rule")))].append(int(action["pid"]))
-    events: list[PolicyEvent] = []
-    for (action, rule), pids in sorted(grouped.items()):
-        if dry_run:
-            verb = "would terminate" if action == "terminate" else "would cancel queries of"
-            events.append(
-                PolicyEvent(
-                    "Normal", "DryRun", f"pod {pod}: rule {rule} {verb} {_sessions(len(pids))} (pids {_pids(pids)})"
-                )
-            )
-        elif action == "terminate":
-            events.append(
-                PolicyEvent(
-                    "Normal",
-                    "SessionsTerminated",
-                    f"pod {pod}: rule {rule} terminated {_sessions(len(pids))} (pids {_pids(pids)})",
-                )
-            )
-        else:
-            events.append(
-                PolicyEvent(
-                    "Normal",
-                    "QueriesCancelled",
-                    f"pod {pod}: rule {rule} cancelled the queries of {_sessions(len(pids))} (pids {_pids(pids)})",
-                )
-            )
-    autovacuum = report.get("autovacuum") or {}
-    max_workers = autovacuum.get("maxWorkers") or {}
-    cancelled = list(autovacuum.get("cancelled") or [])
-    if max_workers.get("written") or cancelled:
-        parts = []
-        if max_workers.get("written"):
-            pending = " (pending a restart)" if max_workers.get("pendingRestart") else ""
-            parts.append(f"set autovacuum_max_workers to {max_workers.get('desired')}{pending}")
-        if cancelled:
-            parts.append(f"stopped {len(cancelled)} excess autovacuum workers (pids {_pids(cancelled)})")
-        reason = "DryRun" if dry_run else "AutovacuumCapped"
-        prefix = "would " if dry_run else ""
-        events.append(PolicyEvent("Normal", reason, f"pod {pod}: {prefix}" + " and ".join(parts)))
+    for action in report.actions:
+        if report.dry_run or action.done:
+            grouped[(action.action, action.rule)].append(action.pid)
+    events = [
+        _session_event(pod, action, rule, pids, report.dry_run, max_pids)
+        for (action, rule), pids in sorted(grouped.items())
+    ]
+    if report.autovacuum is not None:
+        events.extend(_autovacuum_events(pod, report.autovacuum, max_pids))
     return events
+
+
+def _session_event(pod: str, action: str, rule: str, pids: list[int], dry_run: bool, cap: int) -> PolicyEvent:
+    sessions = f"{_sessions(len(pids))} (pids {_pids(pids, cap)})"
+    if dry_run:
+        verb = "would terminate" if action == SessionAction.TERMINATE else "would cancel queries of"
+        return PolicyEvent("Normal", EventReason.DRY_RUN, f"pod {pod}: rule {rule} {verb} {sessions}")
+    if action == SessionAction.TERMINATE:
+        return PolicyEvent("Normal", EventReason.SESSIONS_TERMINATED, f"pod {pod}: rule {rule} terminated {sessions}")
+    return PolicyEvent(
+        "Normal", EventReason.QUERIES_CANCELLED, f"pod {pod}: rule {rule} cancelled the queries of {sessions}"
+    )
+
+
+def _autovacuum_events(pod: str, autovacuum: AutovacuumReport, cap: int) -> list[PolicyEvent]:
+    """What the cap wrote and stopped, or in a dry run what it would have (`would_write`, `would_cancel`)."""
+    parts = []
+    if autovacuum.dry_run:
+        if autovacuum.would_write:
+            parts.append(f"would set autovacuum_max_workers to {autovacuum.desired}")
+        if autovacuum.would_cancel:
+            stopped = autovacuum.would_cancel
+            parts.append(f"would stop {len(stopped)} excess autovacuum workers (pids {_pids(stopped, cap)})")
+        reason = EventReason.DRY_RUN
+    else:
+        if autovacuum.written:
+            pending = " (pending a restart)" if autovacuum.pending_restart else ""
+            parts.append(f"set autovacuum_max_workers to {autovacuum.desired}{pending}")
+        if autovacuum.cancelled:
+            stopped = autovacuum.cancelled
+            parts.append(f"stopped {len(stopped)} excess autovacuum workers (pids {_pids(stopped, cap)})")
+        reason = EventReason.AUTOVACUUM_CAPPED
+    if not parts:
+        return []
+    return [PolicyEvent("Normal", reason, f"pod {pod}: " + " and ".join(parts))]

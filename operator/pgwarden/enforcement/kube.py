@@ -17,7 +17,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from pgwarden.policy import CredentialsSecret
-from pgwarden.policy.api import GROUP, PLURAL, VERSION
+from pgwarden.policy.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ConditionReason
 
 
 def load_api_client() -> client.ApiClient:
@@ -32,7 +32,7 @@ def load_api_client() -> client.ApiClient:
 class CredentialsError(Exception):
     """The credentials Secret cannot be used; the message says why and never holds a value."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: ConditionReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -65,7 +65,7 @@ class SecretReader:
         missing = [k for k in (ref.username_key, ref.password_key) if k not in data]
         if missing:
             raise CredentialsError(
-                "CredentialsKeyMissing",
+                ConditionReason.CREDENTIALS_KEY_MISSING,
                 f"Secret {namespace}/{ref.name} has no key {', '.join(repr(k) for k in missing)}",
             )
         return Credentials(data[ref.username_key], data[ref.password_key])
@@ -81,12 +81,17 @@ class SecretReader:
             secret = await asyncio.to_thread(self._core.read_namespaced_secret, name, namespace)
         except ApiException as exc:
             if exc.status == 404:
-                error = CredentialsError("CredentialsSecretNotFound", f"Secret {namespace}/{name} not found")
+                error = CredentialsError(
+                    ConditionReason.CREDENTIALS_SECRET_NOT_FOUND, f"Secret {namespace}/{name} not found"
+                )
             elif exc.status == 403:
-                error = CredentialsError("CredentialsForbidden", f"not allowed to read Secret {namespace}/{name}")
+                error = CredentialsError(
+                    ConditionReason.CREDENTIALS_FORBIDDEN, f"not allowed to read Secret {namespace}/{name}"
+                )
             else:
                 raise CredentialsError(
-                    "CredentialsUnavailable", f"reading Secret {namespace}/{name} failed: HTTP {exc.status}"
+                    ConditionReason.CREDENTIALS_UNAVAILABLE,
+                    f"reading Secret {namespace}/{name} failed: HTTP {exc.status}",
                 ) from None
             self._cache[key] = (time.monotonic(), error)
             raise error from None
@@ -182,8 +187,8 @@ class EventPoster:
         body = {
             "metadata": {"generateName": "pgwarden-", "namespace": meta.get("namespace")},
             "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "PostgresPolicy",
+                "apiVersion": API_VERSION,
+                "kind": KIND,
                 "name": meta.get("name"),
                 "namespace": meta.get("namespace"),
                 "uid": meta.get("uid"),

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from pgwarden.engine.report import CycleReport
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -59,20 +58,23 @@ TARGETS = Gauge(
 _backends_seen: dict[tuple[str, str, str], dict[str, int]] = {}  # the counts last exported, per target
 
 
-def record_cycle(namespace: str, policy: str, pod: str, report: Mapping[str, Any], seconds: float) -> None:
-    mode = str(report.get("enforcementAction", "enforce"))
+def record_cycle(namespace: str, policy: str, pod: str, report: CycleReport, seconds: float) -> None:
+    mode = report.enforcement_action.value
     CYCLE_SECONDS.labels(namespace, policy).observe(seconds)
-    for action in report.get("actions") or []:
-        if action.get("done") or mode == "dryRun":
-            ACTIONS.labels(namespace, policy, str(action.get("rule")), str(action.get("action")), mode).inc()
-    cancelled = (report.get("autovacuum") or {}).get("cancelled") or []
-    if cancelled:
-        ACTIONS.labels(namespace, policy, "autovacuum", "cancel", mode).inc(len(cancelled))
+    for action in report.actions:
+        if action.done or report.dry_run:
+            ACTIONS.labels(namespace, policy, action.rule, action.action, mode).inc()
+    autovacuum = report.autovacuum
+    if autovacuum is not None:
+        # A dry run counts what it would have stopped, as it does for sessions (the metric's help says so).
+        stopped = autovacuum.would_cancel if autovacuum.dry_run else autovacuum.cancelled
+        if stopped:
+            ACTIONS.labels(namespace, policy, "autovacuum", "cancel", mode).inc(len(stopped))
     # Only what changed: 200 targets x ~8 backend types are 1,600 label lookups a cycle otherwise. A type
     # that is gone (an autovacuum worker that finished) drops to 0 instead of showing its last count forever.
     key = (namespace, policy, pod)
     before = _backends_seen.get(key, {})
-    now = {str(k): int(v) for k, v in (report.get("backends") or {}).items()}
+    now = dict(report.backends)
     for backend_type in before.keys() | now.keys():
         if before.get(backend_type) != now.get(backend_type, 0):
             BACKENDS.labels(namespace, policy, pod, backend_type).set(now.get(backend_type, 0))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 from pgwarden.enforcement.worker import Endpoint
+from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.report import CycleReport
 from pgwarden.engine.session import EngineTarget
 from pgwarden.policy import PolicySpec
 
@@ -41,12 +42,12 @@ class SharedEnforcer:
             raise RuntimeError("enforcer used after close()")
         return self._connection
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[dict[str, Any], float | None]:
+    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
         connection = self._use()
         async with connection.lock:  # one statement at a time on a connection; policies take turns
             return await connection.target.evaluate(spec, policy=policy, target=target)
 
-    async def release_autovacuum(self, written: int) -> dict[str, Any]:
+    async def release_autovacuum(self, written: int) -> ReleaseReport:
         connection = self._use()
         async with connection.lock:
             return await connection.target.release_autovacuum(written)

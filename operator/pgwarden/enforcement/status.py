@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pgwarden.engine.report import ActionRecord, CycleReport
+from pgwarden.policy.api import ConditionReason, ConditionStatus, ConditionType
+from pgwarden.policy.model import SessionAction
+
 MAX_LAST_ACTIONS = 20
 TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
 # Process counts move on any live server (sessions come and go, flip between idle and active; a server
@@ -36,7 +40,7 @@ class TargetUpdate:
     pod: str
     pod_ip: str | None
     enforcer: str
-    report: Mapping[str, Any] | None = None
+    report: CycleReport | None = None
     error: str | None = None
     skipped_reason: str | None = None
     when: str = field(default_factory=now_rfc3339)
@@ -55,15 +59,7 @@ class TargetUpdate:
             if previous and key in previous:
                 entry[key] = previous[key]
         if self.report is not None:
-            entry["serverVersion"] = self.report.get("serverVersion")
-            entry["backends"] = dict(self.report.get("backends") or {})
-            entry["clientStates"] = dict(self.report.get("clientStates") or {})
-            if self.report.get("autovacuum") is not None:
-                entry["autovacuum"] = self.report["autovacuum"]
-            actions = list(self.report.get("actions") or [])
-            if actions:
-                entry["lastActions"] = [_action_entry(a) for a in actions[:MAX_LAST_ACTIONS]]
-                entry["lastActionTime"] = self.when
+            entry.update(_report_fields(self.report, self.when))
             # Per-session problems in the report (e.g. PostgreSQL refusing to signal a superuser's session)
             # are logged and reported by the engine; the target itself was evaluated, so it is not failing.
         return {k: v for k, v in entry.items() if v is not None}
@@ -73,30 +69,46 @@ class TargetUpdate:
         out = dict.fromkeys(TOTAL_KEYS, 0)
         if self.report is None:
             return out
-        for action in self.report.get("actions") or []:
-            if not action.get("done"):
+        for action in self.report.actions:
+            if not action.done:
                 continue
             out["actions"] += 1
-            out["terminated" if action.get("action") == "terminate" else "cancelled"] += 1
-        cancelled = (self.report.get("autovacuum") or {}).get("cancelled") or []
-        if not self.report.get("autovacuum", {}).get("dryRun"):
-            out["autovacuumCancelled"] += len(cancelled)
-            out["actions"] += len(cancelled)
+            out["terminated" if action.action == SessionAction.TERMINATE else "cancelled"] += 1
+        autovacuum = self.report.autovacuum
+        if autovacuum is not None and not autovacuum.dry_run:
+            out["autovacuumCancelled"] += len(autovacuum.cancelled)
+            out["actions"] += len(autovacuum.cancelled)
         return out
 
 
-def _action_entry(action: Mapping[str, Any]) -> dict[str, Any]:
+def _report_fields(report: CycleReport, when: str) -> dict[str, Any]:
+    """The report serialised into the fields of a `status.targets[]` item (the edge where JSON is written)."""
+    fields: dict[str, Any] = {
+        "serverVersion": report.server_version,
+        "backends": dict(report.backends),
+        "clientStates": dict(report.client_states),
+    }
+    if report.autovacuum is not None:
+        fields["autovacuum"] = report.autovacuum.to_json()
+    if report.actions:
+        fields["lastActions"] = [_action_entry(a) for a in report.actions[:MAX_LAST_ACTIONS]]
+        fields["lastActionTime"] = when
+    return fields
+
+
+def _action_entry(action: ActionRecord) -> dict[str, Any]:
     keys = ("rule", "action", "pid", "user", "database", "applicationName", "clientAddress", "state", "done")
-    return {k: action[k] for k in keys if action.get(k) is not None}
+    serialised = action.to_json()
+    return {k: serialised[k] for k in keys if serialised.get(k) is not None}
 
 
 @dataclass
 class PolicyCondition:
     """A condition the writer asserts; lastTransitionTime is carried over when the status is unchanged."""
 
-    type: str
-    status: str
-    reason: str
+    type: ConditionType
+    status: ConditionStatus
+    reason: ConditionReason
     message: str
 
 
@@ -152,25 +164,22 @@ def _conditions(
     active: list[dict[str, Any]], failing: list[dict[str, Any]], override: PolicyCondition | None
 ) -> list[PolicyCondition]:
     if override is not None:
-        degraded = PolicyCondition("Degraded", "True", override.reason, override.message)
-        return [override, degraded] if override.type == "Ready" else [override]
+        degraded = PolicyCondition(ConditionType.DEGRADED, "True", override.reason, override.message)
+        return [override, degraded] if override.type == ConditionType.READY else [override]
     if failing:
         detail = "; ".join(f"{t['pod']}: {t['error']}" for t in failing[:5])
-        ready = PolicyCondition(
-            "Ready", "False", "TargetErrors", f"{len(failing)} of {len(active)} targets failed: {detail}"
-        )
-        degraded = PolicyCondition("Degraded", "True", "TargetErrors", ready.message)
-        return [ready, degraded]
+        message = f"{len(failing)} of {len(active)} targets failed: {detail}"
+        return _ready_and_degraded(False, ConditionReason.TARGET_ERRORS, message)
     if not active:
-        message = "no running pod matches spec.selector"
-        return [
-            PolicyCondition("Ready", "True", "NoTargets", message),
-            PolicyCondition("Degraded", "False", "NoTargets", message),
-        ]
-    message = f"all {len(active)} targets evaluated"
+        return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
+    return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")
+
+
+def _ready_and_degraded(ready: bool, reason: ConditionReason, message: str) -> list[PolicyCondition]:
+    """Ready and Degraded always disagree, for one reason."""
     return [
-        PolicyCondition("Ready", "True", "TargetsEvaluated", message),
-        PolicyCondition("Degraded", "False", "TargetsEvaluated", message),
+        PolicyCondition(ConditionType.READY, "True" if ready else "False", reason, message),
+        PolicyCondition(ConditionType.DEGRADED, "False" if ready else "True", reason, message),
     ]
 
 

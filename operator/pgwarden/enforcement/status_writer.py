@@ -11,23 +11,32 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from pgwarden.enforcement.kube import PolicyApi, StatusConflict
+from pgwarden.enforcement.kube import StatusConflict
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
 
-HEARTBEAT_SECONDS = 60.0
-MAX_ATTEMPTS = 8
+
+class PolicyStore(Protocol):
+    """The two calls the writer makes (`pgwarden.enforcement.kube.PolicyApi`)."""
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The policy, or None when it is gone."""
+
+    async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
+        """Write `status` if the policy is still at `resource_version` (else StatusConflict)."""
 
 
 @dataclass
 class StatusWriter:
-    policies: PolicyApi
-    heartbeat: float = HEARTBEAT_SECONDS
+    policies: PolicyStore
+    heartbeat: float = DEFAULTS.status_heartbeat
+    max_attempts: int = DEFAULTS.status_write_attempts
     writes: int = 0
     _last_write: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -46,7 +55,7 @@ class StatusWriter:
         """Apply one step's outcome to the policy's status; True if a write happened."""
         key = (namespace, name)
         obj = dict(latest) if latest is not None else await self.policies.get(namespace, name)
-        for _ in range(MAX_ATTEMPTS):
+        for _ in range(self.max_attempts):
             if obj is None:
                 return False  # the policy is gone; nothing to report on
             meta = obj.get("metadata") or {}
@@ -73,6 +82,10 @@ class StatusWriter:
             return True
         log.warning("status not written: too many concurrent writers", policy=name, namespace=namespace)
         return False
+
+    @classmethod
+    def configured(cls, policies: PolicyStore, settings: Settings) -> StatusWriter:
+        return cls(policies, heartbeat=settings.status_heartbeat, max_attempts=settings.status_write_attempts)
 
     def forget(self, namespace: str, name: str) -> None:
         self._last_write.pop((namespace, name), None)

@@ -18,28 +18,34 @@ import structlog
 
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
-from pgwarden.enforcement.kube import CredentialsError, SecretReader
+from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo, select_targets
-from pgwarden.policy import PolicyError, PolicySpec, parse_spec
-from pgwarden.policy.api import EnforcerKind
+from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.report import CycleReport
+from pgwarden.policy import CredentialsSecret, PolicyError, PolicySpec, parse_spec
+from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind
+from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
-
-MIN_DELAY = 1.0
-MAX_BACKOFF = 300.0
-IDLE_POLL = 2.0  # how often a sleeping worker looks at the pods index for new targets
 
 
 class TargetEnforcer(Protocol):
     """What the worker needs from the engine for one PostgreSQL server (see pgwarden.engine.session)."""
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[dict[str, Any], float | None]:
-        """Run one cycle; return the JSON report and seconds until the next threshold (None: none seen)."""
+    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+        """Run one cycle; return its report and seconds until the next threshold (None: none seen)."""
 
-    async def release_autovacuum(self, written: int) -> dict[str, Any]: ...
+    async def release_autovacuum(self, written: int) -> ReleaseReport: ...
 
     async def close(self) -> None: ...
+
+
+class CredentialSource(Protocol):
+    """Where the controller's credentials come from (`pgwarden.enforcement.kube.SecretReader`)."""
+
+    async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
+        """The username and password the Secret holds; raises CredentialsError saying why not."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class PolicyWorker:
 
     namespace: str
     name: str
-    secrets: SecretReader | None
+    secrets: CredentialSource | None
     make_enforcer: EnforcerFactory
     write_status: StatusSink
     post_event: EventSink
@@ -109,6 +115,8 @@ class PolicyWorker:
     _generation: int | None = None
     _parsed: tuple[int | None, PolicySpec] | None = None
     _reported: tuple[list[str], int | None] | None = None  # (owned pods, generation) last given to write_status
+    settings: Settings = DEFAULTS
+    clock: Callable[[], float] = time.monotonic  # tests step time by hand
 
     @property
     def policy_key(self) -> str:
@@ -117,82 +125,19 @@ class PolicyWorker:
     async def step(self, body: Mapping[str, Any], pods: Iterable[PodInfo]) -> float:
         """Evaluate whatever is due now; return how long to sleep before the next step."""
         generation = (body.get("metadata") or {}).get("generation")
-        try:
-            spec = self._spec(generation, body)
-        except PolicyError as exc:
-            await self._close_all()
-            condition = PolicyCondition("Ready", "False", "InvalidSpec", str(exc))
-            await self.write_status([], [], condition, True)
-            log.warning("policy invalid; nothing enforced", policy=self.name, namespace=self.namespace, error=str(exc))
-            return IDLE_POLL * 5
-        if generation != self._generation:
-            self._generation = generation
-            for state in self.states.values():
-                state.next_due = 0.0  # a changed policy takes effect now, on every target
-        interval = spec.interval.total_seconds()
-        chosen = select_targets(spec.selector, pods)
-        sidecar = self.enforcer_kind == EnforcerKind.SIDECAR
-        ours = [p for p in chosen if p.sidecar_enforced == sidecar]
-        skipped = [p for p in chosen if p.sidecar_enforced != sidecar]  # not `p not in ours`: O(n^2) on 200 pods
-        await self._forget_departed({p.name for p in ours})
-        for pod in ours:
-            state = self.states.setdefault(pod.name, TargetState(pod))
-            state.pod = pod
-        metrics.TARGETS.labels(self.namespace, self.name).set(len(ours))
-
-        now = time.monotonic()
-        due = [s for s in self.states.values() if s.task is None and s.next_due <= now]
-        credentials_condition: PolicyCondition | None = None
-        if due:
-            try:
-                endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
-            except CredentialsError as exc:
-                credentials_condition = PolicyCondition("Ready", "False", exc.reason, str(exc))
-                for state in due:
-                    state.failures += 1
-                    state.next_due = now + self._backoff(state, interval)
-                    await state.drop_connection()
-                log.warning("credentials unavailable; nothing enforced", policy=self.name, reason=exc.reason)
-            else:
-                batch = Pass(now, len(due), len(due))
-                for state in due:
-                    state.batch = batch
-                    state.task = asyncio.create_task(
-                        self._evaluate(state, spec, endpoints[state.pod.name], interval),
-                        name=f"pgwarden {self.policy_key} {state.pod.name}",
-                    )
+        spec = await self._spec_or_report_invalid(generation, body)
+        if spec is None:
+            return self.settings.invalid_spec_poll
+        self._note_generation(generation)
+        ours, skipped = self._choose_targets(spec, pods)
+        await self._track(ours)
+        credentials_condition = await self._start_due(spec, self.clock())
         updates, finished = self._harvest()
-        for pod in skipped:
-            updates.append(
-                TargetUpdate(
-                    pod.name,
-                    pod.pod_ip,
-                    self.enforcer_kind,
-                    skipped_reason=(
-                        "enforced by its pgwarden sidecar (annotation pgwarden.dev/enforcer=sidecar)"
-                        if self.enforcer_kind == EnforcerKind.CONTROLLER
-                        else "not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it"
-                    ),
-                )
-            )
-        owned = sorted(self.states)
-        # A step that evaluated nothing and changed neither the target set nor the generation has nothing to
-        # say; the status writer would work out that nothing changed, at the cost of a diff of the whole status.
-        if updates or credentials_condition is not None or self._reported != (owned, generation):
-            await self.write_status(updates, owned, credentials_condition, False)
-            self._reported = (owned, generation)
+        updates.extend(self._skip_notices(skipped))
+        await self._report(updates, generation, credentials_condition)
         for done in finished:
-            metrics.record_pass(self.namespace, self.name, done.targets, time.monotonic() - done.started)
-        # wait_for_work wakes when *every* evaluation in flight has landed, not at each one: one step then
-        # harvests a whole pass and writes the status once. An evaluation in flight cannot make its target due
-        # sooner than MIN_DELAY after its pass began, so waking then (to harvest and schedule the others while a
-        # slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
-        now = time.monotonic()
-        wakes = [s.next_due for s in self.states.values() if s.task is None]
-        wakes += [b.started + MIN_DELAY for s in self.states.values() if (b := s.batch) and b.started + MIN_DELAY > now]
-        if not wakes:
-            return IDLE_POLL
-        return max(0.05, min(min(wakes) - now, IDLE_POLL))
+            metrics.record_pass(self.namespace, self.name, done.targets, self.clock() - done.started)
+        return self._next_wake(self.clock())
 
     def inflight(self) -> list[asyncio.Task[TargetUpdate]]:
         return [s.task for s in self.states.values() if s.task is not None]
@@ -227,7 +172,7 @@ class PolicyWorker:
             enforcer = self.make_enforcer(await self._endpoint(spec, pod))
             try:
                 result = await enforcer.release_autovacuum(written)
-                log.info("released autovacuum_max_workers", policy=self.name, pod=pod.name, result=result)
+                log.info("released autovacuum_max_workers", policy=self.name, pod=pod.name, result=result.to_json())
             finally:
                 await enforcer.close()
 
@@ -242,6 +187,99 @@ class PolicyWorker:
         await self._close_all()
 
     # -- internals ------------------------------------------------------------------------------------
+    async def _spec_or_report_invalid(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec | None:
+        """The parsed spec; for an invalid one, every target let go and the reason written (then None)."""
+        try:
+            return self._spec(generation, body)
+        except PolicyError as exc:
+            await self._close_all()
+            condition = PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, str(exc))
+            await self.write_status([], [], condition, True)
+            log.warning("policy invalid; nothing enforced", policy=self.name, namespace=self.namespace, error=str(exc))
+            return None
+
+    def _note_generation(self, generation: int | None) -> None:
+        if generation != self._generation:
+            self._generation = generation
+            for state in self.states.values():
+                state.next_due = 0.0  # a changed policy takes effect now, on every target
+
+    def _choose_targets(self, spec: PolicySpec, pods: Iterable[PodInfo]) -> tuple[list[PodInfo], list[PodInfo]]:
+        """The selected pods this enforcer handles, and those its counterpart (sidecar or controller) does."""
+        chosen = select_targets(spec.selector, pods)
+        sidecar = self.enforcer_kind == EnforcerKind.SIDECAR
+        ours = [p for p in chosen if p.sidecar_enforced == sidecar]
+        skipped = [p for p in chosen if p.sidecar_enforced != sidecar]  # not `p not in ours`: O(n^2) on 200 pods
+        return ours, skipped
+
+    async def _track(self, ours: list[PodInfo]) -> None:
+        """Drop departed targets (connections, metric series), add new ones, refresh the pods' details."""
+        await self._forget_departed({p.name for p in ours})
+        for pod in ours:
+            state = self.states.setdefault(pod.name, TargetState(pod))
+            state.pod = pod
+        metrics.TARGETS.labels(self.namespace, self.name).set(len(ours))
+
+    async def _start_due(self, spec: PolicySpec, now: float) -> PolicyCondition | None:
+        """Start an evaluation task on every idle target that is due; a credentials problem instead backs
+        them all off and is returned as the condition to report."""
+        due = [s for s in self.states.values() if s.task is None and s.next_due <= now]
+        if not due:
+            return None
+        interval = spec.interval.total_seconds()
+        try:
+            endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
+        except CredentialsError as exc:
+            for state in due:
+                state.failures += 1
+                state.next_due = now + self._backoff(state, interval)
+                await state.drop_connection()
+            log.warning("credentials unavailable; nothing enforced", policy=self.name, reason=exc.reason)
+            return PolicyCondition(ConditionType.READY, "False", exc.reason, str(exc))
+        batch = Pass(now, len(due), len(due))
+        for state in due:
+            state.batch = batch
+            state.task = asyncio.create_task(
+                self._evaluate(state, spec, endpoints[state.pod.name], interval),
+                name=f"pgwarden {self.policy_key} {state.pod.name}",
+            )
+        return None
+
+    def _skip_notices(self, skipped: list[PodInfo]) -> list[TargetUpdate]:
+        """One status entry per selected pod the other kind of enforcer handles, saying so."""
+        reason = (
+            "enforced by its pgwarden sidecar (annotation pgwarden.dev/enforcer=sidecar)"
+            if self.enforcer_kind == EnforcerKind.CONTROLLER
+            else "not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it"
+        )
+        return [TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, skipped_reason=reason) for pod in skipped]
+
+    async def _report(
+        self, updates: list[TargetUpdate], generation: int | None, condition: PolicyCondition | None
+    ) -> None:
+        """Hand the step's outcome to the status sink, unless the step has nothing to say."""
+        owned = sorted(self.states)
+        # A step that evaluated nothing and changed neither the target set nor the generation has nothing to
+        # say; the status writer would work out that nothing changed, at the cost of a diff of the whole status.
+        if updates or condition is not None or self._reported != (owned, generation):
+            await self.write_status(updates, owned, condition, False)
+            self._reported = (owned, generation)
+
+    def _next_wake(self, now: float) -> float:
+        """Seconds until the next step is worthwhile.
+
+        wait_for_work wakes when *every* evaluation in flight has landed, not at each one: one step then
+        harvests a whole pass and writes the status once. An evaluation in flight cannot make its target due
+        sooner than min_delay after its pass began, so waking then (to harvest and schedule the others while a
+        slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
+        """
+        min_delay, idle_poll = self.settings.min_delay, self.settings.idle_poll
+        wakes = [s.next_due for s in self.states.values() if s.task is None]
+        wakes += [b.started + min_delay for s in self.states.values() if (b := s.batch) and b.started + min_delay > now]
+        if not wakes:
+            return idle_poll
+        return max(0.05, min(min(wakes) - now, idle_poll))
+
     def _spec(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec:
         """The parsed spec, re-parsed only when the generation moves (the engine caches per spec object)."""
         if self._parsed is None or self._parsed[0] != generation or generation is None:
@@ -266,13 +304,14 @@ class PolicyWorker:
             user, password = creds.username, creds.password
         elif conn.credentials_secret is None:
             raise CredentialsError(
-                "CredentialsNotConfigured", "spec.connection.credentialsSecret is required for the central controller"
+                ConditionReason.CREDENTIALS_NOT_CONFIGURED,
+                "spec.connection.credentialsSecret is required for the central controller",
             )
         assert pod.pod_ip is not None  # select_targets only returns pods with an IP
         return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password)
 
     def _backoff(self, state: TargetState, interval: float) -> float:
-        return float(min(MAX_BACKOFF, max(MIN_DELAY, interval), 2.0 ** min(state.failures, 10)))
+        return self.settings.retry_delay(state.failures, interval)
 
     async def _evaluate(
         self, state: TargetState, spec: PolicySpec, endpoint: Endpoint, interval: float
@@ -283,7 +322,7 @@ class PolicyWorker:
             state.endpoint = endpoint
         if state.enforcer is None:
             state.enforcer = self.make_enforcer(endpoint)
-        started = time.monotonic()
+        started = self.clock()
         bound = structlog.contextvars.bound_contextvars(policy=self.name, namespace=self.namespace, pod=pod.name)
         try:
             with bound:
@@ -293,7 +332,7 @@ class PolicyWorker:
                     )
         except Exception as exc:  # every engine failure is a per-target report, never a crash
             state.failures += 1
-            state.next_due = time.monotonic() + self._backoff(state, interval)
+            state.next_due = self.clock() + self._backoff(state, interval)
             await state.drop_connection()
             metrics.record_error(self.namespace, self.name, pod.name)
             log.warning("target failed", policy=self.name, namespace=self.namespace, pod=pod.name, error=str(exc))
@@ -304,9 +343,9 @@ class PolicyWorker:
             # targets due together stay together, so the next pass is again one step, not a trickle of many.
             state.next_due = (state.batch.started if state.batch is not None else started) + interval
         else:
-            state.next_due = started + min(interval, max(MIN_DELAY, next_in))
-        metrics.record_cycle(self.namespace, self.name, pod.name, report, time.monotonic() - started)
-        for event in events_for_cycle(pod.name, report):
+            state.next_due = started + min(interval, max(self.settings.min_delay, next_in))
+        metrics.record_cycle(self.namespace, self.name, pod.name, report, self.clock() - started)
+        for event in events_for_cycle(pod.name, report, max_pids=self.settings.event_max_pids):
             self.post_event(event)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
 

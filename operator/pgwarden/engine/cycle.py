@@ -16,6 +16,7 @@ import structlog
 
 from pgwarden.engine import act as acting
 from pgwarden.engine.autovacuum import enforce_autovacuum
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.decide import plan
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
@@ -27,14 +28,14 @@ log = structlog.get_logger("pgwarden.engine")
 
 async def _autovacuum(
     conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
-) -> tuple[dict[str, Any] | None, list[str]]:
+) -> tuple[AutovacuumReport | None, list[str]]:
     try:
         result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
             raise TargetUnreachable(f"connection to {target} lost during autovacuum: {str(exc).strip()}") from None
         return None, [f"autovacuum: {str(exc).strip()}"]
-    return result.to_json(), [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
+    return result, [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
 
 
 _COMPILED: OrderedDict[tuple[int, frozenset[int]], tuple[PolicySpec, ObservationQuery]] = OrderedDict()

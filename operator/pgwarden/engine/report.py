@@ -8,21 +8,21 @@ next deadline) stay attributes and never enter the JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import EnforcementAction
 
-# Reasons a chosen session was left alone (`skipped[].reason`).
-MAX_ACTIONS = "maxActionsPerCycle"
-MAX_FRACTION = "maxFractionPerCycle"
-GONE = "gone"
-"""The backend ended (or its pid now belongs to another backend) between observation and action."""
-STATE_CHANGED = "stateChanged"
-"""The session changed state since it was observed, so the rule's verdict no longer applies."""
-PERMISSION_DENIED = "permissionDenied"
-"""The engine's role may not signal that backend (SQLSTATE 42501); also listed in `errors`."""
-FAILED = "error"
-"""Signalling failed for another reason; the message is in `errors`."""
+# Why a chosen session was left alone (`skipped[].reason`): the words are `pgwarden.policy.api.SkipReason`.
+# These aliases only keep `act` and `decide` importing what they did while they are reworked on another
+# branch; new code uses SkipReason.
+MAX_ACTIONS: Final = SkipReason.MAX_ACTIONS
+MAX_FRACTION: Final = SkipReason.MAX_FRACTION
+GONE: Final = SkipReason.GONE
+STATE_CHANGED: Final = SkipReason.STATE_CHANGED
+PERMISSION_DENIED: Final = SkipReason.PERMISSION_DENIED
+FAILED: Final = SkipReason.FAILED
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class SkipRecord:
     rule: str
     pid: int
     reason: str
+    """A `SkipReason`."""
 
     def to_json(self) -> dict[str, Any]:
         return {"rule": self.rule, "pid": self.pid, "reason": self.reason}
@@ -80,7 +81,7 @@ class CycleReport:
     actions: list[ActionRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    autovacuum: dict[str, Any] | None = None
+    autovacuum: AutovacuumReport | None = None
     """The autovacuum report, only when the policy configures autovacuum."""
     next_deadline: float | None = None
     """Seconds after `observed_at` when a session seen now crosses a rule's thresholds (not in JSON)."""
@@ -106,7 +107,7 @@ class CycleReport:
             "errors": list(self.errors),
         }
         if self.autovacuum is not None:
-            out["autovacuum"] = self.autovacuum
+            out["autovacuum"] = self.autovacuum.to_json()
         return out
 
 
@@ -155,7 +156,7 @@ def render_text(report: CycleReport) -> str:
         rows = [[s.rule, str(s.pid), s.reason] for s in report.skipped]
         lines.extend("    " + line for line in _table(["RULE", "PID", "REASON"], rows))
     if report.autovacuum is not None:
-        lines.append(f"  autovacuum: {report.autovacuum}")
+        lines.append(f"  autovacuum: {report.autovacuum.to_json()}")
     for error in report.errors:
         lines.append(f"  error: {error}")
     return "\n".join(lines)

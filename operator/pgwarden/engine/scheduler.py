@@ -20,27 +20,29 @@ import structlog
 
 from pgwarden.engine.errors import EngineError
 from pgwarden.engine.report import CycleReport
+from pgwarden.settings import DEFAULTS, Settings
 
-MIN_DELAY = 1.0
-"""Never start cycles more often than this (seconds), whatever the deadlines say."""
+MIN_DELAY = DEFAULTS.min_delay
+"""Never start cycles more often than this (seconds) by default (`Settings.min_delay`)."""
 DEADLINE_MARGIN = 0.02
 """Added to a deadline to absorb clock-rate differences; the reference point is already never early."""
 
 log = structlog.get_logger("pgwarden.engine")
 
 
-def next_start(report: CycleReport, *, started: float, interval: float) -> float:
+def next_start(report: CycleReport, *, started: float, interval: float, settings: Settings = DEFAULTS) -> float:
     """Monotonic time at which the next cycle should start, given this cycle's report."""
     latest = started + interval
     if report.next_deadline is None:
         return latest
     crossing = report.observed_at + report.next_deadline + DEADLINE_MARGIN
-    return max(started + MIN_DELAY, min(latest, crossing))
+    return max(started + settings.min_delay, min(latest, crossing))
 
 
-def retry_delay(failures: int, interval: float) -> float:
-    """Back off after consecutive failures: 1 s, 2 s, 4 s ... never longer than `interval`."""
-    return max(MIN_DELAY, min(interval, 2.0 ** max(0, failures - 1)))
+def retry_delay(failures: int, interval: float, settings: Settings = DEFAULTS) -> float:
+    """Back off after consecutive failures: 1 s, 2 s, 4 s ... never longer than `interval` (`Settings.retry_delay`,
+    the rule the controller and the sidecar follow too)."""
+    return settings.retry_delay(failures, interval)
 
 
 async def _sleep_until(deadline: float, stop: asyncio.Event, clock: Callable[[], float]) -> None:
@@ -58,6 +60,7 @@ async def run_loop(
     on_report: Callable[[CycleReport], None],
     on_error: Callable[[EngineError, int], bool],
     clock: Callable[[], float] = time.monotonic,
+    settings: Settings = DEFAULTS,
 ) -> None:
     """Run `cycle` until `stop` is set.
 
@@ -73,10 +76,10 @@ async def run_loop(
             failures += 1
             if not on_error(exc, failures):
                 raise
-            await _sleep_until(started + retry_delay(failures, interval), stop, clock)
+            await _sleep_until(started + retry_delay(failures, interval, settings), stop, clock)
             continue
         failures = 0
         on_report(report)
-        wake = next_start(report, started=started, interval=interval)
+        wake = next_start(report, started=started, interval=interval, settings=settings)
         log.debug("next cycle", in_seconds=round(wake - clock(), 3), next_deadline=report.next_deadline)
         await _sleep_until(wake, stop, clock)

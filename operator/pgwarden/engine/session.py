@@ -1,7 +1,7 @@
 """A long-lived engine connection to one target that reconnects after a failure.
 
 `TargetSession` is what the CLI loop and the sidecar hold; `EngineTarget` adapts it to the controller's
-`TargetEnforcer` protocol (host/port/credentials from a pod and a Secret, JSON report out).
+`TargetEnforcer` protocol (host/port/credentials from a pod and a Secret, typed report out).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from pgwarden.engine.autovacuum import release_autovacuum
+from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.errors import TargetUnreachable
@@ -96,15 +97,15 @@ class EngineTarget:
         target._session = TargetSession(parse_dsn(dsn))
         return target
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[dict[str, Any], float | None]:
-        """Run one cycle; the JSON report and seconds from this call's start until a new cycle is worthwhile."""
+    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+        """Run one cycle; the report and seconds from this call's start until a new cycle is worthwhile."""
         called = time.monotonic()
         report = await self._session.run(spec, policy=policy, target=target)
         if report.next_deadline is None:
-            return report.to_json(), None
-        return report.to_json(), (report.observed_at - called) + report.next_deadline + DEADLINE_MARGIN
+            return report, None
+        return report, (report.observed_at - called) + report.next_deadline + DEADLINE_MARGIN
 
-    async def release_autovacuum(self, written: int) -> dict[str, Any]:
+    async def release_autovacuum(self, written: int) -> ReleaseReport:
         """Undo the policy's autovacuum_max_workers (see `pgwarden.engine.autovacuum.release_autovacuum`)."""
         conn = await self._session.connection()
         try:
@@ -114,7 +115,7 @@ class EngineTarget:
                 await self._session.close()
                 raise TargetUnreachable(f"connection to {self._session.target} lost: {str(exc).strip()}") from None
             raise
-        return report.to_json()
+        return report
 
     async def close(self) -> None:
         await self._session.close()

@@ -11,10 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pgwarden.policy.api import API_VERSION, KIND
 from pgwarden.policy.model import PolicySpec
-
-API_VERSION = "pgwarden.dev/v1alpha1"
-KIND = "PostgresPolicy"
 
 
 class PolicyError(ValueError):

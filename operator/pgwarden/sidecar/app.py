@@ -26,27 +26,28 @@ from pgwarden.enforcement.targets import PodInfo, pod_info_from
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer, wait_for_work
 from pgwarden.engine.session import EngineTarget
 from pgwarden.policy.api import EnforcerKind
+from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.sidecar")
 
-POLL_SECONDS = 5.0
 LOCAL = Endpoint(host="local", port=0, dbname="", sslmode="", user=None)
 
 
 class Sidecar:
-    def __init__(self, pod_name: str, namespace: str, dsn: str) -> None:
+    def __init__(self, pod_name: str, namespace: str, dsn: str, settings: Settings = DEFAULTS) -> None:
+        self.settings = settings
         self.pod_name = pod_name
         self.namespace = namespace
         self.dsn = dsn
         api = load_api_client()
         self.pods = PodApi(api)
         self.policies = PolicyLister(api)
-        self.writer = StatusWriter(PolicyApi(api))
+        self.writer = StatusWriter.configured(PolicyApi(api), settings)
         self.events = EventPoster(api, "pgwarden-sidecar", pod_name)
         self.workers: dict[str, PolicyWorker] = {}
         self.bodies: dict[str, dict[str, Any]] = {}  # the latest listed body of each policy
         self.pod: PodInfo | None = None
-        self.concurrency = asyncio.Semaphore(4)
+        self.concurrency = asyncio.Semaphore(settings.sidecar_concurrency)
         self.healthy = False
         self._pending_events: set[asyncio.Task[None]] = set()
 
@@ -87,12 +88,13 @@ class Sidecar:
             concurrency=self.concurrency,
             enforcer_kind=EnforcerKind.SIDECAR,
             fixed_endpoint=LOCAL,
+            settings=self.settings,
         )
         self.workers[name] = worker
         return worker
 
     async def refresh(self) -> None:
-        """Read the own pod and the namespace's policies (every POLL_SECONDS, not every step)."""
+        """Read the own pod and the namespace's policies (every `sidecar_poll` seconds, not every step)."""
         raw_pod = await self.pods.get(self.namespace, self.pod_name)
         if raw_pod is None:
             log.warning("own pod not found; idle", pod=self.pod_name, namespace=self.namespace)
@@ -114,23 +116,24 @@ class Sidecar:
 
     async def step(self) -> float:
         """Evaluate what is due on every policy; returns how long to sleep."""
-        delay = POLL_SECONDS
+        delay = self.settings.sidecar_poll
         pods = [self.pod] if self.pod is not None else []
         for name, body in sorted(self.bodies.items()):
             delay = min(delay, await self._worker(name).step(body, pods))
         return delay
 
     async def run(self, stop: asyncio.Event) -> None:
+        poll = self.settings.sidecar_poll
         refreshed = float("-inf")
         while not stop.is_set():
             try:
-                if time.monotonic() - refreshed >= POLL_SECONDS:
+                if time.monotonic() - refreshed >= poll:
                     await self.refresh()
                     refreshed = time.monotonic()
-                delay = min(await self.step(), max(0.05, refreshed + POLL_SECONDS - time.monotonic()))
+                delay = min(await self.step(), max(0.05, refreshed + poll - time.monotonic()))
             except Exception as exc:  # the API server blinked: report, keep going
                 log.warning("sidecar step failed", error=str(exc))
-                delay = POLL_SECONDS
+                delay = poll
             inflight = [t for w in self.workers.values() for t in w.inflight()]
             await wait_for_work(delay, inflight, stop.wait())
         for worker in self.workers.values():
@@ -149,12 +152,14 @@ async def _serve_health(sidecar: Sidecar, port: int) -> web.AppRunner:
     return runner
 
 
-async def _main(pod_name: str, namespace: str, dsn: str, metrics_port: int, health_port: int) -> None:
+async def _main(
+    pod_name: str, namespace: str, dsn: str, metrics_port: int, health_port: int, settings: Settings
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sidecar = Sidecar(pod_name, namespace, dsn)
+    sidecar = Sidecar(pod_name, namespace, dsn, settings)
     metrics.serve(metrics_port)
     runner = await _serve_health(sidecar, health_port)
     try:
@@ -163,6 +168,8 @@ async def _main(pod_name: str, namespace: str, dsn: str, metrics_port: int, heal
         await runner.cleanup()
 
 
-def run_sidecar(pod_name: str, namespace: str, dsn: str, metrics_port: int, health_port: int) -> int:
-    asyncio.run(_main(pod_name, namespace, dsn, metrics_port, health_port))
+def run_sidecar(
+    pod_name: str, namespace: str, dsn: str, metrics_port: int, health_port: int, settings: Settings = DEFAULTS
+) -> int:
+    asyncio.run(_main(pod_name, namespace, dsn, metrics_port, health_port, settings))
     return 0

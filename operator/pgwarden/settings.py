@@ -1,0 +1,140 @@
+"""pgwarden's tunables in one documented, immutable object, and the one retry policy built on them.
+
+Every knob that shapes timing or load (how often a target may be evaluated, how failures back off, how
+many evaluations run at once, how often the status is refreshed) lives here, read once at start-up from
+the environment (`PGWARDEN_<FIELD>`, e.g. `PGWARDEN_CONCURRENCY=64`) and command-line flags, then passed
+down: the CLI loop, the sidecar and the controller all see the same values and the same backoff rule.
+
+This module is the lowest layer (see the import-linter contracts in pyproject.toml): it imports nothing
+of pgwarden, so the engine, the enforcement loop and every front end may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "PGWARDEN_"
+
+
+def _knob(default: float, doc: str, *, minimum: float = 0.0, integer: bool = False) -> Any:
+    """A settings field with its documentation and bounds attached (read by `from_env` and `describe`)."""
+    return field(default=default, metadata={"doc": doc, "minimum": minimum, "integer": integer})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Timing and load tunables. Defaults suit a cluster of a few hundred PostgreSQL pods."""
+
+    min_delay: float = _knob(
+        1.0,
+        "Seconds between two evaluations of one target at the least, whatever a rule's deadline says; also the "
+        "first retry delay after a failure.",
+        minimum=0.01,
+    )
+    max_backoff: float = _knob(
+        300.0,
+        "Seconds a failing target waits at most before its next attempt (retries double from min_delay and "
+        "never wait longer than the policy's interval either).",
+        minimum=0.01,
+    )
+    idle_poll: float = _knob(
+        2.0,
+        "Seconds a policy's loop sleeps at most between looks at the pods index, so a new pod is seen soon.",
+        minimum=0.01,
+    )
+    invalid_spec_poll: float = _knob(
+        10.0,
+        "Seconds between looks at a policy whose spec is invalid (it is enforced nowhere meanwhile).",
+        minimum=0.01,
+    )
+    concurrency: int = _knob(
+        32,
+        "Evaluations the controller runs at once over all policies and targets (each holds one connection busy).",
+        minimum=1,
+        integer=True,
+    )
+    sidecar_concurrency: int = _knob(
+        4, "Evaluations a sidecar runs at once on its own server (one per policy).", minimum=1, integer=True
+    )
+    sidecar_poll: float = _knob(
+        5.0, "Seconds between a sidecar's reads of its own pod and of its namespace's policies.", minimum=0.1
+    )
+    status_heartbeat: float = _knob(
+        60.0,
+        "Seconds after which a status that says nothing new is written anyway (refreshing lastCycleTime and the "
+        "process counts); a change is written at once.",
+        minimum=1.0,
+    )
+    status_write_attempts: int = _knob(
+        8,
+        "Attempts to write a status when other writers (sidecars, another policy pass) keep changing it first.",
+        minimum=1,
+        integer=True,
+    )
+    release_timeout: float = _knob(
+        10.0,
+        "Seconds a deleted policy's finalizer spends resetting autovacuum_max_workers on each target before it "
+        "gives up and lets the deletion proceed.",
+        minimum=0.1,
+    )
+    secret_cache_ttl: float = _knob(
+        30.0, "Seconds a credentials Secret is cached: a rotated password is used within this time.", minimum=0.0
+    )
+    event_max_pids: int = _knob(
+        20, "Process ids listed in one Event's message at most (the rest are counted).", minimum=1, integer=True
+    )
+
+    def retry_delay(self, failures: int, interval: float) -> float:
+        """Seconds before the next attempt after `failures` consecutive failures: min_delay, doubling each time,
+        never longer than `interval` nor max_backoff (and never shorter than min_delay)."""
+        doubling = self.min_delay * 2.0 ** min(max(0, failures - 1), 30)
+        return max(self.min_delay, min(interval, self.max_backoff, doubling))
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` (command-line flags that were given) applied and checked."""
+        return _checked(dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None}))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Defaults overridden by `PGWARDEN_<FIELD>` variables; a malformed or out-of-range value is an error."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or not raw.strip():
+                continue
+            try:
+                values[f.name] = int(raw) if f.metadata["integer"] else float(raw)
+            except ValueError:
+                kind = "an integer" if f.metadata["integer"] else "a number"
+                raise SettingsError(f"{ENV_PREFIX}{f.name.upper()}: must be {kind}, got {raw!r}") from None
+        return _checked(cls(**values))
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, documentation) of every field, for docs and `--help`."""
+        return [
+            (ENV_PREFIX + f.name.upper(), f"{f.default:g}", str(f.metadata["doc"])) for f in dataclasses.fields(cls)
+        ]
+
+
+class SettingsError(ValueError):
+    """A tunable out of range or not a number; the message names the variable or flag."""
+
+
+def _checked(settings: Settings) -> Settings:
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value < f.metadata["minimum"]:
+            raise SettingsError(
+                f"{ENV_PREFIX}{f.name.upper()}: must be at least {f.metadata['minimum']:g}, got {value}"
+            )
+    return settings
+
+
+DEFAULTS = Settings()
+"""The settings when nothing is configured (library callers, tests)."""

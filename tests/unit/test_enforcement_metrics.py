@@ -1,0 +1,62 @@
+"""Metric series follow the reports: actions counted by mode, backend gauges added, zeroed and removed."""
+
+from __future__ import annotations
+
+import itertools
+
+from pgwarden.enforcement import metrics
+from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.policy.model import SessionAction
+from tests.harness.reports import action, cycle_report
+
+_namespaces = itertools.count()
+
+
+def _namespace() -> str:
+    return f"metrics-test-{next(_namespaces)}"
+
+
+def _value(name: str, labels: dict[str, str]) -> float | None:
+    return metrics.REGISTRY.get_sample_value(name, labels)
+
+
+def test_actions_are_counted_by_rule_action_and_mode() -> None:
+    ns = _namespace()
+    report = cycle_report(action(1), action(2, done=False), action(3, rule="slow", kind=SessionAction.CANCEL))
+    metrics.record_cycle(ns, "p", "db-0", report, 0.01)
+    labels = {"namespace": ns, "policy": "p", "mode": "enforce"}
+    assert _value("pgwarden_actions_total", {**labels, "rule": "idle", "action": "terminate"}) == 1
+    assert _value("pgwarden_actions_total", {**labels, "rule": "slow", "action": "cancel"}) == 1
+    dry = cycle_report(action(4, done=False), dry_run=True)
+    metrics.record_cycle(ns, "p", "db-0", dry, 0.01)
+    dry_labels = {"namespace": ns, "policy": "p", "mode": "dryRun", "rule": "idle", "action": "terminate"}
+    assert _value("pgwarden_actions_total", dry_labels) == 1
+
+
+def test_autovacuum_stops_are_counted_and_a_dry_run_counts_what_it_would_stop() -> None:
+    ns = _namespace()
+    capped = AutovacuumReport(desired=2, cancelled=[11, 12])
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(autovacuum=capped), 0.01)
+    would = AutovacuumReport(desired=2, dry_run=True, would_cancel=[13])
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(autovacuum=would, dry_run=True), 0.01)
+    labels = {"namespace": ns, "policy": "p", "rule": "autovacuum", "action": "cancel"}
+    assert _value("pgwarden_actions_total", {**labels, "mode": "enforce"}) == 2
+    assert _value("pgwarden_actions_total", {**labels, "mode": "dryRun"}) == 1
+
+
+def test_backend_series_are_added_zeroed_when_a_type_is_gone_and_removed_with_the_target() -> None:
+    ns = _namespace()
+
+    def backends(pod: str, backend_type: str) -> float | None:
+        labels = {"namespace": ns, "policy": "p", "pod": pod, "backend_type": backend_type}
+        return _value("pgwarden_backends", labels)
+
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(backends={"client backend": 3, "autovacuum worker": 1}), 0.01)
+    metrics.record_cycle(ns, "p", "db-1", cycle_report(backends={"client backend": 5}), 0.01)
+    assert (backends("db-0", "client backend"), backends("db-0", "autovacuum worker")) == (3, 1)
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(backends={"client backend": 4}), 0.01)
+    assert (backends("db-0", "client backend"), backends("db-0", "autovacuum worker")) == (4, 0)
+    metrics.forget_target(ns, "p", "db-0")
+    assert backends("db-0", "client backend") is None
+    assert backends("db-0", "autovacuum worker") is None
+    assert backends("db-1", "client backend") == 5

@@ -1,0 +1,89 @@
+"""The status writer against a fake API that keeps a resourceVersion: conflicts retried, heartbeats spared."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pgwarden.enforcement.kube import StatusConflict
+from pgwarden.enforcement.status import TargetUpdate
+from pgwarden.enforcement.status_writer import StatusWriter
+from pgwarden.policy.api import EnforcerKind
+from tests.harness.reports import action, cycle_report
+
+
+class FakePolicies:
+    """One stored policy; `write_status` honours the resourceVersion precondition as the API server does."""
+
+    def __init__(self) -> None:
+        self.obj: dict[str, Any] | None = {"metadata": {"generation": 1, "resourceVersion": "1"}, "status": {}}
+        self.writes: list[dict[str, Any]] = []
+        self.reads = 0
+        self.sneak_in: list[dict[str, Any]] = []
+        """Status entries another writer (a sidecar) writes just before each of our next writes."""
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return copy.deepcopy(self.obj)
+
+    async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
+        assert self.obj is not None
+        if self.sneak_in:
+            self._store(dict(self.obj["status"], targets=[self.sneak_in.pop(0)]))
+        if resource_version != self.obj["metadata"]["resourceVersion"]:
+            raise StatusConflict(f"{namespace}/{name} changed")
+        self.writes.append(copy.deepcopy(status))
+        return self._store(status)
+
+    def _store(self, status: dict[str, Any]) -> str:
+        assert self.obj is not None
+        version = str(int(self.obj["metadata"]["resourceVersion"]) + 1)
+        self.obj = {"metadata": {"generation": 1, "resourceVersion": version}, "status": copy.deepcopy(status)}
+        return version
+
+
+def _update(*pids: int) -> TargetUpdate:
+    return TargetUpdate("db-0", "127.0.0.2", EnforcerKind.CONTROLLER, cycle_report(*(action(p) for p in pids)))
+
+
+async def _record(writer: StatusWriter, update: TargetUpdate | None = None) -> bool:
+    return await writer.record(
+        "ns", "p", latest=None, writer=EnforcerKind.CONTROLLER, updates=[update] if update else [], owned_pods=["db-0"]
+    )
+
+
+async def test_a_conflict_is_retried_on_a_fresh_read_and_keeps_the_other_writers_entry() -> None:
+    policies = FakePolicies()
+    policies.sneak_in.append({"pod": "db-9", "enforcer": EnforcerKind.SIDECAR, "lastCycleTime": "2026-01-01T00:00:00Z"})
+    writer = StatusWriter(policies)
+    assert await _record(writer, _update(7))
+    (written,) = policies.writes
+    assert [t["pod"] for t in written["targets"]] == ["db-0", "db-9"]
+    assert written["totals"]["terminated"] == 1  # counted once, not once per attempt
+    assert policies.reads == 2
+    assert writer.writes == 1
+
+
+async def test_a_heartbeat_only_change_is_not_written_until_the_heartbeat_is_due() -> None:
+    policies = FakePolicies()
+    writer = StatusWriter(policies, heartbeat=3600.0)
+    assert await _record(writer, _update())
+    assert not await _record(writer, _update())  # only lastCycleTime moved
+    assert await _record(writer, _update(8))  # something new: written at once
+    assert len(policies.writes) == 2
+    writer.heartbeat = 0.0
+    assert await _record(writer, _update())  # stale: the heartbeat refreshes lastCycleTime and the counts
+    assert not await _record(writer)  # ...but only when a target was evaluated
+    assert len(policies.writes) == 3
+
+
+async def test_a_writer_that_always_loses_gives_up_and_a_gone_policy_is_not_written() -> None:
+    policies = FakePolicies()
+    writer_attempts = 3
+    policies.sneak_in.extend({"pod": f"db-{9 + i}", "enforcer": EnforcerKind.SIDECAR} for i in range(writer_attempts))
+    writer = StatusWriter(policies, max_attempts=writer_attempts)
+    assert not await _record(writer, _update(7))
+    assert policies.writes == []
+    assert policies.reads == 1 + writer_attempts  # the first read, and one after each conflict
+    policies.obj = None
+    assert not await _record(StatusWriter(policies), _update(7))

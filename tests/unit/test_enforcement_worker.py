@@ -1,0 +1,361 @@
+"""The controller's core without a cluster or a server: PolicyWorker scheduling, backoff and reporting.
+
+A fake TargetEnforcer returns real CycleReports (or raises), the status and Event sinks record what they
+are given, and the worker's clock is stepped by hand, so every timing rule is checked exactly and fast.
+The same worker runs in the controller and the sidecar; tests/e2e prove it against real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pgwarden.enforcement import metrics
+from pgwarden.enforcement.events import PolicyEvent
+from pgwarden.enforcement.kube import Credentials, CredentialsError
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
+from pgwarden.enforcement.targets import PodInfo
+from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
+from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.report import CycleReport
+from pgwarden.policy import CredentialsSecret, PolicySpec
+from pgwarden.policy.api import ENFORCER_ANNOTATION, ConditionReason, ConditionType, EnforcerKind, EventReason
+from pgwarden.settings import DEFAULTS
+from tests.harness.reports import action, cycle_report
+
+MIN_DELAY, IDLE_POLL = DEFAULTS.min_delay, DEFAULTS.idle_poll
+
+INTERVAL = 10.0
+_namespaces = itertools.count()
+
+Outcome = tuple[CycleReport, float | None] | Exception
+
+
+class Clock:
+    """The worker's monotonic clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeEnforcer:
+    """One target's engine: answers with whatever the test scripted for its host."""
+
+    def __init__(self, engine: FakeEngine, endpoint: Endpoint) -> None:
+        self.engine = engine
+        self.endpoint = endpoint
+        self.closed = False
+
+    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+        self.engine.evaluated.append(self.endpoint.host)
+        outcome = self.engine.outcomes.get(self.endpoint.host, (cycle_report(), None))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def release_autovacuum(self, written: int) -> ReleaseReport:
+        return ReleaseReport(written=written, outcome="absent")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeEngine:
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    evaluated: list[str] = field(default_factory=list)
+    made: list[FakeEnforcer] = field(default_factory=list)
+
+    def make(self, endpoint: Endpoint) -> TargetEnforcer:
+        enforcer = FakeEnforcer(self, endpoint)
+        self.made.append(enforcer)
+        return enforcer
+
+    def closed(self) -> list[str]:
+        return [e.endpoint.host for e in self.made if e.closed]
+
+
+@dataclass
+class StatusCall:
+    updates: list[TargetUpdate]
+    owned: list[str]
+    condition: PolicyCondition | None
+    force: bool
+
+
+class FakeSecrets:
+    def __init__(self, error: CredentialsError | None = None) -> None:
+        self.error = error
+        self.reads = 0
+
+    async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
+        self.reads += 1
+        if self.error is not None:
+            raise self.error
+        return Credentials("warden", "not-a-real-password")
+
+
+@dataclass
+class Harness:
+    worker: PolicyWorker
+    engine: FakeEngine
+    clock: Clock
+    secrets: FakeSecrets
+    statuses: list[StatusCall]
+    events: list[PolicyEvent]
+
+    async def step(self, pods: list[PodInfo], *, generation: int = 1, **spec: Any) -> float:
+        return await self.worker.step(body(generation, **spec), pods)
+
+    async def settle(self) -> None:
+        """Let every evaluation in flight land (the fake engine answers at once)."""
+        await asyncio.gather(*self.worker.inflight())
+
+    async def starts(self, pods: list[PodInfo], **spec: Any) -> int:
+        """One step; how many evaluations it started, once they landed and a step at the same instant
+        harvested them (as wait_for_work wakes the loop when a pass lands)."""
+        await self.step(pods, **spec)
+        started = len(self.worker.inflight())
+        await self.settle()
+        await self.step(pods, **spec)
+        assert not self.worker.inflight(), "a target evaluated again at once"
+        return started
+
+
+def body(generation: int = 1, **spec: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "selector": {"matchLabels": {"app": "pg"}},
+        "connection": {"port": 5432, "credentialsSecret": {"name": "pg-credentials"}},
+        "interval": f"{INTERVAL:g}s",
+    }
+    fields.update(spec)
+    return {"metadata": {"name": "p", "generation": generation}, "spec": fields}
+
+
+def pod(name: str, ip: str, *, sidecar: bool = False) -> PodInfo:
+    annotations = {ENFORCER_ANNOTATION: EnforcerKind.SIDECAR.value} if sidecar else {}
+    return PodInfo(name, "ns", "Running", ip, {"app": "pg"}, annotations)
+
+
+DB0 = pod("db-0", "127.0.0.2")
+DB1 = pod("db-1", "127.0.0.3")
+
+
+@pytest.fixture
+def make_harness() -> Callable[..., Harness]:
+    def make(kind: EnforcerKind = EnforcerKind.CONTROLLER, secrets: FakeSecrets | None = None) -> Harness:
+        engine, clock, statuses, events = FakeEngine(), Clock(), [], []
+        secrets = secrets or FakeSecrets()
+
+        async def write_status(
+            updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, force: bool
+        ) -> None:
+            statuses.append(StatusCall(list(updates), list(owned), condition, force))
+
+        worker = PolicyWorker(
+            namespace=f"worker-test-{next(_namespaces)}",
+            name="p",
+            secrets=secrets,
+            make_enforcer=engine.make,
+            write_status=write_status,
+            post_event=events.append,
+            concurrency=asyncio.Semaphore(4),
+            enforcer_kind=kind,
+            clock=clock,
+        )
+        return Harness(worker, engine, clock, secrets, statuses, events)
+
+    return make
+
+
+async def test_a_pass_evaluates_every_target_and_reports_when_it_lands(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    terminated = cycle_report(action(41), action(42))
+    h.engine.outcomes["127.0.0.2"] = (terminated, None)
+    await h.step([DB0, DB1])
+    assert len(h.worker.inflight()) == 2
+    await h.settle()
+    assert sorted(h.engine.evaluated) == ["127.0.0.2", "127.0.0.3"]
+    # The new target set is reported at once; the outcomes with the step after the pass lands.
+    assert [(c.updates, c.owned) for c in h.statuses] == [([], ["db-0", "db-1"])]
+    await h.step([DB0, DB1])
+    last = h.statuses[-1]
+    assert {u.pod: u.report for u in last.updates} == {"db-0": terminated, "db-1": cycle_report()}
+    assert [(e.reason, e.message) for e in h.events] == [
+        (EventReason.SESSIONS_TERMINATED, "pod db-0: rule idle terminated 2 sessions (pids 41, 42)")
+    ]
+    assert h.secrets.reads == 2
+
+
+async def test_next_evaluation_follows_the_engines_deadline_within_min_delay_and_interval(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+    h.engine.outcomes["127.0.0.2"] = (cycle_report(), 3.0)
+    assert await h.starts([DB0]) == 1
+    h.clock.advance(2.9)
+    assert await h.starts([DB0]) == 0
+    h.clock.advance(0.1)
+    assert await h.starts([DB0]) == 1  # the engine's deadline: 3 s after the evaluation started
+    h.engine.outcomes["127.0.0.2"] = (cycle_report(), 0.01)
+    h.clock.advance(3.0)
+    assert await h.starts([DB0]) == 1
+    h.clock.advance(MIN_DELAY - 0.01)
+    assert await h.starts([DB0]) == 0  # never more often than MIN_DELAY
+    h.clock.advance(0.01)
+    assert await h.starts([DB0]) == 1
+    h.engine.outcomes["127.0.0.2"] = (cycle_report(), None)
+    h.clock.advance(MIN_DELAY)
+    assert await h.starts([DB0]) == 1
+    h.clock.advance(INTERVAL - 0.01)
+    assert await h.starts([DB0]) == 0  # nothing pending: the interval
+    h.clock.advance(0.01)
+    assert await h.starts([DB0]) == 1
+    h.engine.outcomes["127.0.0.2"] = (cycle_report(), 1000.0)
+    h.clock.advance(INTERVAL)
+    assert await h.starts([DB0]) == 1
+    h.clock.advance(INTERVAL)
+    assert await h.starts([DB0]) == 1  # never later than the interval
+
+
+async def test_a_failing_target_backs_off_doubling_up_to_the_interval_and_recovers(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+    h.engine.outcomes["127.0.0.2"] = TargetUnreachable("connection to 127.0.0.2:5432 refused")
+    assert await h.starts([DB0]) == 1
+    delays = []
+    for _ in range(5):
+        waited = 0.0
+        while not await h.starts([DB0]):
+            h.clock.advance(0.5)
+            waited += 0.5
+        delays.append(waited)
+    # The one retry rule (Settings.retry_delay): min_delay doubling, capped by the interval (and max_backoff).
+    assert delays == [1.0, 2.0, 4.0, 8.0, INTERVAL]
+    assert DEFAULTS.max_backoff > INTERVAL
+    errors = [u for c in h.statuses for u in c.updates if u.error]
+    assert len(errors) == 6
+    assert all(u.error == "connection to 127.0.0.2:5432 refused" for u in errors)
+    assert h.engine.closed() == ["127.0.0.2"] * 6  # every failure drops the connection
+    h.engine.outcomes["127.0.0.2"] = (cycle_report(), None)
+    h.clock.advance(INTERVAL)
+    assert await h.starts([DB0]) == 1
+    await h.step([DB0])
+    assert h.worker.states["db-0"].failures == 0
+    assert h.statuses[-1].updates[0].error is None
+
+
+async def test_a_changed_generation_makes_every_target_due_at_once(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    assert await h.starts([DB0, DB1]) == 2
+    h.clock.advance(1.0)
+    assert await h.starts([DB0, DB1]) == 0
+    assert await h.starts([DB0, DB1], generation=2) == 2
+
+
+async def test_credentials_error_is_a_condition_backs_off_and_connects_nowhere(
+    make_harness: Callable[..., Harness],
+) -> None:
+    missing = CredentialsError(ConditionReason.CREDENTIALS_SECRET_NOT_FOUND, "Secret ns/pg-credentials not found")
+    h = make_harness(secrets=FakeSecrets(missing))
+    await h.step([DB0])
+    assert h.engine.made == []
+    (call,) = h.statuses
+    assert call.condition == PolicyCondition(
+        ConditionType.READY, "False", ConditionReason.CREDENTIALS_SECRET_NOT_FOUND, "Secret ns/pg-credentials not found"
+    )
+    h.clock.advance(MIN_DELAY - 0.1)
+    await h.step([DB0])
+    assert h.secrets.reads == 1  # backing off: the first retry comes min_delay after the failure
+    h.secrets.error = None
+    h.clock.advance(0.1)
+    assert await h.starts([DB0]) == 1
+    assert h.engine.evaluated == ["127.0.0.2"]
+
+
+async def test_central_controller_refuses_a_policy_without_credentials(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    await h.step([DB0], connection={"port": 5432})
+    assert h.engine.made == []
+    condition = h.statuses[-1].condition
+    assert condition is not None
+    assert condition.reason == ConditionReason.CREDENTIALS_NOT_CONFIGURED
+
+
+async def test_a_departed_pod_is_closed_forgotten_and_its_series_dropped(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    await h.starts([DB0, DB1])
+    namespace = h.worker.namespace
+    assert _series(namespace, "db-1")
+    await h.step([DB0])
+    assert h.engine.closed() == ["127.0.0.3"]
+    assert sorted(h.worker.states) == ["db-0"]
+    assert h.statuses[-1].owned == ["db-0"]
+    assert _series(namespace, "db-1") == set()
+    assert _series(namespace, "db-0")
+
+
+def _series(namespace: str, pod: str) -> set[tuple[str, ...]]:
+    return {labels for labels in metrics.BACKENDS._metrics if labels[:3] == (namespace, "p", pod)}
+
+
+async def test_the_controller_leaves_sidecar_pods_alone_with_a_notice(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    own = pod("db-2", "127.0.0.4", sidecar=True)
+    await h.starts([DB0, own])
+    assert h.engine.evaluated == ["127.0.0.2"]
+    (notice,) = [u for u in h.statuses[-1].updates if u.skipped_reason]
+    assert notice.pod == "db-2"
+    assert "sidecar" in notice.skipped_reason
+    assert h.statuses[-1].owned == ["db-0"]
+
+
+async def test_a_sidecar_leaves_unannotated_pods_to_the_controller(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness(kind=EnforcerKind.SIDECAR)
+    h.worker.fixed_endpoint = Endpoint(host="local", port=0, dbname="", sslmode="", user=None)
+    own = pod("db-2", "127.0.0.4", sidecar=True)
+    await h.starts([DB0, own], connection={"port": 5432})  # no Secret: the sidecar uses its own endpoint
+    assert h.engine.evaluated == ["local"]
+    assert h.secrets.reads == 0
+    (notice,) = [u for u in h.statuses[-1].updates if u.skipped_reason]
+    assert (notice.pod, notice.enforcer) == ("db-0", EnforcerKind.SIDECAR)
+
+
+async def test_a_step_with_nothing_new_writes_no_status(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    await h.starts([DB0])
+    writes = len(h.statuses)
+    h.clock.advance(1.0)
+    delay = await h.step([DB0])
+    assert len(h.statuses) == writes
+    assert delay == IDLE_POLL  # due at +10 s, but a sleeping worker still looks for new pods every IDLE_POLL
+    h.clock.advance(INTERVAL - 1.0 - 0.5)
+    assert await h.step([DB0]) == pytest.approx(0.5)
+    assert len(h.statuses) == writes
+
+
+async def test_an_invalid_spec_is_reported_and_lets_go_of_every_target(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    await h.starts([DB0])
+    delay = await h.step([DB0], generation=2, interval="soon")
+    assert delay == DEFAULTS.invalid_spec_poll
+    assert h.worker.states == {}
+    assert h.engine.closed() == ["127.0.0.2"]
+    call = h.statuses[-1]
+    assert (call.updates, call.owned, call.force) == ([], [], True)
+    assert call.condition is not None
+    assert (call.condition.type, call.condition.reason) == (ConditionType.READY, ConditionReason.INVALID_SPEC)
+    assert "spec.interval" in call.condition.message
