@@ -104,6 +104,11 @@ class PgServer:
         return self.basedir / "data"
 
     @property
+    def logfile(self) -> Path:
+        """The server's log (pg_ctl -l): what `tests.harness.ledger.Ledger` reads."""
+        return self.basedir / "server.log"
+
+    @property
     def socket_dir(self) -> Path:
         return self.basedir / "sock"
 
@@ -208,7 +213,7 @@ class PgServer:
                     "-D",
                     str(self.datadir),
                     "-l",
-                    str(self.basedir / "server.log"),
+                    str(self.logfile),
                     "-w",
                     "-t",
                     "60",
