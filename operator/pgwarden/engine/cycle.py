@@ -83,7 +83,9 @@ async def run_cycle(
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:
-        outcome = await acting.act(conn, decision.actions, bound, target=target)
+        outcome = await acting.act(conn, decision.actions, bound, target=target, reserve=decision.reserve)
+    # What the limits held back, less the sessions that took a refused signal's slot.
+    held_back = [s for s in decision.skipped if s.pid not in outcome.from_reserve]
 
     report = CycleReport(
         policy=policy,
@@ -93,7 +95,7 @@ async def run_cycle(
         backends=observation.backends,
         client_states=observation.client_states,
         actions=outcome.actions,
-        skipped=[*decision.skipped, *outcome.skipped],
+        skipped=[*held_back, *outcome.skipped],
         errors=outcome.errors,
         next_deadline=decision.next_deadline,
         observed_at=observation.received_at,

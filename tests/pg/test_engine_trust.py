@@ -1,0 +1,139 @@
+"""Invariants proven against the server's own log (tests.harness.ledger): never the wrong session.
+
+Each test compares what pgwarden reports with what PostgreSQL logged: who was terminated, and by whom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import psycopg
+import pytest
+import structlog
+
+from pgwarden.engine.act import act
+from pgwarden.engine.connection import connect, parse_dsn
+from pgwarden.engine.decide import plan
+from pgwarden.engine.errors import EngineError
+from pgwarden.engine.observe import compile_observation, observe
+from pgwarden.engine.report import CycleReport
+from pgwarden.engine.scheduler import run_loop
+from pgwarden.engine.session import TargetSession
+from pgwarden.policy.api import SkipReason
+from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
+from tests.harness.ledger import Ledger
+from tests.harness.postgres import PgServer
+
+pytestmark = pytest.mark.pg
+log = structlog.get_logger("test")
+
+GRANTS = ("pg_signal_backend", "pg_read_all_stats")
+IDLE_NOW = [{"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "0s"}]
+
+
+async def test_pgwarden_never_signals_its_own_connections_in_any_process(
+    pg_factory: object, request: pytest.FixtureRequest
+) -> None:
+    """Two engines with an unscoped idle rule, cycling back to back for 4 s: neither touches the other, nor a
+    third pgwarden connection of its role; an application of another role that calls itself pgwarden is reaped."""
+    server: PgServer = pg_factory(ledger=True)  # type: ignore[operator]
+    ledger = Ledger(server.logfile)
+    engine_role, app_role = unique(request, "warden"), unique(request, "app")
+    server.create_role(engine_role, grants=GRANTS)
+    server.create_role(app_role)
+    fake = server.open_session("idle", user=app_role, application_name="pgwarden-fake")
+    other_process = server.open_session("idle", user=engine_role, application_name="pgwarden-sidecar")
+    engines = [TargetSession(parse_dsn(server.dsn(user=engine_role))) for _ in range(2)]
+    spec = spec_of(sessions=IDLE_NOW)
+    reports: list[CycleReport] = []
+    stop = asyncio.Event()
+
+    def failed(exc: EngineError, _: int) -> bool:
+        return False  # a reaped engine connection fails its next cycle: end the loop and the test
+
+    try:
+        loops = [
+            run_loop(
+                functools.partial(engine.run, spec, policy="test"),
+                interval=1.0,
+                stop=stop,
+                on_report=reports.append,
+                on_error=failed,
+            )
+            for engine in engines
+        ]
+        asyncio.get_running_loop().call_later(4.0, stop.set)  # the bounded time both loops run
+        await asyncio.gather(*loops)
+        engine_pids = {(await engine.connection()).info.backend_pid for engine in engines}
+    finally:
+        for engine in engines:
+            await engine.close()
+    assert len(reports) >= 8  # both loops cycled all along (one cycle a second each)
+    assert all(r.errors == [] for r in reports)
+    reported = [pid for r in reports for pid in acted(r)]
+    # Both engines may see the impostor in their first cycle and both signal it (two enforcers on one
+    # server is the controller's to prevent); the server terminated it once.
+    assert set(reported) == {fake.pid}
+    ledger.assert_agrees([fake.pid], engine_pids=engine_pids)
+    assert [(e.pid, e.user) for e in ledger.effects()] == [(fake.pid, app_role)]
+    assert {s.pid for s in ledger.signals()} == {fake.pid}  # not even an attempt at anyone else
+    assert alive(server, {other_process.pid}) == {other_process.pid}
+
+
+async def test_superuser_sessions_never_eat_the_budget(
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest
+) -> None:
+    """12 superuser and 10 application sessions, all idle, the superusers' the oldest; maxActionsPerCycle 10:
+    one cycle of a non-superuser engine terminates all 10 application sessions and skips the 12 notPermitted."""
+    app, engine_role = unique(request), unique(request, "warden")
+    pg.create_role(engine_role, grants=GRANTS)
+    supers = [pg.open_session("idle", application_name=app).pid for _ in range(12)]
+    apps_role = unique(request, "app")
+    pg.create_role(apps_role)
+    apps = [pg.open_session("idle", user=apps_role, application_name=app).pid for _ in range(10)]
+    spec = spec_of(
+        limits={"maxActionsPerCycle": 10, "maxFractionPerCycle": 1.0},
+        sessions=[{**IDLE_NOW[0], "applicationNames": [app]}],
+    )
+    report = await enforce(pg, spec, user=engine_role)
+    assert acted(report) == set(apps)
+    assert sorted((s.pid, s.reason) for s in report.skipped) == sorted((p, SkipReason.NOT_PERMITTED) for p in supers)
+    assert report.errors == []
+    wait_all_gone(pg, apps)
+    assert alive(pg, supers) == set(supers)
+    ledger.assert_agrees(apps)
+
+
+async def test_a_refused_signal_gives_its_slot_to_the_next_session(
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest
+) -> None:
+    """A session that became a superuser's between observation and signal is refused (permissionDenied);
+    the next session the limit held back gets its slot in the same cycle, and only that one."""
+    app, engine_role = unique(request), unique(request, "warden")
+    turning_role, apps_role = unique(request, "turning"), unique(request, "app")
+    for role in (turning_role, apps_role):
+        pg.create_role(role)
+    pg.create_role(engine_role, grants=GRANTS)
+    turning = pg.open_session("idle", user=turning_role, application_name=app)  # oldest: planned first
+    rest = [pg.open_session("idle", application_name=app, user=apps_role).pid for _ in range(2)]
+    spec = spec_of(
+        limits={"maxActionsPerCycle": 1, "maxFractionPerCycle": 1.0},
+        sessions=[{**IDLE_NOW[0], "applicationNames": [app]}],
+    )
+    promote = psycopg.sql.SQL("ALTER ROLE {} SUPERUSER").format(psycopg.sql.Identifier(turning_role))
+    demote = psycopg.sql.SQL("ALTER ROLE {} NOSUPERUSER").format(psycopg.sql.Identifier(turning_role))
+    conn = await connect(parse_dsn(pg.dsn(user=engine_role)))
+    try:
+        decided = plan(await observe(conn, compile_observation(spec)), spec)
+        assert [p.session.pid for p in decided.actions] == [turning.pid]
+        pg.execute(promote)  # type: ignore[arg-type]
+        outcome = await act(conn, decided.actions, log, reserve=decided.reserve)
+    finally:
+        await conn.close()
+        pg.execute(demote)  # type: ignore[arg-type]
+    assert [(s.pid, s.reason) for s in outcome.skipped] == [(turning.pid, SkipReason.PERMISSION_DENIED)]
+    assert [a.pid for a in outcome.actions] == [rest[0]]
+    assert outcome.from_reserve == {rest[0]}
+    ledger.assert_agrees([rest[0]])
+    assert alive(pg, {turning.pid, rest[1]}) == {turning.pid, rest[1]}
