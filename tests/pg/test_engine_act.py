@@ -123,7 +123,8 @@ async def test_engine_without_pg_read_all_stats_sees_only_what_it_may(
     spec = spec_of(sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s", "applicationNames": [app]}])
     report = await enforce(pg, spec, user=engine_role)
     assert report.actions == []
-    assert report.errors == []
+    assert report.missing_privileges == ("pg_read_all_stats", "pg_signal_backend")  # and says so
+    assert [e.split(":")[0] for e in report.errors] == ["InsufficientPrivileges"] * 2
     assert report.backends.get("unknown", 0) >= 1
     assert pg.alive(hidden.pid)
 

@@ -137,3 +137,104 @@ async def test_a_refused_signal_gives_its_slot_to_the_next_session(
     assert outcome.from_reserve == {rest[0]}
     ledger.assert_agrees([rest[0]])
     assert alive(pg, {turning.pid, rest[1]}) == {turning.pid, rest[1]}
+
+
+# -- missing grants are never silent -----------------------------------------------------------------------
+
+PREFIX = "InsufficientPrivileges: "
+COSTS = {
+    "pg_read_all_stats": "other roles' sessions are invisible to it (counted as unknown) and never acted on",
+    "pg_signal_backend": "other roles' sessions cannot be signalled (skipped as notPermitted)",
+}
+
+
+@pytest.mark.parametrize(
+    ("grants", "missing"),
+    [
+        ((), ("pg_read_all_stats", "pg_signal_backend")),
+        (("pg_read_all_stats",), ("pg_signal_backend",)),
+        (("pg_signal_backend",), ("pg_read_all_stats",)),
+        (GRANTS, ()),
+    ],
+)
+async def test_each_missing_session_grant_is_named_every_cycle(
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest, grants: tuple[str, ...], missing: tuple[str, ...]
+) -> None:
+    app, engine_role, apps_role = unique(request), unique(request, "warden"), unique(request, "app")
+    pg.create_role(engine_role, grants=grants)
+    pg.create_role(apps_role)
+    victim = pg.open_session("idle", user=apps_role, application_name=app)
+    spec = spec_of(sessions=[{**IDLE_NOW[0], "applicationNames": [app]}])
+    for dry_run in (True, False):  # every cycle says so, dry run or not
+        report = await enforce(pg, spec, user=engine_role, dry_run=dry_run)
+        assert report.missing_privileges == missing
+        assert [e for e in report.errors if e.startswith(PREFIX)] == [
+            f'{PREFIX}role "{engine_role}" lacks {grant}: {COSTS[grant]}; GRANT {grant} TO "{engine_role}"'
+            for grant in missing
+        ]
+        assert len(report.errors) == len(missing)  # nothing else went wrong
+    if missing:
+        assert pg.alive(victim.pid)
+        assert ledger.terminated() == []
+    else:
+        ledger.assert_agrees([victim.pid])
+    if missing == ("pg_signal_backend",):  # seen but not signalable: reported as such, never attempted
+        assert [(s.pid, s.reason) for s in report.skipped] == [(victim.pid, SkipReason.NOT_PERMITTED)]
+        assert ledger.signals() == []
+
+
+async def test_a_superuser_engine_lacks_nothing(pg: PgServer) -> None:
+    spec = spec_of(
+        sessions=[{**IDLE_NOW[0], "applicationNames": ["none"]}],
+        autovacuum={"maxWorkers": 3, "cancelExcessWorkers": True},
+    )
+    report = await enforce(pg, spec, dry_run=True)
+    assert report.missing_privileges == ()
+    assert not [e for e in report.errors if e.startswith(PREFIX)]
+
+
+AUTOVACUUM_GRANTS = {
+    "ALTER SYSTEM ON PARAMETER autovacuum_max_workers": "GRANT ALTER SYSTEM ON PARAMETER autovacuum_max_workers TO {}",
+    "EXECUTE ON FUNCTION pg_catalog.pg_reload_conf()": "GRANT EXECUTE ON FUNCTION pg_catalog.pg_reload_conf() TO {}",
+    "SELECT ON pg_catalog.pg_file_settings, EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings()": (
+        "GRANT SELECT ON pg_catalog.pg_file_settings TO {0}; "
+        "GRANT EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings() TO {0}"
+    ),
+}
+
+
+@pytest.mark.parametrize("withheld", [*AUTOVACUUM_GRANTS, None])
+async def test_each_missing_autovacuum_grant_is_named(
+    pg: PgServer, request: pytest.FixtureRequest, withheld: str | None
+) -> None:
+    """The README's grants for the autovacuum cap, all given but one: exactly that one is named."""
+    role = unique(request, "warden")
+    pg.create_role(role, grants=GRANTS)
+    with pg.connect() as conn:
+        for name, grant in AUTOVACUUM_GRANTS.items():
+            if name != withheld:
+                for statement in grant.split("; "):
+                    conn.execute(psycopg.sql.SQL(statement).format(psycopg.sql.Identifier(role)))  # type: ignore[arg-type]
+    spec = spec_of(autovacuum={"maxWorkers": 3})
+    report = await enforce(pg, spec, user=role, dry_run=True)
+    expected = () if withheld is None else (withheld,)
+    assert report.missing_privileges == expected
+    named = [e for e in report.errors if e.startswith(PREFIX)]
+    if withheld is None:
+        assert named == []
+    else:
+        assert named == [f'{PREFIX}role "{role}" lacks for the autovacuum cap: {withheld} (GRANT each TO "{role}")']
+
+
+async def test_stopping_autovacuum_workers_names_the_version_s_grant(
+    pg: PgServer, request: pytest.FixtureRequest, pg_major: str
+) -> None:
+    role = unique(request, "warden")
+    pg.create_role(role, grants=GRANTS)
+    with pg.connect() as conn:
+        for grant in AUTOVACUUM_GRANTS.values():
+            for statement in grant.split("; "):
+                conn.execute(psycopg.sql.SQL(statement).format(psycopg.sql.Identifier(role)))  # type: ignore[arg-type]
+    spec = spec_of(autovacuum={"maxWorkers": 3, "cancelExcessWorkers": True})
+    report = await enforce(pg, spec, user=role, dry_run=True)
+    assert report.missing_privileges == (("pg_signal_autovacuum_worker",) if int(pg_major) >= 18 else ("SUPERUSER",))

@@ -15,26 +15,67 @@ import psycopg
 import structlog
 
 from pgwarden.engine import act as acting
-from pgwarden.engine.autovacuum import enforce_autovacuum
+from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
 from pgwarden.engine.decide import plan
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import CycleReport
+from pgwarden.engine.types import Observation
+from pgwarden.policy.api import ConditionReason
 from pgwarden.policy.model import Autovacuum, EnforcementAction, PolicySpec
 
 log = structlog.get_logger("pgwarden.engine")
 
+INSUFFICIENT_PRIVILEGES_PREFIX = f"{ConditionReason.INSUFFICIENT_PRIVILEGES}: "
+"""Every `errors` entry about a missing grant starts with this; the typed list is
+`CycleReport.missing_privileges`."""
+
+# What a session policy cannot do without each predefined role (read from the observation, so free).
+_SESSION_GRANTS = {
+    "pg_read_all_stats": "other roles' sessions are invisible to it (counted as unknown) and never acted on",
+    "pg_signal_backend": "other roles' sessions cannot be signalled (skipped as notPermitted)",
+}
+
+
+def session_privileges(observation: Observation, spec: PolicySpec) -> list[str]:
+    """The predefined roles a policy with session rules or connection limits needs and the role lacks."""
+    if observation.own_superuser or not (spec.sessions or spec.connection_limits):
+        return []
+    have = {"pg_read_all_stats": observation.may_read_all_stats, "pg_signal_backend": observation.may_signal_backend}
+    return [grant for grant, ok in have.items() if not ok]
+
+
+def _role(observation: Observation) -> str:
+    return quote_ident(observation.own_roles[-1]) if observation.own_roles else "(unknown)"
+
+
+def privilege_errors(role: str, sessions: list[str], autovacuum: list[str]) -> list[str]:
+    """Stable messages for missing grants: the prefix, the role, what is missing, what it costs, the fix."""
+    messages = [
+        f"{INSUFFICIENT_PRIVILEGES_PREFIX}role {role} lacks {grant}: {_SESSION_GRANTS[grant]}; GRANT {grant} TO {role}"
+        for grant in sessions
+    ]
+    if autovacuum:
+        messages.append(
+            f"{INSUFFICIENT_PRIVILEGES_PREFIX}role {role} lacks for the autovacuum cap: "
+            + "; ".join(autovacuum)
+            + f" (GRANT each TO {role})"
+        )
+    return messages
+
 
 async def _autovacuum(
     conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
-) -> tuple[dict[str, Any] | None, list[str]]:
+) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """The autovacuum report, its errors, and the grants it lacks."""
     try:
         result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
             raise TargetUnreachable(f"connection to {target} lost during autovacuum: {str(exc).strip()}") from None
-        return None, [f"autovacuum: {str(exc).strip()}"]
-    return result.to_json(), [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
+        return None, [f"autovacuum: {str(exc).strip()}"], []
+    errors = [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
+    return result.to_json(), errors, list(result.missing_privileges)
 
 
 _COMPILED: OrderedDict[tuple[int, frozenset[int]], tuple[PolicySpec, ObservationQuery]] = OrderedDict()
@@ -100,9 +141,17 @@ async def run_cycle(
         next_deadline=decision.next_deadline,
         observed_at=observation.received_at,
     )
+    sessions_missing = session_privileges(observation, spec)
+    autovacuum_missing: list[str] = []
     if spec.autovacuum.max_workers is not None:
-        report.autovacuum, errors = await _autovacuum(conn, spec.autovacuum, dry_run=dry_run, target=target)
+        report.autovacuum, errors, autovacuum_missing = await _autovacuum(
+            conn, spec.autovacuum, dry_run=dry_run, target=target
+        )
         report.errors.extend(errors)
+    # Missing grants first in `errors`: they explain the rest. Checked every cycle at no cost: the session
+    # grants are columns of the observation, the autovacuum ones of the privileges it reads anyway.
+    report.missing_privileges = tuple(sessions_missing + autovacuum_missing)
+    report.errors[:0] = privilege_errors(_role(observation), sessions_missing, autovacuum_missing)
     report.duration_seconds = time.monotonic() - started
     bound.debug(
         "cycle done",
