@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,6 +25,7 @@ from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import run_loop
 from pgwarden.engine.session import TargetSession
 from pgwarden.policy.api import SkipReason
+from tests.fixtures.postgres import PgFactory
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
 from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer
@@ -33,11 +38,11 @@ IDLE_NOW = [{"name": "idle", "action": "terminate", "states": ["idle"], "stateAg
 
 
 async def test_pgwarden_never_signals_its_own_connections_in_any_process(
-    pg_factory: object, request: pytest.FixtureRequest
+    pg_factory: PgFactory, request: pytest.FixtureRequest
 ) -> None:
     """Two engines with an unscoped idle rule, cycling back to back for 4 s: neither touches the other, nor a
     third pgwarden connection of its role; an application of another role that calls itself pgwarden is reaped."""
-    server: PgServer = pg_factory(ledger=True)  # type: ignore[operator]
+    server = pg_factory(ledger=True)
     ledger = Ledger(server.logfile)
     engine_role, app_role = unique(request, "warden"), unique(request, "app")
     server.create_role(engine_role, grants=GRANTS)
@@ -238,3 +243,91 @@ async def test_stopping_autovacuum_workers_names_the_version_s_grant(
     spec = spec_of(autovacuum={"maxWorkers": 3, "cancelExcessWorkers": True})
     report = await enforce(pg, spec, user=role, dry_run=True)
     assert report.missing_privileges == (("pg_signal_autovacuum_worker",) if int(pg_major) >= 18 else ("SUPERUSER",))
+
+
+# -- a step of the server's clock ---------------------------------------------------------------------------
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+class ServerClock:
+    """Steps a server's wall clock at run time with libfaketime (an offset file re-read on every call).
+
+    Monotonic clocks stay real (DONT_FAKE_MONOTONIC), as they do when an NTP step hits a real host.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pgwarden-clock-"))
+        self.dir.chmod(0o755)  # the server runs as postgres
+        self.file = self.dir / "offset"
+        self.set(0)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "LD_PRELOAD": str(LIBFAKETIME),
+            "FAKETIME_TIMESTAMP_FILE": str(self.file),
+            "FAKETIME_NO_CACHE": "1",
+            "DONT_FAKE_MONOTONIC": "1",
+        }
+
+    def set(self, offset_seconds: int) -> None:
+        self.file.write_text(f"{offset_seconds:+d}\n")
+        self.file.chmod(0o644)
+
+
+@pytest.fixture
+def server_clock() -> Iterator[ServerClock]:
+    assert LIBFAKETIME.exists(), "libfaketime is required (apt-get install faketime libfaketime)"
+    clock = ServerClock()
+    yield clock
+    shutil.rmtree(clock.dir, ignore_errors=True)
+
+
+async def test_a_server_clock_step_acts_on_nothing_for_one_cycle(
+    pg_factory: PgFactory, server_clock: ServerClock, request: pytest.FixtureRequest
+) -> None:
+    """The server's clock jumps 60 s ahead: every idle session looks a minute older. The cycle right after
+    acts on nothing and says clockJump; the next one acts on the clock as it now is."""
+    server = pg_factory(env=server_clock.env, ledger=True)
+    ledger = Ledger(server.logfile)
+    app = unique(request)
+    victim = server.open_session("idle", application_name=app)
+    spec = spec_of(sessions=[{**IDLE_NOW[0], "stateAge": "30s", "applicationNames": [app]}])
+    engine = TargetSession(parse_dsn(server.dsn()))
+    try:
+        before = await engine.run(spec, policy="test")
+        assert (before.actions, before.errors) == ([], [])
+        server_clock.set(60)
+        jumped = await engine.run(spec, policy="test")
+        assert jumped.actions == []
+        assert len(jumped.errors) == 1
+        assert jumped.errors[0].startswith("clockJump: the server's clock moved +60.")
+        assert server.alive(victim.pid)
+        after = await engine.run(spec, policy="test")
+        assert acted(after) == {victim.pid}
+        assert after.errors == []
+        server_clock.set(0)  # and back: a step either way
+        back = await engine.run(spec, policy="test")
+        assert back.errors[0].startswith("clockJump: the server's clock moved -60.")
+    finally:
+        await engine.close()
+    ledger.assert_agrees([victim.pid])
+
+
+async def test_a_small_clock_drift_is_no_jump(
+    pg_factory: PgFactory, server_clock: ServerClock, request: pytest.FixtureRequest
+) -> None:
+    server = pg_factory(env=server_clock.env)
+    app = unique(request)
+    victim = server.open_session("idle", application_name=app)
+    spec = spec_of(sessions=[{**IDLE_NOW[0], "stateAge": "30s", "applicationNames": [app]}])
+    engine = TargetSession(parse_dsn(server.dsn()))
+    try:
+        assert (await engine.run(spec, policy="test")).errors == []
+        server_clock.set(4)
+        drifted = await engine.run(spec, policy="test")
+    finally:
+        await engine.close()
+    assert drifted.errors == []
+    assert server.alive(victim.pid)

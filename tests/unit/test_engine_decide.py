@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from pgwarden.engine.decide import (
+    ClockMark,
     allowed_actions,
+    clock_step,
     in_scope,
     is_protected,
     limit_victims,
@@ -293,3 +295,11 @@ def test_sessions_not_permitted_do_not_count_in_connection_limits() -> None:
     decided = plan(observation(*supers, *mine), policy)
     assert len(decided.actions) == 1
     assert decided.actions[0].session.pid in {s.pid for s in mine}
+
+
+def test_clock_step_is_the_server_clock_against_the_monotonic_one() -> None:
+    first = ClockMark(server=1_000_000.0, local=50.0)
+    assert clock_step(None, first) == 0.0
+    assert clock_step(first, ClockMark(server=1_000_030.0, local=80.0)) == pytest.approx(0.0)  # 30 s passed
+    assert clock_step(first, ClockMark(server=1_000_070.0, local=60.0)) == pytest.approx(60.0)  # stepped ahead
+    assert clock_step(first, ClockMark(server=999_990.0, local=60.0)) == pytest.approx(-20.0)  # stepped back

@@ -1,12 +1,14 @@
 """One evaluation of a policy against one server: observe, decide, act, report.
 
-This is the unit the CLI loop, the sidecar and the kopf controller all schedule. It holds no state
-between calls; the connection is the caller's (see `pgwarden.engine.session` for one that reconnects).
+This is the unit the CLI loop, the sidecar and the kopf controller all schedule. The connection is the
+caller's (see `pgwarden.engine.session` for one that reconnects); the only memory between calls is the
+last observation's clock reading per connection, to notice a step of the server's clock.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
@@ -16,7 +18,7 @@ import structlog
 
 from pgwarden.engine import act as acting
 from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
-from pgwarden.engine.decide import plan
+from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import CycleReport
@@ -35,6 +37,29 @@ _SESSION_GRANTS = {
     "pg_read_all_stats": "other roles' sessions are invisible to it (counted as unknown) and never acted on",
     "pg_signal_backend": "other roles' sessions cannot be signalled (skipped as notPermitted)",
 }
+
+
+CLOCK_JUMP = "clockJump"
+"""The `errors` entry of a cycle that acted on nothing because the server's clock stepped starts with this."""
+
+# The last observation's clocks per connection: a new connection starts afresh, and the memory goes with
+# the connection object. Policies sharing a connection share it (any observation is a reading).
+_CLOCKS: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], ClockMark] = weakref.WeakKeyDictionary()
+
+
+def _clock_jump(conn: psycopg.AsyncConnection[Any], observation: Observation) -> str | None:
+    """The clockJump error if the server's clock stepped since the last cycle on `conn`, else None."""
+    if observation.server_time is None:
+        return None
+    current = ClockMark(server=observation.server_time, local=observation.received_at)
+    step = clock_step(_CLOCKS.get(conn), current)
+    _CLOCKS[conn] = current
+    if abs(step) <= CLOCK_JUMP_LIMIT:
+        return None
+    return (
+        f"{CLOCK_JUMP}: the server's clock moved {step:+.1f}s against pgwarden's monotonic clock since the last "
+        f"cycle (more than {CLOCK_JUMP_LIMIT:g}s), so every age is off by as much: acted on nothing this cycle"
+    )
 
 
 def session_privileges(observation: Observation, spec: PolicySpec) -> list[str]:
@@ -120,7 +145,11 @@ async def run_cycle(
     bound = log.bind(policy=policy, target=target)
 
     observation = await observe(conn, compiled_observation(spec, protected_pids), target=target)
+    jump = _clock_jump(conn, observation)
     decision = plan(observation, spec, protected_pids)
+    if jump is not None:
+        bound.warning("server clock stepped; acting on nothing this cycle", error=jump)
+        decision = Plan(actions=(), skipped=(), next_deadline=None)  # the next cycle, at `interval`, acts
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:
@@ -141,9 +170,11 @@ async def run_cycle(
         next_deadline=decision.next_deadline,
         observed_at=observation.received_at,
     )
+    if jump is not None:
+        report.errors.append(jump)
     sessions_missing = session_privileges(observation, spec)
     autovacuum_missing: list[str] = []
-    if spec.autovacuum.max_workers is not None:
+    if spec.autovacuum.max_workers is not None and jump is None:
         report.autovacuum, errors, autovacuum_missing = await _autovacuum(
             conn, spec.autovacuum, dry_run=dry_run, target=target
         )

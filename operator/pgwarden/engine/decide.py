@@ -228,6 +228,31 @@ def allowed_actions(limits: Limits, client_backends: int) -> tuple[int, str]:
     return limits.max_actions_per_cycle, MAX_ACTIONS
 
 
+# -- the server's clock ---------------------------------------------------------------------------------
+
+CLOCK_JUMP_LIMIT = 5.0
+"""Seconds the server's clock may move against the engine's monotonic clock between two cycles."""
+
+
+@dataclass(frozen=True)
+class ClockMark:
+    """The server's `now()` and the engine's `time.monotonic()` at one observation."""
+
+    server: float
+    local: float
+
+
+def clock_step(previous: ClockMark | None, current: ClockMark) -> float:
+    """How far the server's clock moved against the monotonic one since `previous` (0 for a first look).
+
+    Ages are server `now()` minus server timestamps, so a step of the server's clock ages (or rejuvenates)
+    every session at once; the monotonic clock never steps, so their difference is the step.
+    """
+    if previous is None:
+        return 0.0
+    return (current.server - previous.server) - (current.local - previous.local)
+
+
 # -- the whole decision ------------------------------------------------------------------------------
 
 
