@@ -9,7 +9,9 @@ import asyncio
 import functools
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -331,3 +333,66 @@ async def test_a_small_clock_drift_is_no_jump(
         await engine.close()
     assert drifted.errors == []
     assert server.alive(victim.pid)
+
+
+# -- the blast radius bounds time, not cycles ----------------------------------------------------------------
+
+
+def most_in_any_window(times: list[datetime], window: timedelta) -> int:
+    """The largest number of `times` inside any half-open window [t, t + window)."""
+    ordered = sorted(times)
+    return max((sum(1 for u in ordered if t <= u < t + window) for t in ordered), default=0)
+
+
+async def test_the_blast_radius_bounds_any_window_of_one_interval(
+    pg_factory: PgFactory, request: pytest.FixtureRequest
+) -> None:
+    """A backlog of 12 idle sessions and a feeder adding one every 0.25 s, against `interval: 4s,
+    maxActionsPerCycle: 5`, for 10 s of the real loop: by the server's log never more than 5 terminations in
+    any 4 s, and the backlog drains at that rate (5 per 4 s, early wake-ups included)."""
+    server = pg_factory(ledger=True)
+    ledger = Ledger(server.logfile)
+    app = unique(request)
+    for _ in range(12):
+        server.open_session("idle", application_name=app)
+    spec = spec_of(
+        interval="4s",
+        limits={"maxActionsPerCycle": 5, "maxFractionPerCycle": 1.0},
+        sessions=[{**IDLE_NOW[0], "applicationNames": [app]}],
+    )
+    feeding = threading.Event()
+
+    def feed() -> None:
+        while not feeding.wait(0.25):  # the producer's pace, not a synchronisation
+            server.open_session("idle", application_name=app)
+
+    engine = TargetSession(parse_dsn(server.dsn()))
+    reports: list[CycleReport] = []
+    stop = asyncio.Event()
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        asyncio.get_running_loop().call_later(10.0, stop.set)
+        await run_loop(
+            functools.partial(engine.run, spec, policy="test"),
+            interval=4.0,
+            stop=stop,
+            on_report=reports.append,
+            on_error=lambda exc, _: False,
+        )
+        engine_pid = (await engine.connection()).info.backend_pid
+    finally:
+        feeding.set()
+        feeder.join()
+        await engine.close()
+    done = [pid for r in reports for pid in acted(r)]
+    ledger.assert_agrees(done, engine_pids={engine_pid})
+    terminated = set(ledger.terminated())
+    first_signal: dict[int, datetime] = {}
+    for signal in ledger.signals():
+        if signal.by_pid == engine_pid and signal.pid in terminated:
+            first_signal.setdefault(signal.pid, signal.at)
+    assert set(first_signal) == terminated
+    assert most_in_any_window(list(first_signal.values()), timedelta(seconds=4)) == 5
+    assert 10 <= len(terminated) <= 15  # 10 s: windows starting at 0, 4 and 8 s, five each
+    assert any(s.reason == SkipReason.MAX_ACTIONS for r in reports for s in r.skipped)

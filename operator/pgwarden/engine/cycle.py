@@ -18,6 +18,7 @@ import structlog
 
 from pgwarden.engine import act as acting
 from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
+from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
@@ -133,8 +134,12 @@ async def run_cycle(
     target: str,
     dry_run_override: bool = False,
     protected_pids: Collection[int] = (),
+    budget: ActionBudget | None = None,
 ) -> CycleReport:
     """Evaluate `spec` once on the server behind `conn` and return what was seen and done.
+
+    `budget`: the caller's record of actions per policy on this target; with it the blast-radius limits
+    bound any window of length `spec.interval`, not just this cycle (without it: this cycle only).
 
     Raises TargetUnreachable (connection failed or lost) or QueryFailed (the observation failed);
     per-session problems are reported in the result instead.
@@ -146,7 +151,9 @@ async def run_cycle(
 
     observation = await observe(conn, compiled_observation(spec, protected_pids), target=target)
     jump = _clock_jump(conn, observation)
-    decision = plan(observation, spec, protected_pids)
+    window = spec.interval.total_seconds()
+    used = budget.used(policy, window, started) if budget is not None else 0
+    decision = plan(observation, spec, protected_pids, used=used)
     if jump is not None:
         bound.warning("server clock stepped; acting on nothing this cycle", error=jump)
         decision = Plan(actions=(), skipped=(), next_deadline=None)  # the next cycle, at `interval`, acts
@@ -156,6 +163,13 @@ async def run_cycle(
         outcome = await acting.act(conn, decision.actions, bound, target=target, reserve=decision.reserve)
     # What the limits held back, less the sessions that took a refused signal's slot.
     held_back = [s for s in decision.skipped if s.pid not in outcome.from_reserve]
+    next_deadline = decision.next_deadline
+    if budget is not None and not dry_run:
+        budget.record(policy, sum(1 for a in outcome.actions if a.done), time.monotonic())
+        if decision.reserve:  # held back by the window: look again when its oldest action leaves it
+            frees = budget.frees_at(policy, window, observation.received_at)
+            if frees is not None:
+                next_deadline = frees if next_deadline is None else min(next_deadline, frees)
 
     report = CycleReport(
         policy=policy,
@@ -167,7 +181,7 @@ async def run_cycle(
         actions=outcome.actions,
         skipped=[*held_back, *outcome.skipped],
         errors=outcome.errors,
-        next_deadline=decision.next_deadline,
+        next_deadline=next_deadline,
         observed_at=observation.received_at,
     )
     if jump is not None:

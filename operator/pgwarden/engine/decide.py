@@ -12,8 +12,9 @@ Order of decisions:
    either: those a rule matches are reported as skipped `notPermitted` and use none of the budget;
 3. session rules, in order: a session is acted on by the first rule it matches;
 4. connection limits, in order, over what is left: sessions above `max` per group, idle first;
-5. blast-radius limits over that ordered list; what they hold back is kept in order as the reserve (a
-   signal PostgreSQL refuses gives its slot to the next one) and reported as skipped with the reason.
+5. blast-radius limits over that ordered list, less what this policy already did on this target in the
+   current window of length `interval`; what they hold back is kept in order as the reserve (a signal
+   PostgreSQL refuses gives its slot to the next one) and reported as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -256,8 +257,12 @@ def clock_step(previous: ClockMark | None, current: ClockMark) -> float:
 # -- the whole decision ------------------------------------------------------------------------------
 
 
-def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[int] = ()) -> Plan:
-    """Decide this cycle's actions from one observation (see the module docstring for the order)."""
+def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[int] = (), *, used: int = 0) -> Plan:
+    """Decide this cycle's actions from one observation (see the module docstring for the order).
+
+    `used`: actions already taken on this target by this policy in the current window of length
+    `interval` (see `pgwarden.engine.budget`); the limits bound the window, so they allow that many fewer.
+    """
     protected = {observation.own_pid, *protected_pids}
     candidates = [
         s
@@ -291,6 +296,7 @@ def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[
             taken.add(victim.pid)
 
     allowed, reason = allowed_actions(spec.limits, observation.client_backends)
+    allowed = max(0, allowed - used)
     actions, reserve = intents[:allowed], intents[allowed:]
     skipped = [*not_permitted, *(SkipRecord(p.rule, p.session.pid, reason) for p in reserve)]
     return Plan(
