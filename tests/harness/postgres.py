@@ -93,6 +93,8 @@ class PgServer:
     basedir: Path
     hba: HbaMode = "trust"
     settings: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the server processes (e.g. libfaketime's, to step the server's clock)."""
     sessions: list[Session] = field(default_factory=list)
 
     @property
@@ -102,6 +104,11 @@ class PgServer:
     @property
     def datadir(self) -> Path:
         return self.basedir / "data"
+
+    @property
+    def logfile(self) -> Path:
+        """The server's log (pg_ctl -l): what `tests.harness.ledger.Ledger` reads."""
+        return self.basedir / "server.log"
 
     @property
     def socket_dir(self) -> Path:
@@ -208,7 +215,7 @@ class PgServer:
                     "-D",
                     str(self.datadir),
                     "-l",
-                    str(self.basedir / "server.log"),
+                    str(self.logfile),
                     "-w",
                     "-t",
                     "60",
@@ -217,6 +224,7 @@ class PgServer:
             ),
             check=True,
             stdout=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
         )
 
     def stop(self, mode: str = "fast") -> None:
@@ -315,12 +323,19 @@ def running_server(
     port: int | None = None,
     hba: HbaMode = "trust",
     settings: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[PgServer]:
     """Start a fresh cluster and always destroy it afterwards."""
     basedir = Path(tempfile.mkdtemp(prefix=f"pgwarden-pg{major}-"))
     basedir.chmod(0o755)
     server = PgServer(
-        major=major, host=host, port=port or free_port(host), basedir=basedir, hba=hba, settings=dict(settings or {})
+        major=major,
+        host=host,
+        port=port or free_port(host),
+        basedir=basedir,
+        hba=hba,
+        settings=dict(settings or {}),
+        env=dict(env or {}),
     )
     try:
         server.init()

@@ -6,6 +6,7 @@ import pytest
 
 from pgwarden.policy.api import SkipReason
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
+from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer
 
 pytestmark = pytest.mark.pg
@@ -16,7 +17,7 @@ def _all_of(app: str) -> list[dict[str, object]]:
 
 
 async def test_max_actions_per_cycle_holds_when_everything_matches(
-    pg: PgServer, request: pytest.FixtureRequest
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest
 ) -> None:
     app = unique(request)
     pids = {pg.open_session("idle", application_name=app).pid for _ in range(5)}
@@ -32,9 +33,12 @@ async def test_max_actions_per_cycle_holds_when_everything_matches(
     second = await enforce(pg, spec)
     assert len(acted(second)) == 2
     assert not acted(second) & done
+    ledger.assert_agrees(done | acted(second))
 
 
-async def test_max_fraction_per_cycle_rounds_down_but_allows_one(pg: PgServer, request: pytest.FixtureRequest) -> None:
+async def test_max_fraction_per_cycle_rounds_down_but_allows_one(
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest
+) -> None:
     app = unique(request)
     pids = {pg.open_session("idle", application_name=app).pid for _ in range(4)}
     spec = spec_of(limits={"maxActionsPerCycle": 100, "maxFractionPerCycle": 0.01}, sessions=_all_of(app))
@@ -46,6 +50,7 @@ async def test_max_fraction_per_cycle_rounds_down_but_allows_one(pg: PgServer, r
     assert len(report.skipped) == 3
     pg.wait_gone(report.actions[0].pid)
     assert len(alive(pg, pids)) == 3
+    ledger.assert_agrees(acted(report))
 
 
 async def test_dry_run_changes_nothing_and_reports_exactly_what_enforce_does(
@@ -146,7 +151,9 @@ async def test_connection_limit_terminates_idle_first_longest_idle_first(
 
 
 @pytest.mark.parametrize("group_by", ["database", "applicationName", "clientAddress"])
-async def test_connection_limit_groups(pg: PgServer, request: pytest.FixtureRequest, group_by: str) -> None:
+async def test_connection_limit_groups(
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest, group_by: str
+) -> None:
     base, db = unique(request), unique(request, "db")
     if group_by == "database":
         pg.create_database(db)
@@ -166,6 +173,7 @@ async def test_connection_limit_groups(pg: PgServer, request: pytest.FixtureRequ
     assert [a.pid for a in report.actions] == big[:2]
     wait_all_gone(pg, big[:2])
     assert alive(pg, big + small) == {big[2], *small}
+    ledger.assert_agrees(acted(report))
 
 
 async def test_session_rules_go_first_and_count_toward_connection_limits(

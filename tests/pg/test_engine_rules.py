@@ -14,6 +14,7 @@ from pgwarden.engine.connection import connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.patterns import anchored_alternation, glob_to_like
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
+from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer, wait_for
 
 pytestmark = pytest.mark.pg
@@ -25,7 +26,7 @@ GAP = 0.4
 
 @pytest.mark.parametrize("state", STATES)
 async def test_states_filter_selects_exactly_that_state(
-    pg: PgServer, request: pytest.FixtureRequest, state: str
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest, state: str
 ) -> None:
     app = unique(request)
     sessions = {s: pg.open_session(s, application_name=app) for s in STATES}  # type: ignore[arg-type]
@@ -41,9 +42,12 @@ async def test_states_filter_selects_exactly_that_state(
     assert report.actions[0].done is True
     pg.wait_gone(target)
     assert alive(pg, {s.pid for s in sessions.values()}) == {s.pid for s in sessions.values()} - {target}
+    ledger.assert_agrees(acted(report))
 
 
-async def test_cancel_stops_the_query_and_keeps_the_session(pg: PgServer, request: pytest.FixtureRequest) -> None:
+async def test_cancel_stops_the_query_and_keeps_the_session(
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest
+) -> None:
     app = unique(request)
     busy = pg.open_session("active", application_name=app)
     spec = spec_of(
@@ -53,6 +57,7 @@ async def test_cancel_stops_the_query_and_keeps_the_session(pg: PgServer, reques
     assert [(a.pid, a.action, a.done) for a in report.actions] == [(busy.pid, "cancel", True)]
     wait_for(lambda: pg.state_of(busy.pid) == "idle", message="the cancelled query to end")
     assert pg.alive(busy.pid)
+    ledger.assert_agrees(acted(report), action="cancel")
 
 
 def _age_pair(pg: PgServer, app: str, kind: str) -> tuple[int, int]:
@@ -78,13 +83,16 @@ def _age_pair(pg: PgServer, app: str, kind: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kind", ["stateAge", "queryAge", "transactionAge", "connectionAge"])
-async def test_each_age_selects_only_sessions_past_it(pg: PgServer, request: pytest.FixtureRequest, kind: str) -> None:
+async def test_each_age_selects_only_sessions_past_it(
+    pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest, kind: str
+) -> None:
     app = unique(request)
     old, new = _age_pair(pg, app, kind)
     threshold = f"{int(GAP * 1000 / 2)}ms"
     spec = spec_of(sessions=[{"name": "r", "action": "terminate", kind: threshold, "applicationNames": [app]}])
     report = await enforce(pg, spec)
     assert acted(report) == {old}
+    ledger.assert_agrees(acted(report))
     assert report.next_deadline is not None
     assert 0 < report.next_deadline <= GAP / 2
     pg.wait_gone(old)
@@ -120,7 +128,7 @@ async def test_first_matching_rule_wins(pg: PgServer, request: pytest.FixtureReq
     assert [(x.rule, x.action, x.pid) for x in report.actions] == [("first", "cancel", a.pid)]
 
 
-async def test_user_filter(pg: PgServer, request: pytest.FixtureRequest) -> None:
+async def test_user_filter(pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest) -> None:
     app, role = unique(request), unique(request, "role")
     pg.create_role(role)
     theirs = pg.open_session("idle", user=role, application_name=app)
@@ -138,12 +146,13 @@ async def test_user_filter(pg: PgServer, request: pytest.FixtureRequest) -> None
     )
     report = await enforce(pg, spec)
     assert acted(report) == {theirs.pid}
+    ledger.assert_agrees(acted(report))
     assert report.actions[0].user == role
     pg.wait_gone(theirs.pid)
     assert pg.alive(mine.pid)
 
 
-async def test_database_filter(pg: PgServer, request: pytest.FixtureRequest) -> None:
+async def test_database_filter(pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest) -> None:
     app, db = unique(request), unique(request, "db")
     pg.create_database(db)
     there = pg.open_session("idle", dbname=db, application_name=app)
@@ -155,12 +164,13 @@ async def test_database_filter(pg: PgServer, request: pytest.FixtureRequest) -> 
     )
     report = await enforce(pg, spec)
     assert acted(report) == {there.pid}
+    ledger.assert_agrees(acted(report))
     assert report.actions[0].database == db
     pg.wait_gone(there.pid)
     assert pg.alive(here.pid)
 
 
-async def test_application_name_globs(pg: PgServer, request: pytest.FixtureRequest) -> None:
+async def test_application_name_globs(pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest) -> None:
     base = unique(request)
     web1 = pg.open_session("idle", application_name=f"{base}-web-1")
     web2 = pg.open_session("idle", application_name=f"{base}-web-22")
@@ -178,6 +188,7 @@ async def test_application_name_globs(pg: PgServer, request: pytest.FixtureReque
     )
     report = await enforce(pg, spec)
     assert acted(report) == {web1.pid}
+    ledger.assert_agrees(acted(report))
     pg.wait_gone(web1.pid)
     assert alive(pg, {web2.pid, worker.pid, literal.pid}) == {web2.pid, worker.pid, literal.pid}
 
@@ -224,7 +235,7 @@ async def test_client_address_filter_and_unix_sockets(
 
 
 @pytest.mark.parametrize("what", ["users", "databases", "applicationNames"])
-async def test_excludes_win_over_rules(pg: PgServer, request: pytest.FixtureRequest, what: str) -> None:
+async def test_excludes_win_over_rules(pg: PgServer, ledger: Ledger, request: pytest.FixtureRequest, what: str) -> None:
     app, role, db = unique(request), unique(request, "role"), unique(request, "db")
     pg.create_role(role)
     pg.create_database(db)
@@ -237,6 +248,7 @@ async def test_excludes_win_over_rules(pg: PgServer, request: pytest.FixtureRequ
     )
     report = await enforce(pg, spec)
     assert acted(report) == {other.pid}
+    ledger.assert_agrees(acted(report))
     pg.wait_gone(other.pid)
     assert pg.alive(protected.pid)
 

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from pgwarden.engine.decide import (
+    ClockMark,
     allowed_actions,
+    clock_step,
     in_scope,
     is_protected,
     limit_victims,
@@ -39,6 +41,8 @@ def session(
     connection_age: float | None = None,
     backend_type: str = "client backend",
     pid: int | None = None,
+    superuser: bool = False,
+    permitted: bool = True,
 ) -> ObservedSession:
     return ObservedSession(
         pid=next(_pids) if pid is None else pid,
@@ -54,13 +58,19 @@ def session(
         transaction_age=xact_age,
         connection_age=(age or 0) + 10 if connection_age is None else connection_age,
         backend_type=backend_type,
+        superuser=superuser,
+        permitted=permitted,
     )
 
 
 def observation(
-    *sessions: ObservedSession, clients: int | None = None, next_crossing: float | None = None
+    *sessions: ObservedSession,
+    clients: int | None = None,
+    next_crossing: float | None = None,
+    own_roles: tuple[str, ...] = ("warden",),
 ) -> Observation:
     return Observation(
+        own_roles=own_roles,
         server_version="18.6",
         own_pid=1,
         backends={"client backend": len(sessions) + 1 if clients is None else clients},
@@ -249,3 +259,47 @@ def test_blast_radius_holds_when_everything_matches() -> None:
 def test_next_deadline_comes_from_the_observation() -> None:
     assert plan(observation(next_crossing=12.5), spec()).next_deadline == 12.5
     assert plan(observation(), spec()).next_deadline is None
+
+
+def test_pgwardens_own_sessions_in_any_process_are_never_candidates() -> None:
+    """The engine's role with a pgwarden application name is pgwarden; another role so named is not."""
+    policy = spec(sessions=[{"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "0s"}])
+    other_replica = session(user="warden", app="pgwarden")
+    sidecar = session(user="warden", app="pgwarden-sidecar")
+    impostor = session(user="app", app="pgwarden-fake")
+    same_role_app = session(user="warden", app="psql")
+    decided = plan(observation(other_replica, sidecar, impostor, same_role_app), policy)
+    assert {p.session.pid for p in decided.actions} == {impostor.pid, same_role_app.pid}
+    assert decided.skipped == ()
+
+
+def test_sessions_not_permitted_are_skipped_and_use_no_budget() -> None:
+    policy = spec(
+        limits={"maxActionsPerCycle": 2, "maxFractionPerCycle": 1.0},
+        sessions=[{"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "0s"}],
+    )
+    supers = [session(user="postgres", age=1000.0, superuser=True, permitted=False) for _ in range(3)]
+    apps = [session(age=10.0) for _ in range(3)]
+    decided = plan(observation(*supers, *apps), policy)
+    assert [p.session.pid for p in decided.actions] == [apps[0].pid, apps[1].pid]
+    assert [p.session.pid for p in decided.reserve] == [apps[2].pid]
+    assert sorted((s.pid, s.reason) for s in decided.skipped) == sorted(
+        [*((s.pid, SkipReason.NOT_PERMITTED) for s in supers), (apps[2].pid, SkipReason.MAX_ACTIONS)]
+    )
+
+
+def test_sessions_not_permitted_do_not_count_in_connection_limits() -> None:
+    policy = spec(connectionLimits=[{"name": "cap", "groupBy": "user", "max": 1}])
+    supers = [session(user="app", superuser=True, permitted=False) for _ in range(2)]
+    mine = [session(user="app") for _ in range(2)]
+    decided = plan(observation(*supers, *mine), policy)
+    assert len(decided.actions) == 1
+    assert decided.actions[0].session.pid in {s.pid for s in mine}
+
+
+def test_clock_step_is_the_server_clock_against_the_monotonic_one() -> None:
+    first = ClockMark(server=1_000_000.0, local=50.0)
+    assert clock_step(None, first) == 0.0
+    assert clock_step(first, ClockMark(server=1_000_030.0, local=80.0)) == pytest.approx(0.0)  # 30 s passed
+    assert clock_step(first, ClockMark(server=1_000_070.0, local=60.0)) == pytest.approx(60.0)  # stepped ahead
+    assert clock_step(first, ClockMark(server=999_990.0, local=60.0)) == pytest.approx(-20.0)  # stepped back

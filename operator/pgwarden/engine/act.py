@@ -5,7 +5,9 @@ session may change state (an idle session that just started a query no longer ma
 Each signal is therefore sent from a statement that re-reads `pg_stat_activity` and only signals the
 backend with the observed pid, `backend_start` and `state_change`; anything else is skipped and
 reported, never an error. A refused signal (SQLSTATE 42501, e.g. a non-superuser engine and a superuser
-backend) is reported for that session and the cycle goes on; only a broken connection stops it.
+backend) is reported for that session and the cycle goes on, and its slot in the blast radius goes to the
+next session the limits held back (the reserve), so a refusal never eats the budget; only a broken
+connection stops it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class ActOutcome:
     actions: list[ActionRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    from_reserve: set[int] = field(default_factory=set)
+    """Pids of reserve sessions that took a refused signal's slot (no longer held back by the limits)."""
 
 
 def record(planned: PlannedAction, *, done: bool) -> ActionRecord:
@@ -110,11 +114,23 @@ async def signal_one(conn: psycopg.AsyncConnection[Any], planned: PlannedAction)
 
 
 async def act(
-    conn: psycopg.AsyncConnection[Any], planned: Sequence[PlannedAction], log: Any, *, target: str = ""
+    conn: psycopg.AsyncConnection[Any],
+    planned: Sequence[PlannedAction],
+    log: Any,
+    *,
+    target: str = "",
+    reserve: Sequence[PlannedAction] = (),
 ) -> ActOutcome:
-    """Signal each planned session in order; see the module docstring for what is skipped and why."""
+    """Signal each planned session in order; see the module docstring for what is skipped and why.
+
+    A refused signal takes the next session from `reserve`: at most one statement more per refusal, so a
+    cycle sends at most len(planned) + len(reserve) signals.
+    """
     outcome = ActOutcome()
-    for p in planned:
+    queue = list(planned)
+    spare = list(reserve)
+    while queue:
+        p = queue.pop(0)
         fields = _log_fields(p, dry_run=False)
         try:
             result = await signal_one(conn, p)
@@ -124,6 +140,10 @@ async def act(
             outcome.skipped.append(SkipRecord(p.rule, p.session.pid, PERMISSION_DENIED))
             outcome.errors.append(message)
             log.warning("signal refused", reason=PERMISSION_DENIED, error=message, **fields)
+            if spare:  # a refusal does not count against the limits: the next held-back session gets the slot
+                promoted = spare.pop(0)
+                outcome.from_reserve.add(promoted.session.pid)
+                queue.append(promoted)
             continue
         except psycopg.Error as exc:
             if conn.broken or conn.closed:

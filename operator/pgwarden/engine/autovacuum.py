@@ -97,7 +97,7 @@ class _Privileges:
 
     def missing_for_write(self, action: str) -> str | None:
         """Why this role cannot ALTER SYSTEM the setting and reload, naming the grants; None if it can."""
-        role = _quote_ident(self.role)
+        role = quote_ident(self.role)
         missing = []
         if not self.alter_system:
             if self.server_version >= 150000:
@@ -115,7 +115,7 @@ class _Privileges:
     def missing_for_signal(self, count: int, cap: int) -> str | None:
         if self.signal_workers:
             return None
-        role = _quote_ident(self.role)
+        role = quote_ident(self.role)
         head = f"cannot stop {count} autovacuum worker(s) above maxWorkers {cap}: role {role} is not a superuser"
         if self.server_version >= 180000:
             return (
@@ -128,8 +128,28 @@ class _Privileges:
             "pg_signal_autovacuum_worker)"
         )
 
+    def missing_grants(self, *, stop_workers: bool) -> list[str]:
+        """Every grant the README lists for the cap that this role lacks, as GRANT names it (empty for a
+        superuser); the workers' grants only when the policy stops excess workers."""
+        if self.superuser:
+            return []
+        missing = []
+        if not self.alter_system:
+            missing.append(f"ALTER SYSTEM ON PARAMETER {SETTING}" if self.server_version >= 150000 else "SUPERUSER")
+        if not self.reload:
+            missing.append("EXECUTE ON FUNCTION pg_catalog.pg_reload_conf()")
+        if not self.read_files:
+            missing.append(
+                "SELECT ON pg_catalog.pg_file_settings, EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings()"
+            )
+        if stop_workers and not self.see_workers:
+            missing.append("pg_read_all_stats")
+        if stop_workers and not self.signal_workers:
+            missing.append("pg_signal_autovacuum_worker" if self.server_version >= 180000 else "SUPERUSER")
+        return missing
+
     def missing_for_workers(self) -> str:
-        role = _quote_ident(self.role)
+        role = quote_ident(self.role)
         return (
             f"cannot see autovacuum workers: role {role} is not a superuser and lacks pg_read_all_stats "
             f"(GRANT pg_read_all_stats TO {role}), so pg_stat_activity hides their backend_type and query"
@@ -153,6 +173,7 @@ async def enforce_autovacuum(
     except psycopg.Error as exc:
         _record(conn, exc, report.errors, "reading the connecting role's privileges")
         return report
+    report.missing_privileges = privileges.missing_grants(stop_workers=spec.cancel_excess_workers)
     await _enforce_setting(conn, desired, privileges, report, dry_run=dry_run)
     await _enforce_workers(conn, desired, privileges, report, stop=spec.cancel_excess_workers, dry_run=dry_run)
     return report
@@ -175,7 +196,7 @@ async def release_autovacuum(
             report.outcome = "unreadable"
             report.message = (
                 f"cannot tell whether postgresql.auto.conf still holds the {SETTING} = {written} pgwarden wrote: "
-                f"role {_quote_ident(privileges.role)} cannot read pg_file_settings (needs superuser, or SELECT on "
+                f"role {quote_ident(privileges.role)} cannot read pg_file_settings (needs superuser, or SELECT on "
                 "pg_catalog.pg_file_settings and EXECUTE on pg_catalog.pg_show_all_file_settings()); left alone"
             )
             return report
@@ -444,7 +465,7 @@ def _record(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error, errors: list
     )
 
 
-def _quote_ident(name: str) -> str:
+def quote_ident(name: str) -> str:
     """A role name as SQL would need it in a GRANT, for messages a human may paste."""
     return '"' + name.replace('"', '""') + '"'
 

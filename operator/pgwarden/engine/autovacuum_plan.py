@@ -206,6 +206,9 @@ class AutovacuumReport:
     skipped: list[SkippedWorker] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    missing_privileges: list[str] = field(default_factory=list)
+    """Grants the cap needs that the connecting role lacks (the README's list), named as GRANT would name
+    them; not in the JSON (the cycle report carries them, typed, and in its `errors`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {

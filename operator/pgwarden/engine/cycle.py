@@ -1,12 +1,14 @@
 """One evaluation of a policy against one server: observe, decide, act, report.
 
-This is the unit the CLI loop, the sidecar and the kopf controller all schedule. It holds no state
-between calls; the connection is the caller's (see `pgwarden.engine.session` for one that reconnects).
+This is the unit the CLI loop, the sidecar and the kopf controller all schedule. The connection is the
+caller's (see `pgwarden.engine.session` for one that reconnects); the only memory between calls is the
+last observation's clock reading per connection, to notice a step of the server's clock.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
@@ -15,27 +17,92 @@ import psycopg
 import structlog
 
 from pgwarden.engine import act as acting
-from pgwarden.engine.autovacuum import enforce_autovacuum
+from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
-from pgwarden.engine.decide import plan
+from pgwarden.engine.budget import ActionBudget
+from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import CycleReport
+from pgwarden.engine.types import Observation
+from pgwarden.policy.api import ConditionReason
 from pgwarden.policy.model import Autovacuum, EnforcementAction, PolicySpec
 
 log = structlog.get_logger("pgwarden.engine")
 
+INSUFFICIENT_PRIVILEGES_PREFIX = f"{ConditionReason.INSUFFICIENT_PRIVILEGES}: "
+"""Every `errors` entry about a missing grant starts with this; the typed list is
+`CycleReport.missing_privileges`."""
+
+# What a session policy cannot do without each predefined role (read from the observation, so free).
+_SESSION_GRANTS = {
+    "pg_read_all_stats": "other roles' sessions are invisible to it (counted as unknown) and never acted on",
+    "pg_signal_backend": "other roles' sessions cannot be signalled (skipped as notPermitted)",
+}
+
+
+CLOCK_JUMP = "clockJump"
+"""The `errors` entry of a cycle that acted on nothing because the server's clock stepped starts with this."""
+
+# The last observation's clocks per connection: a new connection starts afresh, and the memory goes with
+# the connection object. Policies sharing a connection share it (any observation is a reading).
+_CLOCKS: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], ClockMark] = weakref.WeakKeyDictionary()
+
+
+def _clock_jump(conn: psycopg.AsyncConnection[Any], observation: Observation) -> str | None:
+    """The clockJump error if the server's clock stepped since the last cycle on `conn`, else None."""
+    if observation.server_time is None:
+        return None
+    current = ClockMark(server=observation.server_time, local=observation.received_at)
+    step = clock_step(_CLOCKS.get(conn), current)
+    _CLOCKS[conn] = current
+    if abs(step) <= CLOCK_JUMP_LIMIT:
+        return None
+    return (
+        f"{CLOCK_JUMP}: the server's clock moved {step:+.1f}s against pgwarden's monotonic clock since the last "
+        f"cycle (more than {CLOCK_JUMP_LIMIT:g}s), so every age is off by as much: acted on nothing this cycle"
+    )
+
+
+def session_privileges(observation: Observation, spec: PolicySpec) -> list[str]:
+    """The predefined roles a policy with session rules or connection limits needs and the role lacks."""
+    if observation.own_superuser or not (spec.sessions or spec.connection_limits):
+        return []
+    have = {"pg_read_all_stats": observation.may_read_all_stats, "pg_signal_backend": observation.may_signal_backend}
+    return [grant for grant, ok in have.items() if not ok]
+
+
+def _role(observation: Observation) -> str:
+    return quote_ident(observation.own_roles[-1]) if observation.own_roles else "(unknown)"
+
+
+def privilege_errors(role: str, sessions: list[str], autovacuum: list[str]) -> list[str]:
+    """Stable messages for missing grants: the prefix, the role, what is missing, what it costs, the fix."""
+    messages = [
+        f"{INSUFFICIENT_PRIVILEGES_PREFIX}role {role} lacks {grant}: {_SESSION_GRANTS[grant]}; GRANT {grant} TO {role}"
+        for grant in sessions
+    ]
+    if autovacuum:
+        messages.append(
+            f"{INSUFFICIENT_PRIVILEGES_PREFIX}role {role} lacks for the autovacuum cap: "
+            + "; ".join(autovacuum)
+            + f" (GRANT each TO {role})"
+        )
+    return messages
+
 
 async def _autovacuum(
     conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
-) -> tuple[AutovacuumReport | None, list[str]]:
+) -> tuple[AutovacuumReport | None, list[str], list[str]]:
+    """The autovacuum report, its errors, and the grants it lacks."""
     try:
         result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
             raise TargetUnreachable(f"connection to {target} lost during autovacuum: {str(exc).strip()}") from None
-        return None, [f"autovacuum: {str(exc).strip()}"]
-    return result, [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
+        return None, [f"autovacuum: {str(exc).strip()}"], []
+    errors = [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
+    return result, errors, list(result.missing_privileges)
 
 
 _COMPILED: OrderedDict[tuple[int, frozenset[int]], tuple[PolicySpec, ObservationQuery]] = OrderedDict()
@@ -68,8 +135,12 @@ async def run_cycle(
     target: str,
     dry_run_override: bool = False,
     protected_pids: Collection[int] = (),
+    budget: ActionBudget | None = None,
 ) -> CycleReport:
     """Evaluate `spec` once on the server behind `conn` and return what was seen and done.
+
+    `budget`: the caller's record of actions per policy on this target; with it the blast-radius limits
+    bound any window of length `spec.interval`, not just this cycle (without it: this cycle only).
 
     Raises TargetUnreachable (connection failed or lost) or QueryFailed (the observation failed);
     per-session problems are reported in the result instead.
@@ -80,11 +151,26 @@ async def run_cycle(
     bound = log.bind(policy=policy, target=target)
 
     observation = await observe(conn, compiled_observation(spec, protected_pids), target=target)
-    decision = plan(observation, spec, protected_pids)
+    jump = _clock_jump(conn, observation)
+    window = spec.interval.total_seconds()
+    used = budget.used(policy, window, started) if budget is not None else 0
+    decision = plan(observation, spec, protected_pids, used=used)
+    if jump is not None:
+        bound.warning("server clock stepped; acting on nothing this cycle", error=jump)
+        decision = Plan(actions=(), skipped=(), next_deadline=None)  # the next cycle, at `interval`, acts
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:
-        outcome = await acting.act(conn, decision.actions, bound, target=target)
+        outcome = await acting.act(conn, decision.actions, bound, target=target, reserve=decision.reserve)
+    # What the limits held back, less the sessions that took a refused signal's slot.
+    held_back = [s for s in decision.skipped if s.pid not in outcome.from_reserve]
+    next_deadline = decision.next_deadline
+    if budget is not None and not dry_run:
+        budget.record(policy, sum(1 for a in outcome.actions if a.done), time.monotonic())
+        if decision.reserve:  # held back by the window: look again when its oldest action leaves it
+            frees = budget.frees_at(policy, window, observation.received_at)
+            if frees is not None:
+                next_deadline = frees if next_deadline is None else min(next_deadline, frees)
 
     report = CycleReport(
         policy=policy,
@@ -94,14 +180,24 @@ async def run_cycle(
         backends=observation.backends,
         client_states=observation.client_states,
         actions=outcome.actions,
-        skipped=[*decision.skipped, *outcome.skipped],
+        skipped=[*held_back, *outcome.skipped],
         errors=outcome.errors,
-        next_deadline=decision.next_deadline,
+        next_deadline=next_deadline,
         observed_at=observation.received_at,
     )
-    if spec.autovacuum.max_workers is not None:
-        report.autovacuum, errors = await _autovacuum(conn, spec.autovacuum, dry_run=dry_run, target=target)
+    if jump is not None:
+        report.errors.append(jump)
+    sessions_missing = session_privileges(observation, spec)
+    autovacuum_missing: list[str] = []
+    if spec.autovacuum.max_workers is not None and jump is None:
+        report.autovacuum, errors, autovacuum_missing = await _autovacuum(
+            conn, spec.autovacuum, dry_run=dry_run, target=target
+        )
         report.errors.extend(errors)
+    # Missing grants first in `errors`: they explain the rest. Checked every cycle at no cost: the session
+    # grants are columns of the observation, the autovacuum ones of the privileges it reads anyway.
+    report.missing_privileges = tuple(sessions_missing + autovacuum_missing)
+    report.errors[:0] = privilege_errors(_role(observation), sessions_missing, autovacuum_missing)
     report.duration_seconds = time.monotonic() - started
     bound.debug(
         "cycle done",

@@ -6,10 +6,15 @@ sessions in SQL; everything is checked again here, so a session is only ever act
 filter and these functions agree (a mistake in either one can only make the engine do less).
 
 Order of decisions:
-1. built-in protections and `exclude` (never a candidate);
-2. session rules, in order: a session is acted on by the first rule it matches;
-3. connection limits, in order, over what is left: sessions above `max` per group, idle first;
-4. blast-radius limits over that ordered list; the rest is reported as skipped with the reason.
+1. built-in protections (pgwarden's own sessions in any process, non-client backends) and `exclude`
+   (never a candidate);
+2. sessions the engine's role may not signal (a superuser's, when it is not one) are never candidates
+   either: those a rule matches are reported as skipped `notPermitted` and use none of the budget;
+3. session rules, in order: a session is acted on by the first rule it matches;
+4. connection limits, in order, over what is left: sessions above `max` per group, idle first;
+5. blast-radius limits over that ordered list, less what this policy already did on this target in the
+   current window of length `interval`; what they hold back is kept in order as the reserve (a signal
+   PostgreSQL refuses gives its slot to the next one) and reported as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 
 from pgwarden.engine.patterns import IpNetwork, address_in, matches_any, networks
 from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION, SkipRecord
-from pgwarden.engine.types import CLIENT_BACKEND, Observation, ObservedSession
+from pgwarden.engine.types import CLIENT_BACKEND, OWN_APPLICATION_PREFIX, Observation, ObservedSession
+from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import (
     ConnectionLimit,
     Exclude,
@@ -53,11 +59,20 @@ class Plan:
 
     actions: tuple[PlannedAction, ...]
     skipped: tuple[SkipRecord, ...]
+    """Held back by the blast radius (the reserve, reported unless acting uses it) and not permitted."""
     next_deadline: float | None
     """Seconds after the observation when a session seen now next crosses a rule's thresholds."""
+    reserve: tuple[PlannedAction, ...] = ()
+    """What the blast radius held back, in order: acting gives a refused signal's slot to the next of these."""
+    reserve_reason: str = MAX_ACTIONS
 
 
 # -- protections ---------------------------------------------------------------------------------------
+
+
+def is_own(session: ObservedSession, own_roles: Collection[str]) -> bool:
+    """pgwarden's own session in any process: the engine's login role and a pgwarden application name."""
+    return session.user in own_roles and (session.application_name or "").startswith(OWN_APPLICATION_PREFIX)
 
 
 def is_protected(session: ObservedSession, exclude: Exclude, protected_pids: Collection[int]) -> bool:
@@ -214,41 +229,80 @@ def allowed_actions(limits: Limits, client_backends: int) -> tuple[int, str]:
     return limits.max_actions_per_cycle, MAX_ACTIONS
 
 
-def apply_limits(
-    intents: Sequence[PlannedAction], limits: Limits, client_backends: int
-) -> tuple[list[PlannedAction], list[SkipRecord]]:
-    allowed, reason = allowed_actions(limits, client_backends)
-    kept = list(intents[:allowed])
-    skipped = [SkipRecord(p.rule, p.session.pid, reason) for p in intents[allowed:]]
-    return kept, skipped
+# -- the server's clock ---------------------------------------------------------------------------------
+
+CLOCK_JUMP_LIMIT = 5.0
+"""Seconds the server's clock may move against the engine's monotonic clock between two cycles."""
+
+
+@dataclass(frozen=True)
+class ClockMark:
+    """The server's `now()` and the engine's `time.monotonic()` at one observation."""
+
+    server: float
+    local: float
+
+
+def clock_step(previous: ClockMark | None, current: ClockMark) -> float:
+    """How far the server's clock moved against the monotonic one since `previous` (0 for a first look).
+
+    Ages are server `now()` minus server timestamps, so a step of the server's clock ages (or rejuvenates)
+    every session at once; the monotonic clock never steps, so their difference is the step.
+    """
+    if previous is None:
+        return 0.0
+    return (current.server - previous.server) - (current.local - previous.local)
 
 
 # -- the whole decision ------------------------------------------------------------------------------
 
 
-def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[int] = ()) -> Plan:
-    """Decide this cycle's actions from one observation (see the module docstring for the order)."""
+def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[int] = (), *, used: int = 0) -> Plan:
+    """Decide this cycle's actions from one observation (see the module docstring for the order).
+
+    `used`: actions already taken on this target by this policy in the current window of length
+    `interval` (see `pgwarden.engine.budget`); the limits bound the window, so they allow that many fewer.
+    """
     protected = {observation.own_pid, *protected_pids}
-    candidates = [s for s in observation.sessions if not is_protected(s, spec.exclude, protected)]
+    candidates = [
+        s
+        for s in observation.sessions
+        if not is_protected(s, spec.exclude, protected) and not is_own(s, observation.own_roles)
+    ]
 
     rules = [RuleMatcher.of(rule) for rule in spec.sessions]
     by_rule: list[tuple[int, float, int, PlannedAction]] = []
+    not_permitted: list[SkipRecord] = []
     for session in candidates:
         found = first_matching_rule(rules, session)
         if found is None:
             continue
         index, matcher = found
+        if not session.permitted:
+            not_permitted.append(SkipRecord(matcher.rule.name, session.pid, SkipReason.NOT_PERMITTED))
+            continue
         margin = matcher.overshoot(session) or 0.0
         by_rule.append((index, -margin, session.pid, PlannedAction(matcher.rule.name, matcher.rule.action, session)))
     # Within a rule, the sessions furthest past its thresholds first: if the blast radius cuts the list,
     # the worst offenders are the ones handled.
     intents = [entry[3] for entry in sorted(by_rule, key=lambda e: e[:3])]
 
+    # Sessions pgwarden may not signal neither count in a connection limit's groups nor become its victims.
+    signalable = [s for s in candidates if s.permitted]
     taken = {p.session.pid for p in intents}
     for limit in spec.connection_limits:
-        for victim in limit_victims(limit, candidates, taken):
+        for victim in limit_victims(limit, signalable, taken):
             intents.append(PlannedAction(limit.name, SessionAction.TERMINATE, victim))
             taken.add(victim.pid)
 
-    actions, skipped = apply_limits(intents, spec.limits, observation.client_backends)
-    return Plan(actions=tuple(actions), skipped=tuple(skipped), next_deadline=observation.next_crossing)
+    allowed, reason = allowed_actions(spec.limits, observation.client_backends)
+    allowed = max(0, allowed - used)
+    actions, reserve = intents[:allowed], intents[allowed:]
+    skipped = [*not_permitted, *(SkipRecord(p.rule, p.session.pid, reason) for p in reserve)]
+    return Plan(
+        actions=tuple(actions),
+        skipped=tuple(skipped),
+        next_deadline=observation.next_crossing,
+        reserve=tuple(reserve),
+        reserve_reason=reason,
+    )

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from pgwarden.engine.errors import QueryFailed, TargetUnreachable
 from pgwarden.engine.patterns import anchored_alternation, glob_to_like, networks
-from pgwarden.engine.types import CLIENT_BACKEND, UNKNOWN, Observation, ObservedSession
+from pgwarden.engine.types import CLIENT_BACKEND, OWN_APPLICATION_PREFIX, UNKNOWN, Observation, ObservedSession
 from pgwarden.policy.model import ConnectionLimit, GroupBy, PolicySpec, SessionFilters, SessionRule
 
 _GROUP_COLUMNS = {
@@ -120,6 +120,11 @@ def _candidate(spec: PolicySpec, protected: sql.Composable, params: _Params) -> 
         sql.SQL("pid <> pg_backend_pid()"),
         sql.SQL("pid <> ALL({}::int[])").format(protected),
         sql.SQL("backend_start IS NOT NULL"),
+        # pgwarden's own sessions in any process: the engine's login role and a pgwarden application name.
+        sql.SQL(
+            "NOT coalesce(usesysid IN (SELECT oid FROM pg_catalog.pg_roles"
+            " WHERE rolname IN (session_user, current_user)) AND starts_with(application_name, {}), false)"
+        ).format(params.add("own", OWN_APPLICATION_PREFIX)),
     ]
     if spec.exclude.users:
         conditions.append(sql.SQL("usesysid NOT IN {}").format(_role_ids(spec.exclude.users, params)))
@@ -196,13 +201,31 @@ SELECT coalesce(backend_type, {unknown}) AS backend_type,
            'state_age', date_part('epoch', now() - state_change),
            'query_age', date_part('epoch', now() - query_start),
            'xact_age', date_part('epoch', now() - xact_start),
-           'connection_age', date_part('epoch', now() - backend_start)
+           'connection_age', date_part('epoch', now() - backend_start),
+           'superuser', (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = usesysid),
+           'permitted', {permitted}
        )) FILTER (WHERE wait <= 0 OR over) AS hits,
        split_part(current_setting('server_version'), ' ', 1) AS server_version,
-       pg_backend_pid() AS own_pid
+       pg_backend_pid() AS own_pid,
+       ARRAY[session_user::text, current_user::text] AS own_roles,
+       (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) AS own_superuser,
+       pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS may_read_all_stats,
+       pg_catalog.pg_has_role(current_user, 'pg_signal_backend', 'USAGE') AS may_signal_backend,
+       date_part('epoch', now()) AS server_time
 FROM y
 GROUP BY 1, 2
 """
+
+
+# Whether PostgreSQL lets the engine's role signal the backend (the checks of pg_signal_backend() in
+# src/backend/storage/ipc/signalfuncs.c): a superuser's backend only for a superuser; another role's only
+# with the privileges of that role or of pg_signal_backend. Evaluated only for the sessions returned.
+_PERMITTED = """CASE
+               WHEN (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN true
+               WHEN (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = usesysid) THEN false
+               ELSE pg_catalog.pg_has_role(current_user, usesysid, 'USAGE')
+                    OR pg_catalog.pg_has_role(current_user, 'pg_signal_backend', 'USAGE')
+           END"""
 
 
 def compile_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) -> ObservationQuery:
@@ -218,7 +241,9 @@ def compile_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) 
         wait = sql.SQL("least({})").format(sql.SQL(", ").join(waits))
     overs = [_over_limit(limit, params) for limit in spec.connection_limits]
     over = sql.SQL(" OR ").join(overs) if overs else sql.SQL("NULL::boolean")
-    statement = sql.SQL(_TEMPLATE).format(candidate=candidate, wait=wait, over=over, unknown=sql.Literal(UNKNOWN))
+    statement = sql.SQL(_TEMPLATE).format(
+        candidate=candidate, wait=wait, over=over, unknown=sql.Literal(UNKNOWN), permitted=sql.SQL(_PERMITTED)
+    )
     return ObservationQuery(statement=statement.as_bytes(None), params=params.values)
 
 
@@ -242,6 +267,8 @@ def _session(hit: dict[str, Any]) -> ObservedSession:
         query_age=hit["query_age"],
         transaction_age=hit["xact_age"],
         connection_age=hit["connection_age"],
+        superuser=bool(hit["superuser"]),
+        permitted=bool(hit["permitted"]),
     )
 
 
@@ -263,7 +290,7 @@ async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *
     client_states: dict[str, int] = {}
     crossings: list[float] = []
     sessions: list[ObservedSession] = []
-    for backend_type, state, count, crossing, hits, _, _ in rows:
+    for backend_type, state, count, crossing, hits, *_ in rows:
         backends[backend_type] = backends.get(backend_type, 0) + count
         if backend_type == CLIENT_BACKEND:
             key = state or UNKNOWN
@@ -272,9 +299,15 @@ async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *
             crossings.append(float(crossing))
         if hits:
             sessions.extend(_session(hit) for hit in hits)
+    first = rows[0]
     return Observation(
-        server_version=str(rows[0][5]),
-        own_pid=int(rows[0][6]),
+        server_version=str(first[5]),
+        own_pid=int(first[6]),
+        own_roles=tuple(first[7]),
+        own_superuser=bool(first[8]),
+        may_read_all_stats=bool(first[9]),
+        may_signal_backend=bool(first[10]),
+        server_time=float(first[11]),
         backends=dict(sorted(backends.items())),
         client_states=dict(sorted(client_states.items())),
         sessions=tuple(sorted(sessions, key=lambda s: s.pid)),

@@ -81,6 +81,9 @@ class CycleReport:
     actions: list[ActionRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    missing_privileges: tuple[str, ...] = ()
+    """Grants the engine's role lacks for this policy (`pg_read_all_stats`, `pg_signal_backend`, the
+    autovacuum cap's), as GRANT names them; each is also explained in `errors` (not in JSON)."""
     autovacuum: AutovacuumReport | None = None
     """The autovacuum report, only when the policy configures autovacuum."""
     next_deadline: float | None = None

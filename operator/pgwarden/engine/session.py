@@ -16,6 +16,7 @@ from psycopg import conninfo as pg_conninfo
 
 from pgwarden.engine.autovacuum import release_autovacuum
 from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.errors import TargetUnreachable
@@ -32,6 +33,8 @@ class TargetSession:
         self.protected_pids = frozenset(protected_pids)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._target = dsn.target
+        self.budget = ActionBudget()
+        """Actions per policy in the current window; outlives reconnections (the server remembers nothing)."""
 
     @property
     def target(self) -> str:
@@ -58,6 +61,7 @@ class TargetSession:
                 target=target or self._target,
                 dry_run_override=dry_run_override,
                 protected_pids=self.protected_pids,
+                budget=self.budget,
             )
         except TargetUnreachable:
             await self.close()

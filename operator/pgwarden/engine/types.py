@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 CLIENT_BACKEND = "client backend"
+OWN_APPLICATION_PREFIX = "pgwarden"
+"""Sessions of the engine's own login role whose application_name starts with this are pgwarden's own (any
+process: another policy's connection, a second replica, a CLI run) and never candidates. The role condition
+keeps an application from escaping by naming itself pgwarden. (`pgwarden.engine.connection.APPLICATION_NAME`
+starts with it.)"""
 UNKNOWN = "unknown"
 """Reported for a NULL `backend_type` or `state`: a role without pg_read_all_stats sees other roles' sessions
 with almost every column NULL, so they are counted under `backends["unknown"]` and never acted on."""
@@ -39,6 +44,11 @@ class ObservedSession:
     transaction_age: float | None
     connection_age: float | None
     backend_type: str = CLIENT_BACKEND
+    superuser: bool = False
+    """The session's role is a superuser."""
+    permitted: bool = True
+    """The engine's role may signal this backend, as PostgreSQL decides it: never a superuser's session unless
+    the engine's role is one, another role's only with pg_signal_backend (or the privileges of that role)."""
 
     def age(self, column: str) -> float | None:
         """The age measured from a pg_stat_activity timestamp column (see SessionRule.ages)."""
@@ -60,6 +70,15 @@ class Observation:
     received_at: float = 0.0
     """`time.monotonic()` when the result arrived; the server's `now()` was at most this, so a deadline
     measured from here is never early."""
+    own_roles: tuple[str, ...] = ()
+    """The engine connection's `session_user` and `current_user` (see OWN_APPLICATION_PREFIX)."""
+    own_superuser: bool = True
+    may_read_all_stats: bool = True
+    """The engine's role has the privileges of pg_read_all_stats (superusers do)."""
+    may_signal_backend: bool = True
+    """The engine's role has the privileges of pg_signal_backend (superusers do)."""
+    server_time: float | None = None
+    """The server's `now()` for the observation, in epoch seconds (to notice a clock step between cycles)."""
 
     @property
     def client_backends(self) -> int:
