@@ -52,6 +52,7 @@ class Endpoint:
     sslmode: str
     user: str | None
     password: str | None = field(repr=False, default=None)
+    credentials_source: str | None = None  # "Secret NAME": how engine messages name the credentials
 
 
 EnforcerFactory = Callable[[Endpoint], TargetEnforcer]
@@ -260,16 +261,17 @@ class PolicyWorker:
         if self.fixed_endpoint is not None:
             return self.fixed_endpoint
         conn = spec.connection
-        user = password = None
+        user = password = source = None
         if conn.credentials_secret is not None and self.secrets is not None:
             creds = await self.secrets.credentials(self.namespace, conn.credentials_secret)
             user, password = creds.username, creds.password
+            source = f"Secret {conn.credentials_secret.name}"
         elif conn.credentials_secret is None:
             raise CredentialsError(
                 "CredentialsNotConfigured", "spec.connection.credentialsSecret is required for the central controller"
             )
         assert pod.pod_ip is not None  # select_targets only returns pods with an IP
-        return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password)
+        return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password, source)
 
     def _backoff(self, state: TargetState, interval: float) -> float:
         return float(min(MAX_BACKOFF, max(MIN_DELAY, interval), 2.0 ** min(state.failures, 10)))

@@ -17,7 +17,7 @@ from psycopg import conninfo as pg_conninfo
 from pgwarden.engine.autovacuum import release_autovacuum
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
-from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.errors import EngineError, TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import DEADLINE_MARGIN
 from pgwarden.policy.model import PolicySpec
@@ -48,8 +48,8 @@ class TargetSession:
         self, spec: PolicySpec, *, policy: str, dry_run_override: bool = False, target: str | None = None
     ) -> CycleReport:
         """One cycle; a lost connection is closed so the next call reconnects."""
-        conn = await self.connection()
         try:
+            conn = await self.connection()
             return await run_cycle(
                 conn,
                 spec,
@@ -58,9 +58,11 @@ class TargetSession:
                 dry_run_override=dry_run_override,
                 protected_pids=self.protected_pids,
             )
-        except TargetUnreachable:
+        except TargetUnreachable as exc:
             await self.close()
-            raise
+            raise TargetUnreachable(self.dsn.redact(str(exc))) from None
+        except EngineError as exc:  # a server message may quote a credential; never pass one on
+            raise type(exc)(self.dsn.redact(str(exc))) from None
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -81,13 +83,17 @@ class EngineTarget:
         user: str | None,
         password: str | None,
         sslmode: str,
+        credentials_source: str | None = None,
     ) -> None:
+        """`credentials_source` names where user and password came from ("Secret NAME") in messages."""
         params: dict[str, Any] = {"host": host, "port": str(port), "dbname": dbname, "sslmode": sslmode}
         if user:
             params["user"] = user
         if password:
             params["password"] = password
-        self._session = TargetSession(parse_dsn(pg_conninfo.make_conninfo(**params)))
+        self._session = TargetSession(
+            parse_dsn(pg_conninfo.make_conninfo(**params), credentials_source=credentials_source)
+        )
 
     @classmethod
     def from_dsn(cls, dsn: str) -> EngineTarget:
@@ -112,7 +118,8 @@ class EngineTarget:
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 await self._session.close()
-                raise TargetUnreachable(f"connection to {self._session.target} lost: {str(exc).strip()}") from None
+                detail = self._session.dsn.redact(str(exc).strip())
+                raise TargetUnreachable(f"connection to {self._session.target} lost: {detail}") from None
             raise
         return report.to_json()
 
