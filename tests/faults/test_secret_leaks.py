@@ -112,3 +112,13 @@ async def test_failed_login_on_a_real_server_names_the_secret_not_its_values(pg_
         detect_s=clock(),
         secrets_exposed=exposed,
     )
+
+
+@pytest.mark.parametrize("key", ["password", "unused"])
+def test_non_utf8_value_is_credentials_invalid_naming_the_key(key: str) -> None:
+    values = {"username": b"warden", "password": b"pw", key: b"\xff\xfe-" + PASSWORD.encode()}
+    with pytest.raises(CredentialsError) as caught:
+        _credentials_data("ns", "binary", secret({CREDENTIALS_LABEL: "true"}, **values))
+    assert caught.value.reason == ConditionReason.CREDENTIALS_INVALID
+    assert repr(key) in str(caught.value)
+    assert PASSWORD not in str(caught.value)

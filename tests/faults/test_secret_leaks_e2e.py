@@ -120,3 +120,39 @@ def test_secret_values_never_leak_and_unlabelled_secrets_are_never_used(
             secrets_exposed=len(exposed),
         )
         assert exposed == []
+
+
+def test_non_utf8_secret_value_is_reported_and_the_operator_keeps_enforcing(
+    k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
+) -> None:
+    server = pg_factory(host=next_host(), hba="password")
+    server.create_role("warden", password=PASSWORD, grants=("pg_signal_backend", "pg_read_all_stats"))
+    server.create_role("app", password=PASSWORD)
+    create_secret(k8s_api, namespace, "good", labelled=True)
+    binary = {
+        "username": base64.b64encode(b"warden").decode(),
+        "password": base64.b64encode(PASSWORD.encode()).decode(),
+        "tls.key": base64.b64encode(b"\x30\x82\xff\xfe binary").decode(),  # unused by the policy, still refused
+    }
+    client.CoreV1Api(k8s_api).create_namespaced_secret(
+        namespace, {"metadata": {"name": "binary", "labels": {CREDENTIALS_LABEL: "true"}}, "data": binary}
+    )
+    create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
+    operator = run_operator([namespace])
+    clock = Stopwatch()
+    create_policy(k8s_api, namespace, with_secret(policy_body("binary", server.port), "binary", "username", "pg"))
+
+    def invalid() -> dict[str, Any] | None:
+        ready = condition(get_policy(k8s_api, namespace, "binary"), "Ready")
+        return ready if ready is not None and ready["reason"] == ConditionReason.CREDENTIALS_INVALID else None
+
+    ready = wait_for(invalid, timeout=60, message="Ready=False CredentialsInvalid")
+    detected = clock()
+    assert ready["status"] == "False"
+    assert "'tls.key'" in ready["message"]
+    # No crash: the same operator still enforces a policy with usable credentials.
+    victim = server.open_session("idle", user="app", password=PASSWORD, application_name="web")
+    create_policy(k8s_api, namespace, with_secret(policy_body("good", server.port), "good", "username", "pg"))
+    server.wait_gone(victim.pid, timeout=60)
+    assert operator.proc.poll() is None
+    report_figures("non-UTF-8 Secret value", "binary bytes in an unused key (operator)", detect_s=detected)

@@ -114,7 +114,17 @@ def _credentials_data(namespace: str, name: str, secret: Any) -> dict[str, str]:
             f'Secret {namespace}/{name} is not labelled {CREDENTIALS_LABEL}: "true"; pgwarden reads only Secrets'
             " that opt in",
         )
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    data = {}
+    for key, value in (secret.data or {}).items():
+        try:
+            data[key] = base64.b64decode(value).decode()
+        except UnicodeDecodeError:
+            # Every key, used or not: a Secret pgwarden reads must be text throughout, and saying so names the
+            # key without quoting a byte of it (a partial decode could be most of a password).
+            raise CredentialsError(
+                Reason.CREDENTIALS_INVALID, f"Secret {namespace}/{name} key {key!r} is not valid UTF-8 text"
+            ) from None
+    return data
 
 
 class StatusConflict(Exception):
