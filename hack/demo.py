@@ -38,7 +38,7 @@ import psycopg
 import yaml
 from kubernetes import client
 
-from pgwarden.policy.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, EventReason
+from pgwarden.policy.api import API_VERSION, CREDENTIALS_LABEL, GROUP, KIND, PLURAL, VERSION, EventReason
 from tests.harness.controlplane import ControlPlane, log_tail, pid_alive
 from tests.harness.k8s import create_running_pod
 from tests.harness.pgbinaries import selected_versions
@@ -446,6 +446,8 @@ class Demo:
             f"--from-literal=username={SERVICE_ACCOUNT} --from-literal=password=...",
             "secret/pg-credentials created",
         )
+        # pgwarden reads only Secrets that opt in: a policy could otherwise name any Secret of the namespace.
+        kubectl.show("label", "secret", "pg-credentials", "-n", NAMESPACE, f"{CREDENTIALS_LABEL}=true")
         create_running_pod(api, NAMESPACE, POD, POD_LABELS, server.host, image=f"postgres:{server.major}")
         print(f"(pod {POD} created, and its status written through pods/status as kubelet would: Running at {PG_HOST})")
         kubectl.show("get", "pods", "-n", NAMESPACE, "-o", "wide", "--show-labels")

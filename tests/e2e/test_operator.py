@@ -14,7 +14,17 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from pgwarden.policy.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ConditionReason, ConditionType, EventReason
+from pgwarden.policy.api import (
+    API_VERSION,
+    CREDENTIALS_LABEL,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    ConditionReason,
+    ConditionType,
+    EventReason,
+)
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod, set_pod_labels
@@ -48,7 +58,8 @@ def servers(pg_factory: PgFactory) -> list[PgServer]:
 
 def create_secret(api: client.ApiClient, namespace: str, name: str = "pg-credentials") -> None:
     data = {"username": base64.b64encode(b"warden").decode(), "password": base64.b64encode(PASSWORD.encode()).decode()}
-    client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": {"name": name}, "data": data})
+    metadata = {"name": name, "labels": {CREDENTIALS_LABEL: "true"}}  # pgwarden reads only opted-in Secrets
+    client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": metadata, "data": data})
 
 
 def policy_body(name: str, port: int, *, mode: str = "enforce", state_age: str = "2s", **spec: Any) -> dict[str, Any]:

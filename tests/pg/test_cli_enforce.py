@@ -169,7 +169,7 @@ def test_failed_authentication_exits_3_without_leaking_the_password(pg_factory: 
     wrong = server.dsn(user="guard", password="wrong-password-42")
     result = run("enforce", "--dsn", wrong, "--policy", str(policy_file(tmp_path, "x")), "--once")
     assert result.returncode == 3
-    assert "password authentication failed" in result.stderr
+    assert "authentication failed for the user in the connection string" in result.stderr
     assert "wrong-password-42" not in result.stderr
     assert "wrong-password-42" not in result.stdout
     uri = f"postgresql://guard:right-password-1@{server.host}:{server.port}/postgres"

@@ -17,7 +17,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from pgwarden.policy import CredentialsSecret
-from pgwarden.policy.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ConditionReason
+from pgwarden.policy.api import API_VERSION, CREDENTIALS_LABEL, GROUP, KIND, PLURAL, VERSION
+from pgwarden.policy.api import ConditionReason as Reason
 
 
 def load_api_client() -> client.ApiClient:
@@ -32,7 +33,7 @@ def load_api_client() -> client.ApiClient:
 class CredentialsError(Exception):
     """The credentials Secret cannot be used; the message says why and never holds a value."""
 
-    def __init__(self, reason: ConditionReason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -42,13 +43,18 @@ class Credentials:
     username: str
     password: str
 
-    def __repr__(self) -> str:  # never let a password reach a log line through repr()
-        return f"Credentials(username={self.username!r}, password=***)"
+    def __repr__(self) -> str:
+        # Neither value may reach a log line through repr(): the username is whatever the Secret's key holds,
+        # and a policy author chooses the key (usernameKey may name the password's).
+        return "Credentials(username=***, password=***)"
 
 
 class SecretReader:
     """Reads Secrets by name (`get` only: no list/watch, so RBAC stays narrow), cached briefly.
 
+    Only Secrets labelled `pgwarden.dev/credentials: "true"` are used: anyone who may edit a policy may
+    name any Secret of its namespace, and without the opt-in a policy would send any Secret's values to
+    whatever listens at a pod's IP. An unlabelled Secret's data is not even kept.
     The short cache bounds API traffic while a rotated password is picked up within `ttl` seconds.
     """
 
@@ -65,7 +71,7 @@ class SecretReader:
         missing = [k for k in (ref.username_key, ref.password_key) if k not in data]
         if missing:
             raise CredentialsError(
-                ConditionReason.CREDENTIALS_KEY_MISSING,
+                Reason.CREDENTIALS_KEY_MISSING,
                 f"Secret {namespace}/{ref.name} has no key {', '.join(repr(k) for k in missing)}",
             )
         return Credentials(data[ref.username_key], data[ref.password_key])
@@ -81,23 +87,44 @@ class SecretReader:
             secret = await asyncio.to_thread(self._core.read_namespaced_secret, name, namespace)
         except ApiException as exc:
             if exc.status == 404:
-                error = CredentialsError(
-                    ConditionReason.CREDENTIALS_SECRET_NOT_FOUND, f"Secret {namespace}/{name} not found"
-                )
+                error = CredentialsError(Reason.CREDENTIALS_SECRET_NOT_FOUND, f"Secret {namespace}/{name} not found")
             elif exc.status == 403:
-                error = CredentialsError(
-                    ConditionReason.CREDENTIALS_FORBIDDEN, f"not allowed to read Secret {namespace}/{name}"
-                )
+                error = CredentialsError(Reason.CREDENTIALS_FORBIDDEN, f"not allowed to read Secret {namespace}/{name}")
             else:
                 raise CredentialsError(
-                    ConditionReason.CREDENTIALS_UNAVAILABLE,
-                    f"reading Secret {namespace}/{name} failed: HTTP {exc.status}",
+                    Reason.CREDENTIALS_UNAVAILABLE, f"reading Secret {namespace}/{name} failed: HTTP {exc.status}"
                 ) from None
             self._cache[key] = (time.monotonic(), error)
             raise error from None
-        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        try:
+            data = _credentials_data(namespace, name, secret)
+        except CredentialsError as error:
+            self._cache[key] = (time.monotonic(), error)
+            raise
         self._cache[key] = (time.monotonic(), data)
         return data
+
+
+def _credentials_data(namespace: str, name: str, secret: Any) -> dict[str, str]:
+    """The Secret's values as text, if it opted in; the error never quotes a value."""
+    labels = (secret.metadata.labels if secret.metadata is not None else None) or {}
+    if labels.get(CREDENTIALS_LABEL) != "true":
+        raise CredentialsError(
+            Reason.CREDENTIALS_SECRET_NOT_LABELLED,
+            f'Secret {namespace}/{name} is not labelled {CREDENTIALS_LABEL}: "true"; pgwarden reads only Secrets'
+            " that opt in",
+        )
+    data = {}
+    for key, value in (secret.data or {}).items():
+        try:
+            data[key] = base64.b64decode(value).decode()
+        except UnicodeDecodeError:
+            # Every key, used or not: a Secret pgwarden reads must be text throughout, and saying so names the
+            # key without quoting a byte of it (a partial decode could be most of a password).
+            raise CredentialsError(
+                Reason.CREDENTIALS_INVALID, f"Secret {namespace}/{name} key {key!r} is not valid UTF-8 text"
+            ) from None
+    return data
 
 
 class StatusConflict(Exception):

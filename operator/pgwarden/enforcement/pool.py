@@ -76,6 +76,7 @@ class ConnectionPool:
                 user=endpoint.user,
                 password=endpoint.password,
                 sslmode=endpoint.sslmode,
+                credentials_source=endpoint.credentials_source,
             )
             connection = self.connections[endpoint] = _Connection(target)
         connection.users += 1

@@ -58,6 +58,7 @@ class Endpoint:
     sslmode: str
     user: str | None
     password: str | None = field(repr=False, default=None)
+    credentials_source: str | None = None  # "Secret NAME": how engine messages name the credentials
 
 
 EnforcerFactory = Callable[[Endpoint], TargetEnforcer]
@@ -298,17 +299,18 @@ class PolicyWorker:
         if self.fixed_endpoint is not None:
             return self.fixed_endpoint
         conn = spec.connection
-        user = password = None
+        user = password = source = None
         if conn.credentials_secret is not None and self.secrets is not None:
             creds = await self.secrets.credentials(self.namespace, conn.credentials_secret)
             user, password = creds.username, creds.password
+            source = f"Secret {conn.credentials_secret.name}"
         elif conn.credentials_secret is None:
             raise CredentialsError(
                 ConditionReason.CREDENTIALS_NOT_CONFIGURED,
                 "spec.connection.credentialsSecret is required for the central controller",
             )
         assert pod.pod_ip is not None  # select_targets only returns pods with an IP
-        return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password)
+        return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password, source)
 
     def _backoff(self, state: TargetState, interval: float) -> float:
         return self.settings.retry_delay(state.failures, interval)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -22,10 +22,23 @@ APPLICATION_NAME = "pgwarden"
 CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 5000
 LOCK_TIMEOUT_MS = 2000
+IDLE_SESSION_TIMEOUT = "idle_session_timeout"
 
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _MIN_MASKED_SECRET = 4  # shorter secrets would garble every message they happen to appear in
+
+
+# libpq's words for a failed login: the server's reply quotes the user name, which in the controller is a
+# Secret's value (a policy author may point usernameKey at the password key), so none of it is repeated.
+_AUTH_FAILURE = re.compile(
+    r"authentication failed|role \S.* does not exist|password|no password supplied|SCRAM|"
+    r"not permitted to log in|too many connections for role",
+    re.IGNORECASE,
+)
+_HBA_REJECT = re.compile(r"pg_hba\.conf", re.IGNORECASE)
+# ... except libpq's own refusal under require_auth, which names methods only: the message must say which.
+_REQUIRE_AUTH_REFUSAL = re.compile(r'authentication method requirement "[^"]*" failed: [^\n]*')
 
 
 @dataclass(frozen=True)
@@ -34,19 +47,49 @@ class EngineDsn:
 
     conninfo: str
     target: str
-    password: str | None
+    conninfo_before_14: str | None = field(default=None, repr=False)
+    """The same without `idle_session_timeout`, which a server before PostgreSQL 14 refuses to start with."""
+    password: str | None = field(default=None, repr=False)
+    user: str | None = field(default=None, repr=False)
+    credentials_source: str = "the connection string"
+    """Where the user and password came from, as messages name it ("Secret NAME"): never their values."""
 
     def redact(self, text: str) -> str:
-        """Mask the password (and any conninfo-looking password) in a message meant for humans."""
-        return redact(text, self.password)
+        """Mask the user name and password (and conninfo-looking passwords) in a message meant for humans."""
+        return redact(text, self.password, self.user)
 
 
-def redact(text: str, password: str | None = None) -> str:
-    """Remove passwords from `text`: a known password verbatim, and `password=` / URI user:password forms."""
-    if password and len(password) >= _MIN_MASKED_SECRET:
-        text = text.replace(password, "***")
+def redact(text: str, password: str | None = None, user: str | None = None) -> str:
+    """Remove credentials from `text`: known values verbatim, and `password=` / URI user:password forms.
+
+    A user name is a credential too: a Secret's key may hold anything, and a policy can name any key.
+    """
+    for secret in (password, user):
+        if not secret:
+            continue
+        text = text.replace(f'"{secret}"', '"***"')  # quoted, as server messages name roles: any length
+        if len(secret) >= _MIN_MASKED_SECRET:
+            text = text.replace(secret, "***")
     text = _URI_PASSWORD.sub(r"\1***@", text)
     return _KV_PASSWORD.sub(r"\1***", text)
+
+
+def connect_failure(dsn: EngineDsn, message: str) -> str:
+    """What a failed connection attempt may say in public.
+
+    A failed login is reduced to its category (the server's text would echo the user name); libpq's
+    refusal of a weak authentication method is kept, since it names only methods; anything else
+    (timeouts, refused connections, TLS) is kept with credentials masked.
+    """
+    flat = message.strip().replace("\n", " ").replace("\t", "")
+    refusal = _REQUIRE_AUTH_REFUSAL.search(flat)
+    if refusal:
+        return dsn.redact(refusal.group(0))
+    if _HBA_REJECT.search(flat):
+        return f"the server's pg_hba.conf rejects this client for the user in {dsn.credentials_source}"
+    if _AUTH_FAILURE.search(flat):
+        return f"authentication failed for the user in {dsn.credentials_source}"
+    return dsn.redact(flat)
 
 
 def format_target(host: str | None, port: str | int | None) -> str:
@@ -69,6 +112,7 @@ def parse_dsn(
     connect_timeout: int = CONNECT_TIMEOUT_SECONDS,
     statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
     lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+    credentials_source: str | None = None,
 ) -> EngineDsn:
     """Turn a user's DSN (key=value or URI) into the engine's conninfo; raise InvalidDsn without echoing it.
 
@@ -86,19 +130,27 @@ def parse_dsn(
     password = params.get("password")
     # search_path: the engine names only catalog objects, and must never resolve one through a schema some
     # other role can write to (pg_temp last, explicitly, or it would be searched first for relations).
+    # The idle timeouts: the connection idles between cycles by design, and a server-wide
+    # idle_session_timeout shorter than the interval would otherwise kill it before every other cycle.
     ours = (
         f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)}"
-        " -c search_path=pg_catalog,pg_temp"
+        " -c search_path=pg_catalog,pg_temp -c idle_in_transaction_session_timeout=0"
     )
     user_options = params.get("options")
-    params["options"] = f"{ours} {user_options}" if user_options else ours
     params["application_name"] = application_name
     if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
         params["connect_timeout"] = str(int(connect_timeout))
+    params["options"] = f"{ours} {user_options}" if user_options else ours
+    before_14 = pg_conninfo.make_conninfo(**params)  # idle_session_timeout is new in PostgreSQL 14
+    ours += f" -c {IDLE_SESSION_TIMEOUT}=0"
+    params["options"] = f"{ours} {user_options}" if user_options else ours
     return EngineDsn(
         conninfo=pg_conninfo.make_conninfo(**params),
+        conninfo_before_14=before_14,
         target=format_target(params.get("host") or params.get("hostaddr"), params.get("port")),
         password=str(password) if password else None,
+        user=str(params["user"]) if params.get("user") else None,
+        credentials_source=credentials_source or "the connection string",
     )
 
 
@@ -106,10 +158,15 @@ async def connect(dsn: EngineDsn | str) -> psycopg.AsyncConnection[Any]:
     """Open the engine's connection; failures become TargetUnreachable with a redacted message."""
     parsed = dsn if isinstance(dsn, EngineDsn) else parse_dsn(dsn)
     try:
-        return await psycopg.AsyncConnection.connect(parsed.conninfo, autocommit=True)
+        try:
+            return await psycopg.AsyncConnection.connect(parsed.conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            if parsed.conninfo_before_14 is None or f'parameter "{IDLE_SESSION_TIMEOUT}"' not in str(exc):
+                raise
+            # PostgreSQL 13 or older: it has no idle_session_timeout, so nothing can kill us for idling.
+            return await psycopg.AsyncConnection.connect(parsed.conninfo_before_14, autocommit=True)
     except psycopg.Error as exc:
-        detail = parsed.redact(str(exc).strip().replace("\n", " ").replace("\t", ""))
-        raise TargetUnreachable(f"cannot connect to {parsed.target}: {detail}") from None
+        raise TargetUnreachable(f"cannot connect to {parsed.target}: {connect_failure(parsed, str(exc))}") from None
 
 
 def target_of(conn: psycopg.AsyncConnection[Any]) -> str:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import time
 from collections.abc import Collection
 from typing import Any
@@ -19,7 +20,7 @@ from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
-from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.errors import EngineError, TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import DEADLINE_MARGIN
 from pgwarden.policy.model import PolicySpec
@@ -42,7 +43,12 @@ class TargetSession:
         return self._target
 
     async def connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        """The open connection, or a new one if there is none or the server dropped it while it idled.
+
+        A connection lost between cycles (a server restart, pg_terminate_backend, a proxy's idle timeout)
+        is replaced here, silently, once: only a failure of the new one fails the cycle.
+        """
+        if self._conn is None or self._conn.closed or self._conn.broken or _dropped_while_idle(self._conn):
             await self.close()
             self._conn = await connect(self.dsn)
             self._target = target_of(self._conn)
@@ -52,8 +58,8 @@ class TargetSession:
         self, spec: PolicySpec, *, policy: str, dry_run_override: bool = False, target: str | None = None
     ) -> CycleReport:
         """One cycle; a lost connection is closed so the next call reconnects."""
-        conn = await self.connection()
         try:
+            conn = await self.connection()
             return await run_cycle(
                 conn,
                 spec,
@@ -63,15 +69,31 @@ class TargetSession:
                 protected_pids=self.protected_pids,
                 budget=self.budget,
             )
-        except TargetUnreachable:
+        except TargetUnreachable as exc:
             await self.close()
-            raise
+            raise TargetUnreachable(self.dsn.redact(str(exc))) from None
+        except EngineError as exc:  # a server message may quote a credential; never pass one on
+            raise type(exc)(self.dsn.redact(str(exc))) from None
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
             with contextlib.suppress(psycopg.Error):  # a broken connection may fail to close; it is gone anyway
                 await conn.close()
+
+
+def _dropped_while_idle(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server has spoken (or hung up) on a connection that has no statement in flight.
+
+    An idle connection has nothing to read; a readable socket means a FATAL before the server closed it,
+    or EOF, or a reset. (A notice would also wake it, needlessly costing one reconnect: harmless.)
+    Checked without waiting, and without reading, so nothing is consumed from a healthy connection.
+    """
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (psycopg.Error, OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class EngineTarget:
@@ -86,13 +108,17 @@ class EngineTarget:
         user: str | None,
         password: str | None,
         sslmode: str,
+        credentials_source: str | None = None,
     ) -> None:
+        """`credentials_source` names where user and password came from ("Secret NAME") in messages."""
         params: dict[str, Any] = {"host": host, "port": str(port), "dbname": dbname, "sslmode": sslmode}
         if user:
             params["user"] = user
         if password:
             params["password"] = password
-        self._session = TargetSession(parse_dsn(pg_conninfo.make_conninfo(**params)))
+        self._session = TargetSession(
+            parse_dsn(pg_conninfo.make_conninfo(**params), credentials_source=credentials_source)
+        )
 
     @classmethod
     def from_dsn(cls, dsn: str) -> EngineTarget:
@@ -117,7 +143,8 @@ class EngineTarget:
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 await self._session.close()
-                raise TargetUnreachable(f"connection to {self._session.target} lost: {str(exc).strip()}") from None
+                detail = self._session.dsn.redact(str(exc).strip())
+                raise TargetUnreachable(f"connection to {self._session.target} lost: {detail}") from None
             raise
         return report
 
