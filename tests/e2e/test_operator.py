@@ -313,3 +313,35 @@ def test_autovacuum_cap_dry_run_event_then_enforced_and_released_on_delete(
     wait_for(lambda: auto_conf() == [], timeout=30, message="the finalizer to reset autovacuum_max_workers")
 
     wait_for(lambda: policy_gone(k8s_api, namespace, "capper"), timeout=30, message="the policy to go once released")
+
+
+def test_a_dry_run_cap_never_writes_not_even_at_deletion(
+    k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
+) -> None:
+    """Deleting a dry-run autovacuum cap leaves the setting alone, even when the value in
+    postgresql.auto.conf is the one the policy names (a DBA's own ALTER SYSTEM): the finalizer resets
+    only what an enforcing policy wrote."""
+    server = pg_factory(host=next_host(), hba="password")
+    server.create_role("warden", password=PASSWORD, superuser=True)
+    server.execute("ALTER SYSTEM SET autovacuum_max_workers = 2")  # the DBA's own setting
+    create_secret(k8s_api, namespace)
+    create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
+    run_operator([namespace])
+    dry = policy_body("capper", server.port, mode="dryRun", sessions=[], autovacuum={"maxWorkers": 2})
+    create_policy(k8s_api, namespace, dry)
+    wait_for(
+        lambda: (get_policy(k8s_api, namespace, "capper").get("status") or {}).get("targets"),
+        timeout=30,
+        message="the operator's first status",
+    )
+
+    def auto_conf() -> list[str]:
+        rows = server.execute(
+            "SELECT setting FROM pg_file_settings WHERE name = 'autovacuum_max_workers' "
+            "AND sourcefile LIKE '%/postgresql.auto.conf'"
+        )
+        return [str(r[0]) for r in rows]
+
+    custom(k8s_api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "capper")
+    wait_for(lambda: policy_gone(k8s_api, namespace, "capper"), timeout=30, message="the dry-run policy to go")
+    assert holds_for(lambda: auto_conf() == ["2"], 3)

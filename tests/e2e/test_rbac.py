@@ -348,7 +348,7 @@ def test_operator_enforces_as_its_service_account_as_deployed(
     assert ready is not None
     assert ready["status"] == "True", stored["status"]
     assert [t["pod"] for t in stored["status"]["targets"]] == ["db-0"]
-    # postgrespolicies patch: kopf's finalizer.
+    # postgrespolicies patch: kopf's finalizer (its daemons always carry one).
     assert FINALIZER in stored["metadata"].get("finalizers", [])
     # events create.
     wait_for(
@@ -360,7 +360,7 @@ def test_operator_enforces_as_its_service_account_as_deployed(
     records = wait_for(lambda: peering_records(admin), timeout=30, message="the operator's peering record")
     assert len(records) == 1, records
 
-    # Deleting the policy: kopf's delete handler runs and the finalizer is removed (patch again).
+    # Deleting the policy: kopf stops the daemon and removes the finalizer (patch again).
     client.CustomObjectsApi(admin).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
     def deleted() -> bool:

@@ -18,7 +18,7 @@ from pgwarden.enforcement.events import PolicyEvent
 from pgwarden.enforcement.kube import ensure_cluster_peering, load_api_client
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
-from pgwarden.enforcement.worker import PolicyWorker, wait_for_work
+from pgwarden.enforcement.worker import PolicyWorker, needs_release, wait_for_work
 from pgwarden.policy import PolicyError, parse_spec
 from pgwarden.policy.api import FINALIZER, GROUP, PLURAL, VERSION, EnforcerKind
 
@@ -114,7 +114,17 @@ async def enforce(
         runtime.writer.forget(namespace, name)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, id="release")  # type: ignore[arg-type]
+def writes_on_targets(spec: kopf.Spec, **_: Any) -> bool:
+    """The release handler runs only for policies whose deletion has something to undo (see needs_release).
+
+    (Every policy still carries kopf's finalizer: its daemons always ask for one.)"""
+    try:
+        return needs_release(parse_spec(dict(spec)))
+    except PolicyError:
+        return False
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="release", when=writes_on_targets)  # type: ignore[arg-type]
 async def release(
     name: str,
     namespace: str,

@@ -23,7 +23,7 @@ from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.report import CycleReport
-from pgwarden.policy import CredentialsSecret, PolicyError, PolicySpec, parse_spec
+from pgwarden.policy import CredentialsSecret, EnforcementAction, PolicyError, PolicySpec, parse_spec
 from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind
 from pgwarden.settings import DEFAULTS, Settings
 
@@ -46,6 +46,15 @@ class CredentialSource(Protocol):
 
     async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
         """The username and password the Secret holds; raises CredentialsError saying why not."""
+
+
+def needs_release(spec: PolicySpec) -> bool:
+    """Whether deleting the policy must undo something on its targets.
+
+    Only an enforcing autovacuum cap writes (ALTER SYSTEM); a dry-run policy never writes, at deletion
+    included (the value in postgresql.auto.conf may be a DBA's own, equal to the one the policy names).
+    """
+    return spec.autovacuum.max_workers is not None and spec.enforcement_action is EnforcementAction.ENFORCE
 
 
 @dataclass(frozen=True)
@@ -160,9 +169,10 @@ class PolicyWorker:
 
     async def release(self, spec: PolicySpec, pods: Iterable[PodInfo], per_target_seconds: float) -> None:
         """Undo what the policy set (autovacuum_max_workers) on every reachable target, each within a bound."""
-        written = spec.autovacuum.max_workers
-        if written is None:
+        if not needs_release(spec):
             return
+        written = spec.autovacuum.max_workers
+        assert written is not None  # needs_release says so
         chosen = [
             p
             for p in select_targets(spec.selector, pods)
