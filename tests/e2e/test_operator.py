@@ -7,12 +7,13 @@ operator's memory.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from pgwarden.policy.api import GROUP, KIND, PLURAL, VERSION, ConditionReason, ConditionType, EventReason
+from pgwarden.policy.api import GROUP, KIND, PLURAL, VERSION, ConditionReason, ConditionType, EventReason, SkipReason
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod, set_pod_labels
@@ -58,7 +59,9 @@ def test_idle_sessions_reaped_on_matching_pod_only_with_status_events_and_metric
     untouched = open_app_sessions(bystander, 2)
     protected = target.open_session("idle", user="postgres", application_name="web", via_socket=True).pid
     operator = run_operator([namespace])
-    create_policy(k8s_api, namespace, policy_body("reaper", target.port))
+    # One action per cycle: the other sessions wait for the next cycles, skipped as maxActionsPerCycle.
+    limits = {"maxActionsPerCycle": 1, "maxFractionPerCycle": 1.0}
+    create_policy(k8s_api, namespace, policy_body("reaper", target.port, limits=limits))
 
     for pid in doomed:
         target.wait_gone(pid, timeout=30)
@@ -104,6 +107,10 @@ def test_idle_sessions_reaped_on_matching_pod_only_with_status_events_and_metric
         f'pgwarden_backends{{backend_type="checkpointer",namespace="{namespace}",pod="db-0",policy="reaper"}} 1.0'
         in metrics
     )
+    labels = f'namespace="{namespace}",policy="reaper",reason="{SkipReason.MAX_ACTIONS}",rule="idle"'
+    skipped = re.search(r"^pgwarden_skipped_total\{" + re.escape(labels) + r"\} (\S+)$", metrics, re.MULTILINE)
+    assert skipped is not None, metrics
+    assert float(skipped.group(1)) >= 1
     assert f'pgwarden_targets{{namespace="{namespace}",policy="reaper"}} 1.0' in metrics
 
 
