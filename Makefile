@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PGWARDEN_CACHE ?= /var/tmp/pgwarden-cache
 export PGWARDEN_CACHE
 
-.PHONY: venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets crd
+.PHONY: help venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets crd
 
 $(BIN)/pgwarden: pyproject.toml constraints.txt
 	@echo ">>> creating $(VENV) and installing pgwarden with test tools"
@@ -18,10 +18,10 @@ $(BIN)/pgwarden: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $@
 
-venv: $(BIN)/pgwarden
+venv: $(BIN)/pgwarden ## create .venv and install pgwarden with the test tools
 
 # PostgreSQL binaries and the control plane are fetched/built once and cached outside the checkout.
-assets: venv
+assets: venv ## fetch/build PostgreSQL and control-plane binaries once (cached in the PGWARDEN_CACHE directory)
 	@echo ">>> PostgreSQL binaries ($${PGWARDEN_PG_VERSIONS:-15 18})"
 	$(BIN)/python -m tests.harness.pgbinaries
 	@echo ">>> control plane binaries (etcd, kube-apiserver, kubectl)"
@@ -30,10 +30,10 @@ assets: venv
 # The CRD is generated from the model (operator/pgwarden/policy/model.py is its one source); run this after
 # changing the model. tests/unit/test_crd.py fails while the committed file is stale.
 # PYTHONPATH: generate from this checkout's model even when the venv was installed from another checkout.
-crd: venv
+crd: venv ## regenerate manifests/crd/ from the pydantic model (its one source)
 	PYTHONPATH=$(CURDIR)/operator $(BIN)/python -m pgwarden.policy.crd manifests/crd/pgwarden.dev_postgrespolicies.yaml
 
-lint: venv
+lint: venv ## ruff, hadolint and the import-linter layer contracts
 	@echo ">>> ruff"
 	$(BIN)/ruff check operator tests bench hack
 	$(BIN)/ruff format --check operator tests bench hack
@@ -42,38 +42,44 @@ lint: venv
 	@echo ">>> import layering"
 	$(BIN)/lint-imports
 
-typecheck: venv
+typecheck: venv ## mypy --strict over operator/, tests/, bench/ and hack/
 	@echo ">>> mypy --strict"
 	$(BIN)/mypy
 
-pytest: assets
+unit: venv ## the unit tests only: no PostgreSQL, no control plane, nothing to build (seconds)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+pytest: assets ## the whole test suite (builds the assets first); PYTEST_ARGS passes options
 	@echo ">>> pytest"
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+test: lint typecheck pytest ## what CI runs: lint, typecheck, pytest
 
 # The whole thing on this machine, no cluster needed: control plane, PostgreSQL, manifests, operator,
 # sessions being reaped. Ends by itself (about a minute once the assets are built); see hack/demo.py.
-demo: assets
+demo: assets ## the whole thing on this machine: control plane, PostgreSQL, operator reaping sessions
 	PYTHONPATH=$(CURDIR) $(BIN)/python hack/demo.py
 
-devcluster: assets
+devcluster: assets ## start a local control plane + PostgreSQL to try pgwarden by hand
 	$(BIN)/python -m tests.harness.devcluster up
 
-devcluster-down: venv
+devcluster-down: venv ## stop the devcluster
 	$(BIN)/python -m tests.harness.devcluster down
 
-lock:
+lock: ## regenerate constraints.txt (exact pins)
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv && .lockvenv/bin/pip install --quiet '.[test]'
 	{ echo "# Exact pins for reproducible installs (make, Dockerfile, CI). Regenerate with: make lock"; \
 	  .lockvenv/bin/pip freeze --exclude-editable | grep -v '^pgwarden'; } > constraints.txt
 	rm -rf .lockvenv
 
 # Benchmarks print numbers; they are not part of the test suite (see README, Benchmarks).
-bench: assets
+bench: assets ## run every benchmark (prints numbers; not part of the suite)
 	$(BIN)/python bench/engine_cycle.py
 	$(BIN)/python bench/threshold_lag.py
 	$(BIN)/python bench/operator_cycle.py
 
-clean:
+help: ## list the targets
+	@awk -F':.*## ' '/^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+clean: ## remove .venv and the caches
 	rm -rf $(VENV) .devcluster .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,11 @@ import pytest
 from kubernetes import client
 
 from pgwarden.policy.api import EventReason
-from tests.e2e.test_operator import (
+from tests.fixtures.operator import OperatorFactory, OperatorProcess, kopf_peers
+from tests.fixtures.postgres import PgFactory
+from tests.harness.k8s import create_running_pod
+from tests.harness.pgbinaries import selected_versions
+from tests.harness.policies import (
     create_policy,
     create_secret,
     events,
@@ -32,11 +36,8 @@ from tests.e2e.test_operator import (
     open_app_sessions,
     policy_body,
     prepare_server,
+    terminated_total,
 )
-from tests.fixtures.operator import OperatorFactory, OperatorProcess, kopf_peers
-from tests.fixtures.postgres import PgFactory
-from tests.harness.k8s import create_running_pod
-from tests.harness.pgbinaries import selected_versions
 from tests.harness.postgres import PgServer, holds_for, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
@@ -136,9 +137,19 @@ def test_only_one_replica_enforces_and_the_other_takes_over_on_sigterm(
     assert targets_series(active, namespace, "reaper")
     assert holds_for(lambda: not targets_series(standby, namespace, "reaper"), 3)
     assert PAUSED not in active.logs()
-    terminated = [e for e in events(k8s_api, namespace, "reaper") if e.reason == EventReason.SESSIONS_TERMINATED]
-    pids = [int(p) for e in terminated for p in e.message.split("pids ")[1].rstrip(")").split(", ")]
-    assert sorted(pids) == sorted(doomed)  # each session reported once: one enforcer
+    wait_for(
+        lambda: any(e.reason == EventReason.SESSIONS_TERMINATED for e in events(k8s_api, namespace, "reaper")),
+        timeout=10,
+        message="a SessionsTerminated Event",
+    )
+
+    # Each session counted once: one enforcer (read from the status, not from the Events' wording).
+    wait_for(
+        lambda: terminated_total(k8s_api, namespace, "reaper") >= len(doomed),
+        timeout=10,
+        message="status totals counting the terminations",
+    )
+    assert terminated_total(k8s_api, namespace, "reaper") == len(doomed)
 
     # A clean stop removes the active replica's peering record, and the standby resumes at once.
     active.stop()

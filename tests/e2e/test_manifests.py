@@ -31,123 +31,47 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from psycopg import sql
 
 from pgwarden import __version__
 from pgwarden.policy import parse_spec
-from pgwarden.policy.api import GROUP, PLURAL, VERSION, ConditionType, EventReason
-from tests.e2e.test_operator import PASSWORD, condition, events, get_policy, next_host, open_app_sessions
+from pgwarden.policy.api import ConditionType, EventReason
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import as_dict, create_running_pod, new_namespace
+from tests.harness.manifests import (
+    CRD_NAMES,
+    EXAMPLES,
+    MANIFESTS,
+    ROLE,
+    ROLE_SCRIPT,
+    SYSTEM_NAMESPACE,
+    apply_documents,
+    crd_established,
+    documents,
+    example_secret,
+    fast_idle_reaper,
+    install_manifests,
+    open_session_mix,
+    policies_served,
+    prepare_example_server,
+    run_role_script,
+)
+from tests.harness.policies import (
+    condition,
+    events,
+    get_policy,
+    next_host,
+    terminated_total,
+)
 from tests.harness.policy_corpus import INVALID, Example
-from tests.harness.postgres import PgServer, wait_for
+from tests.harness.postgres import wait_for
 
 pytestmark = [pytest.mark.k8s]
 
-REPO = Path(__file__).resolve().parents[2]
-MANIFESTS = REPO / "manifests"
-EXAMPLES = MANIFESTS / "examples"
-ROLE_SCRIPT = EXAMPLES / "pgwarden-role.sql"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 SUBFOLDERS = ("crd", "peering", "rbac", "operator")
-SYSTEM_NAMESPACE = "pgwarden-system"
-ROLE = "pgwarden"  # the PostgreSQL role pgwarden-role.sql creates
-# kubectl maps every object of an apply to its API before applying any: a custom object whose CRD is
-# created by the same apply cannot be mapped on a cluster that has never seen that CRD.
-CRDS_FIRST = "ensure CRDs are installed first"
-CRD_NAMES = ("postgrespolicies.pgwarden.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 REFUSAL_REASON = {422: "Invalid", 400: "BadRequest"}  # `Error from server (<reason>)` per HTTP status
-
-
-# -- helpers (also used by test_rbac.py) ------------------------------------------------------------------
-
-
-def documents(path: Path) -> list[dict[str, Any]]:
-    """The non-empty YAML documents of a file, as fresh dicts the caller may change."""
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def example(name: str, kind: str) -> dict[str, Any]:
-    """The one object of `kind` in manifests/examples/<name>."""
-    (doc,) = [d for d in documents(EXAMPLES / name) if d["kind"] == kind]
-    return doc
-
-
-def apply_documents(plane: ControlPlane, namespace: str, docs: list[dict[str, Any]], path: Path) -> str:
-    """Write `docs` to `path` and `kubectl apply -f` them into `namespace`, as a user would; returns stdout."""
-    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    return plane.kubectl("apply", "-n", namespace, "-f", str(path)).stdout
-
-
-def crd_established(api: client.ApiClient, name: str) -> bool:
-    try:
-        crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(name)
-    except client.ApiException as error:
-        if error.status == 404:
-            return False
-        raise
-    return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or []))
-
-
-def policies_served(api: client.ApiClient, namespace: str) -> bool:
-    """True once postgrespolicies answer (Established comes a moment before the handler is installed)."""
-    try:
-        client.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-    except client.ApiException as error:
-        if error.status == 404:
-            return False
-        raise
-    return True
-
-
-def install_manifests(plane: ControlPlane) -> subprocess.CompletedProcess[str]:
-    """Install manifests/ with `kubectl apply -k`; return the first attempt, which is what a one-shot install gets.
-
-    If that attempt failed only because a custom object's CRD is created by the same apply (kubectl maps
-    every object before applying any; see test_apply_installs_everything_in_one_go_on_a_fresh_cluster),
-    everything else has been applied, and a second apply once the CRDs are established completes the
-    install, as it would for a user who re-runs the command. Any other failure fails here.
-    """
-    first = plane.kubectl("apply", "-k", str(MANIFESTS), check=False)
-    with plane.api_client() as api:
-        if first.returncode != 0:
-            assert CRDS_FIRST in first.stderr, f"kubectl apply -k manifests/ failed:\n{first.stderr}"
-            for name in CRD_NAMES:
-                wait_for(lambda name=name: crd_established(api, name), timeout=30, message=f"CRD {name} Established")
-            plane.kubectl("apply", "-k", str(MANIFESTS))
-        for name in CRD_NAMES:
-            wait_for(lambda name=name: crd_established(api, name), timeout=30, message=f"CRD {name} Established")
-        wait_for(lambda: policies_served(api, "default"), timeout=30, message="postgrespolicies to be served")
-    return first
-
-
-def run_role_script(server: PgServer, script: Path) -> None:
-    """Run a role script with psql as the superuser, the way pgwarden-role.sql's header tells users to."""
-    subprocess.run(
-        [
-            str(server.bindir / "psql"),
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            str(server.socket_dir),
-            "-p",
-            str(server.port),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-f",
-            str(script),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def role_script_with_optional_grants(major: int, path: Path) -> Path:
@@ -164,58 +88,6 @@ def role_script_with_optional_grants(major: int, path: Path) -> Path:
     assert enabled >= 4, "the optional section lost its statements"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def set_role_password(server: PgServer, role: str, password: str) -> None:
-    """What `\\password <role>` does in psql (the script's header); ALTER ROLE takes no parameters."""
-    with server.connect() as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
-
-
-def prepare_example_server(server: PgServer) -> None:
-    """The role from pgwarden-role.sql (base section) with a password, and an application role to reap."""
-    run_role_script(server, ROLE_SCRIPT)
-    set_role_password(server, ROLE, PASSWORD)
-    server.create_role("app", password=PASSWORD)
-
-
-def example_secret() -> dict[str, Any]:
-    """credentials-secret.yaml with the test server's password in place of the placeholder."""
-    secret = example("credentials-secret.yaml", "Secret")
-    assert secret["stringData"]["username"] == ROLE
-    secret["stringData"]["password"] = PASSWORD
-    return secret
-
-
-def fast_idle_reaper(port: int) -> dict[str, Any]:
-    """idle-reaper.yaml as shipped (the seed's rule), with a 2s stateAge and the test server's port."""
-    policy = example("idle-reaper.yaml", "PostgresPolicy")
-    (rule,) = policy["spec"]["sessions"]
-    assert rule == {"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "10m"}
-    rule["stateAge"] = "2s"
-    policy["spec"]["connection"]["port"] = port
-    return policy
-
-
-def open_session_mix(server: PgServer) -> tuple[list[int], list[int]]:
-    """Three idle application sessions the idle reaper must terminate, and two it must leave alone.
-
-    The survivors run a query or hold a transaction open. With pgwarden's own connection that is six
-    client backends, so the default maxFractionPerCycle (0.5) lets one cycle reap all three. No idle
-    superuser session here: pgwarden cannot signal it, and today the refusal marks the target failing
-    (Ready False), which would make the Ready assertions depend on the order of cycles.
-    """
-    doomed = open_app_sessions(server, 3)
-    survivors = [
-        *open_app_sessions(server, 1, state="active"),
-        *open_app_sessions(server, 1, state="idle in transaction"),
-    ]
-    return doomed, survivors
-
-
-def terminated_total(api: client.ApiClient, namespace: str, name: str) -> int:
-    status = get_policy(api, namespace, name).get("status") or {}
-    return int((status.get("totals") or {}).get("terminated", 0))
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------
@@ -327,17 +199,22 @@ def test_everything_rendered_exists_after_install(installed: Install, fresh_api:
     for name in CRD_NAMES:
         assert crd_established(fresh_api, name), name
     core = client.CoreV1Api(fresh_api)
-    assert core.read_namespace(SYSTEM_NAMESPACE).status.phase == "Active"
+    namespace_status = core.read_namespace(SYSTEM_NAMESPACE).status
+    assert namespace_status is not None
+    assert namespace_status.phase == "Active"
     core.read_namespaced_service_account("pgwarden", SYSTEM_NAMESPACE)
     service = core.read_namespaced_service("pgwarden-metrics", SYSTEM_NAMESPACE)
-    assert [p.name for p in service.spec.ports] == ["metrics"]
+    assert service.spec is not None
+    assert [p.name for p in service.spec.ports or []] == ["metrics"]
     deployment = client.AppsV1Api(fresh_api).read_namespaced_deployment("pgwarden", SYSTEM_NAMESPACE)
+    assert deployment.spec is not None
+    assert deployment.spec.template.spec is not None
     assert deployment.spec.template.spec.service_account_name == "pgwarden"
     rbac = client.RbacAuthorizationV1Api(fresh_api)
     binding = rbac.read_cluster_role_binding("pgwarden")
     assert binding.role_ref.kind == "ClusterRole"
     assert binding.role_ref.name == "pgwarden"
-    assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [
+    assert [(s.kind, s.name, s.namespace) for s in binding.subjects or []] == [
         ("ServiceAccount", "pgwarden", SYSTEM_NAMESPACE)
     ]
     shipped = documents(MANIFESTS / "rbac" / "clusterrole.yaml")[0]["rules"]

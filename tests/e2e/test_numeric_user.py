@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.e2e.test_operator import (
+from tests.fixtures.operator import OperatorFactory, OperatorProcess, kopf_peers
+from tests.fixtures.postgres import PgFactory
+from tests.harness.k8s import create_running_pod
+from tests.harness.pgbinaries import selected_versions
+from tests.harness.policies import (
     create_policy,
     create_secret,
     next_host,
@@ -23,10 +27,6 @@ from tests.e2e.test_operator import (
     policy_body,
     prepare_server,
 )
-from tests.fixtures.operator import OperatorFactory, OperatorProcess, kopf_peers
-from tests.fixtures.postgres import PgFactory
-from tests.harness.k8s import create_running_pod
-from tests.harness.pgbinaries import selected_versions
 from tests.harness.postgres import wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]

@@ -7,43 +7,34 @@ operator's memory.
 
 from __future__ import annotations
 
-import base64
-import itertools
+import re
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from pgwarden.policy.api import (
-    API_VERSION,
-    CREDENTIALS_LABEL,
-    GROUP,
-    KIND,
-    PLURAL,
-    VERSION,
-    ConditionReason,
-    ConditionType,
-    EventReason,
-)
+from pgwarden.policy.api import GROUP, KIND, PLURAL, VERSION, ConditionReason, ConditionType, EventReason, SkipReason
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod, set_pod_labels
+from tests.harness.policies import (
+    PASSWORD,
+    condition,
+    create_policy,
+    create_secret,
+    custom,
+    events,
+    get_policy,
+    next_host,
+    open_app_sessions,
+    patch_spec,
+    policy_body,
+    policy_gone,
+    prepare_server,
+)
 from tests.harness.postgres import PgServer, holds_for, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
-
-_octets = itertools.count(10)
-PASSWORD = "s3cret-Pa55"  # throwaway, for servers this test starts
-
-
-def next_host() -> str:
-    return f"127.0.{next(_octets)}.1"
-
-
-def prepare_server(server: PgServer) -> None:
-    """A least-privilege enforcement role, and an application role whose sessions get reaped."""
-    server.create_role("warden", password=PASSWORD, grants=("pg_signal_backend", "pg_read_all_stats"))
-    server.create_role("app", password=PASSWORD)
 
 
 @pytest.fixture
@@ -54,82 +45,6 @@ def servers(pg_factory: PgFactory) -> list[PgServer]:
     for server in (first, second):
         prepare_server(server)
     return [first, second]
-
-
-def create_secret(api: client.ApiClient, namespace: str, name: str = "pg-credentials") -> None:
-    data = {"username": base64.b64encode(b"warden").decode(), "password": base64.b64encode(PASSWORD.encode()).decode()}
-    metadata = {"name": name, "labels": {CREDENTIALS_LABEL: "true"}}  # pgwarden reads only opted-in Secrets
-    client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": metadata, "data": data})
-
-
-def policy_body(name: str, port: int, *, mode: str = "enforce", state_age: str = "2s", **spec: Any) -> dict[str, Any]:
-    body_spec: dict[str, Any] = {
-        "selector": {"matchLabels": {"app": "pg"}},
-        "connection": {"port": port, "credentialsSecret": {"name": "pg-credentials"}},
-        "interval": "5s",
-        "enforcementAction": mode,
-        "limits": {"maxActionsPerCycle": 50, "maxFractionPerCycle": 1.0},
-        "sessions": [
-            {
-                "name": "idle",
-                "action": "terminate",
-                "states": ["idle"],
-                "stateAge": state_age,
-                "applicationNames": ["web"],
-            }
-        ],
-        "exclude": {"users": ["postgres"]},
-    }
-    body_spec.update(spec)
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name},
-        "spec": body_spec,
-    }
-
-
-def custom(api: client.ApiClient) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api)
-
-
-def create_policy(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> None:
-    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
-
-def get_policy(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    return dict(custom(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
-
-
-def policy_gone(api: client.ApiClient, namespace: str, name: str) -> bool:
-    try:
-        get_policy(api, namespace, name)
-    except client.ApiException as exc:
-        return exc.status == 404
-    return False
-
-
-def patch_spec(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
-    custom(api).patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
-
-
-def condition(policy: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for cond in (policy.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind:
-            return dict(cond)
-    return None
-
-
-def events(api: client.ApiClient, namespace: str, name: str) -> list[Any]:
-    items = client.CoreV1Api(api).list_namespaced_event(namespace).items
-    return [e for e in items if e.involved_object.name == name and e.involved_object.kind == "PostgresPolicy"]
-
-
-def open_app_sessions(server: PgServer, count: int, state: str = "idle") -> list[int]:
-    return [
-        server.open_session(state, user="app", password=PASSWORD, application_name="web").pid  # type: ignore[arg-type]
-        for _ in range(count)
-    ]
 
 
 def test_idle_sessions_reaped_on_matching_pod_only_with_status_events_and_metrics(
@@ -144,7 +59,9 @@ def test_idle_sessions_reaped_on_matching_pod_only_with_status_events_and_metric
     untouched = open_app_sessions(bystander, 2)
     protected = target.open_session("idle", user="postgres", application_name="web", via_socket=True).pid
     operator = run_operator([namespace])
-    create_policy(k8s_api, namespace, policy_body("reaper", target.port))
+    # One action per cycle: the other sessions wait for the next cycles, skipped as maxActionsPerCycle.
+    limits = {"maxActionsPerCycle": 1, "maxFractionPerCycle": 1.0}
+    create_policy(k8s_api, namespace, policy_body("reaper", target.port, limits=limits))
 
     for pid in doomed:
         target.wait_gone(pid, timeout=30)
@@ -165,21 +82,22 @@ def test_idle_sessions_reaped_on_matching_pod_only_with_status_events_and_metric
     assert entry["serverVersion"].split(".")[0] == target.major
     assert entry["backends"]["checkpointer"] == 1
     assert entry["backends"]["client backend"] >= 2
+    # Which sessions went is read from structured fields (the Event message's wording is the unit tests' job).
+    assert status["totals"]["terminated"] == len(doomed)
     assert {a["pid"] for a in entry["lastActions"]} <= set(doomed)
+    assert {(a["rule"], a["action"], a["done"]) for a in entry["lastActions"]} == {("idle", "terminate", True)}
     ready = condition(policy, ConditionType.READY)
     assert ready is not None
     assert ready["status"] == "True"
-    terminated_pids: set[int] = set()
 
-    def all_pids_evented() -> bool:
-        for event in events(k8s_api, namespace, "reaper"):
-            if event.reason == EventReason.SESSIONS_TERMINATED:
-                assert "pod db-0" in event.message
-                assert "rule idle" in event.message
-                terminated_pids.update(int(p) for p in event.message.split("pids ")[1].rstrip(")").split(", "))
-        return terminated_pids >= set(doomed)
+    def terminations_evented() -> list[Any]:
+        return [e for e in events(k8s_api, namespace, "reaper") if e.reason == EventReason.SESSIONS_TERMINATED]
 
-    wait_for(all_pids_evented, timeout=30, message="SessionsTerminated events naming every pid")
+    for event in wait_for(terminations_evented, timeout=30, message="SessionsTerminated Events"):
+        assert event.type == "Normal"
+        assert (event.involved_object.kind, event.involved_object.name) == (KIND, "reaper")
+        assert "pod db-0" in event.message
+        assert "rule idle" in event.message
     metrics = operator.metrics()
     assert (
         f'pgwarden_actions_total{{action="terminate",mode="enforce",namespace="{namespace}",policy="reaper",rule="idle"}}'
@@ -189,6 +107,10 @@ def test_idle_sessions_reaped_on_matching_pod_only_with_status_events_and_metric
         f'pgwarden_backends{{backend_type="checkpointer",namespace="{namespace}",pod="db-0",policy="reaper"}} 1.0'
         in metrics
     )
+    labels = f'namespace="{namespace}",policy="reaper",reason="{SkipReason.MAX_ACTIONS}",rule="idle"'
+    skipped = re.search(r"^pgwarden_skipped_total\{" + re.escape(labels) + r"\} (\S+)$", metrics, re.MULTILINE)
+    assert skipped is not None, metrics
+    assert float(skipped.group(1)) >= 1
     assert f'pgwarden_targets{{namespace="{namespace}",policy="reaper"}} 1.0' in metrics
 
 
@@ -205,9 +127,15 @@ def test_dry_run_then_edit_to_enforce_then_delete_stops_enforcement(
     def dry_run_event() -> bool:
         return any(e.reason == EventReason.DRY_RUN for e in events(k8s_api, namespace, "reaper"))
 
+    def dry_run_reported() -> dict[str, Any] | None:
+        policy = get_policy(k8s_api, namespace, "reaper")
+        targets = (policy.get("status") or {}).get("targets") or []
+        return policy if targets and targets[0].get("lastActions") else None
+
     wait_for(dry_run_event, timeout=30, message="a DryRun event")
     assert all(target.alive(pid) for pid in sessions)
-    policy = get_policy(k8s_api, namespace, "reaper")
+    # The Event is posted as the evaluation ends, the status written by the step that harvests it: wait for both.
+    policy = wait_for(dry_run_reported, timeout=30, message="the dry run's actions in the status")
     assert all(a["done"] is False for a in policy["status"]["targets"][0]["lastActions"])
     assert policy["status"]["totals"]["actions"] == 0
 

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
 from kubernetes import client
 
 from pgwarden.policy.api import GROUP, PLURAL, VERSION, ConditionType, EventReason
-from tests.e2e.test_manifests import (
+from tests.fixtures.operator import OperatorProcess
+from tests.harness.controlplane import ControlPlane
+from tests.harness.k8s import as_dict, create_running_pod, new_namespace
+from tests.harness.manifests import (
     MANIFESTS,
     SYSTEM_NAMESPACE,
     apply_documents,
@@ -42,13 +45,9 @@ from tests.e2e.test_manifests import (
     install_manifests,
     open_session_mix,
     prepare_example_server,
-    terminated_total,
 )
-from tests.e2e.test_operator import condition, events, get_policy, next_host
-from tests.fixtures.operator import OperatorProcess
-from tests.harness.controlplane import ControlPlane
-from tests.harness.k8s import as_dict, create_running_pod, new_namespace
 from tests.harness.pgbinaries import selected_versions
+from tests.harness.policies import condition, events, get_policy, next_host, terminated_total
 from tests.harness.postgres import PgServer, running_server, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
@@ -228,7 +227,9 @@ def start_operator(kubeconfig: Path, logdir: Path, started: list[OperatorProcess
 
 def rules_review(api: client.ApiClient, namespace: str) -> tuple[set[Rule], set[tuple[str, str]]]:
     """What the caller may do in `namespace` (cluster-wide grants included), one tuple per verb."""
-    review = client.AuthorizationV1Api(api).create_self_subject_rules_review({"spec": {"namespace": namespace}})
+    review = client.AuthorizationV1Api(api).create_self_subject_rules_review(
+        client.V1SelfSubjectRulesReview(spec=client.V1SelfSubjectRulesReviewSpec(namespace=namespace))
+    )
     status = as_dict(review)["status"]
     assert not status.get("incomplete"), status.get("evaluationError")
     resource: set[Rule] = set()
@@ -252,13 +253,13 @@ def forbidden(call: Callable[[], object]) -> bool:
     try:
         call()
     except client.ApiException as error:
-        return error.status == 403
+        return bool(error.status == 403)
     return False
 
 
 def peering_records(api: client.ApiClient) -> dict[str, Any]:
     obj = client.CustomObjectsApi(api).get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", PEERING)
-    return dict(obj.get("status") or {})
+    return dict(cast(dict[str, Any], obj).get("status") or {})
 
 
 # -- tests ------------------------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_refused_requests_are_refused_for_real(admin: client.ApiClient, as_opera
     assert forbidden(lambda: core.replace_namespaced_pod("db-0", namespace, pod, dry_run="All"))
     # ...while what it does need answers.
     assert core.list_pod_for_all_namespaces().items
-    assert custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+    assert cast(dict[str, Any], custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))["items"]
 
 
 def test_operator_enforces_as_its_service_account_as_deployed(
@@ -367,7 +368,7 @@ def test_operator_enforces_as_its_service_account_as_deployed(
         try:
             get_policy(admin, namespace, name)
         except client.ApiException as error:
-            return error.status == 404
+            return bool(error.status == 404)
         return False
 
     wait_for(deleted, timeout=30, message="the policy and its finalizer to go")

@@ -14,7 +14,11 @@ import pytest
 from kubernetes import client
 
 from pgwarden.policy.api import EventReason
-from tests.e2e.test_operator import (
+from tests.fixtures.operator import OperatorFactory
+from tests.fixtures.postgres import PgFactory
+from tests.harness.controlplane import ControlPlane
+from tests.harness.k8s import create_running_pod
+from tests.harness.policies import (
     PASSWORD,
     create_policy,
     create_secret,
@@ -25,10 +29,6 @@ from tests.e2e.test_operator import (
     policy_body,
     prepare_server,
 )
-from tests.fixtures.operator import OperatorFactory
-from tests.fixtures.postgres import PgFactory
-from tests.harness.controlplane import ControlPlane
-from tests.harness.k8s import create_running_pod
 from tests.harness.postgres import PgServer, holds_for, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
@@ -45,10 +45,11 @@ def sidecar_identity(control_plane: ControlPlane, namespace: str, tmp_path: Path
 
 
 def can_i(api: client.ApiClient, namespace: str, verb: str, resource: str) -> bool:
+    attributes = client.V1ResourceAttributes(namespace=namespace, verb=verb, resource=resource)
     review = client.AuthorizationV1Api(api).create_self_subject_access_review(
-        {"spec": {"resourceAttributes": {"namespace": namespace, "verb": verb, "resource": resource}}}
+        client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes))
     )
-    return bool(review.status.allowed)
+    return review.status is not None and bool(review.status.allowed)
 
 
 def sidecar_targets(api: client.ApiClient, namespace: str, name: str) -> dict[str, dict[str, Any]]:

@@ -17,11 +17,11 @@ import pytest
 from kubernetes import client
 
 from pgwarden.policy.api import CREDENTIALS_LABEL, ConditionReason
-from tests.e2e.test_operator import condition, create_policy, events, get_policy, policy_body
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.faults import Relay, Stopwatch, report_figures
 from tests.harness.k8s import create_running_pod
+from tests.harness.policies import condition, create_policy, events, get_policy, policy_body
 from tests.harness.postgres import free_port, holds_for, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
@@ -40,8 +40,9 @@ def create_secret(api: client.ApiClient, namespace: str, name: str, *, labelled:
     metadata: dict[str, Any] = {"name": name}
     if labelled:
         metadata["labels"] = {CREDENTIALS_LABEL: "true"}
-    data = {k: base64.b64encode(v).decode() for k, v in values.items()}
-    client.CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": metadata, "data": data})
+    data: dict[str, bytes | str] = {k: base64.b64encode(v).decode() for k, v in values.items()}
+    body = client.V1Secret(metadata=client.V1ObjectMeta(**metadata), data=data)
+    client.CoreV1Api(api).create_namespaced_secret(namespace, body)
 
 
 def with_secret(body: dict[str, Any], name: str, username_key: str, pod_label: str) -> dict[str, Any]:
@@ -129,14 +130,13 @@ def test_non_utf8_secret_value_is_reported_and_the_operator_keeps_enforcing(
     server.create_role("warden", password=PASSWORD, grants=("pg_signal_backend", "pg_read_all_stats"))
     server.create_role("app", password=PASSWORD)
     create_secret(k8s_api, namespace, "good", labelled=True)
-    binary = {
+    binary: dict[str, bytes | str] = {
         "username": base64.b64encode(b"warden").decode(),
         "password": base64.b64encode(PASSWORD.encode()).decode(),
         "tls.key": base64.b64encode(b"\x30\x82\xff\xfe binary").decode(),  # unused by the policy, still refused
     }
-    client.CoreV1Api(k8s_api).create_namespaced_secret(
-        namespace, {"metadata": {"name": "binary", "labels": {CREDENTIALS_LABEL: "true"}}, "data": binary}
-    )
+    metadata = client.V1ObjectMeta(name="binary", labels={CREDENTIALS_LABEL: "true"})
+    client.CoreV1Api(k8s_api).create_namespaced_secret(namespace, client.V1Secret(metadata=metadata, data=binary))
     create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
     operator = run_operator([namespace])
     clock = Stopwatch()

@@ -155,7 +155,7 @@ class PgServer:
     ) -> list[tuple[Any, ...]]:
         """Run one statement as the superuser and return its rows (empty for commands)."""
         with self.connect(dbname=dbname) as conn:
-            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
     # -- lifecycle -----------------------------------------------------------------------------------

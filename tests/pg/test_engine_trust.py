@@ -221,7 +221,7 @@ async def test_each_missing_autovacuum_grant_is_named(
         for name, grant in AUTOVACUUM_GRANTS.items():
             if name != withheld:
                 for statement in grant.split("; "):
-                    conn.execute(psycopg.sql.SQL(statement).format(psycopg.sql.Identifier(role)))  # type: ignore[arg-type]
+                    conn.execute(psycopg.sql.SQL(statement).format(psycopg.sql.Identifier(role)))
     spec = spec_of(autovacuum={"maxWorkers": 3})
     report = await enforce(pg, spec, user=role, dry_run=True)
     expected = () if withheld is None else (withheld,)
@@ -241,7 +241,7 @@ async def test_stopping_autovacuum_workers_names_the_version_s_grant(
     with pg.connect() as conn:
         for grant in AUTOVACUUM_GRANTS.values():
             for statement in grant.split("; "):
-                conn.execute(psycopg.sql.SQL(statement).format(psycopg.sql.Identifier(role)))  # type: ignore[arg-type]
+                conn.execute(psycopg.sql.SQL(statement).format(psycopg.sql.Identifier(role)))
     spec = spec_of(autovacuum={"maxWorkers": 3, "cancelExcessWorkers": True})
     report = await enforce(pg, spec, user=role, dry_run=True)
     assert report.missing_privileges == (("pg_signal_autovacuum_worker",) if int(pg_major) >= 18 else ("SUPERUSER",))

@@ -6,7 +6,8 @@ import dataclasses
 
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
-from pgwarden.policy.api import ConditionReason, ConditionType
+from pgwarden.engine.report import SkipRecord
+from pgwarden.policy.api import ConditionReason, ConditionType, SkipReason
 from tests.harness.reports import action, cycle_report
 
 TERMINATED = action(7)
@@ -141,3 +142,18 @@ def test_autovacuum_is_serialised_into_the_entry_and_only_real_stops_are_counted
     )
     assert dry["targets"][0]["autovacuum"]["wouldCancel"] == [11, 12]
     assert dry["totals"]["actions"] == 0
+
+
+def test_the_last_cycles_skips_are_counted_by_reason_and_cleared_by_a_cycle_without() -> None:
+    skipped = (
+        SkipRecord("idle", 5, SkipReason.MAX_ACTIONS),
+        SkipRecord("idle", 6, SkipReason.MAX_ACTIONS),
+        SkipRecord("slow", 7, SkipReason.GONE),
+    )
+    limited = cycle_report(TERMINATED, skipped=skipped)
+    first = next_status(None, generation=1, updates=[TargetUpdate("db-0", None, "controller", limited)])
+    assert first["targets"][0]["skipped"] == {SkipReason.GONE: 1, SkipReason.MAX_ACTIONS: 2}
+    assert list(first["targets"][0]["skipped"]) == ["gone", "maxActionsPerCycle"]  # sorted: a stable status
+    quiet = next_status(first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())])
+    assert "skipped" not in quiet["targets"][0]
+    assert differs(first, quiet)  # the skips going away is news, not a heartbeat

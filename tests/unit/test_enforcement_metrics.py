@@ -6,6 +6,8 @@ import itertools
 
 from pgwarden.enforcement import metrics
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.engine.report import SkipRecord
+from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import SessionAction
 from tests.harness.reports import action, cycle_report
 
@@ -60,3 +62,23 @@ def test_backend_series_are_added_zeroed_when_a_type_is_gone_and_removed_with_th
     assert backends("db-0", "client backend") is None
     assert backends("db-0", "autovacuum worker") is None
     assert backends("db-1", "client backend") == 5
+
+
+def test_skipped_sessions_are_counted_by_rule_and_reason() -> None:
+    ns = _namespace()
+    skipped = (
+        SkipRecord("idle", 5, SkipReason.MAX_ACTIONS),
+        SkipRecord("idle", 6, SkipReason.MAX_ACTIONS),
+        SkipRecord("idle", 7, SkipReason.GONE),
+        SkipRecord("slow", 8, SkipReason.NOT_PERMITTED),
+    )
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(action(1), skipped=skipped), 0.01)
+    metrics.record_cycle(ns, "p", "db-1", cycle_report(skipped=skipped[:1]), 0.01)
+
+    def skipped_total(rule: str, reason: str) -> float | None:
+        return _value("pgwarden_skipped_total", {"namespace": ns, "policy": "p", "rule": rule, "reason": reason})
+
+    assert skipped_total("idle", SkipReason.MAX_ACTIONS) == 3
+    assert skipped_total("idle", SkipReason.GONE) == 1
+    assert skipped_total("slow", SkipReason.NOT_PERMITTED) == 1
+    assert skipped_total("slow", SkipReason.MAX_ACTIONS) is None

@@ -156,7 +156,9 @@ DB1 = pod("db-1", "127.0.0.3")
 @pytest.fixture
 def make_harness() -> Callable[..., Harness]:
     def make(kind: EnforcerKind = EnforcerKind.CONTROLLER, secrets: FakeSecrets | None = None) -> Harness:
-        engine, clock, statuses, events = FakeEngine(), Clock(), [], []
+        engine, clock = FakeEngine(), Clock()
+        statuses: list[StatusCall] = []
+        events: list[PolicyEvent] = []
         secrets = secrets or FakeSecrets()
 
         async def write_status(
@@ -309,7 +311,7 @@ async def test_a_departed_pod_is_closed_forgotten_and_its_series_dropped(make_ha
 
 
 def _series(namespace: str, pod: str) -> set[tuple[str, ...]]:
-    return {labels for labels in metrics.BACKENDS._metrics if labels[:3] == (namespace, "p", pod)}
+    return {tuple(labels) for labels in metrics.BACKENDS._metrics if labels[:3] == (namespace, "p", pod)}
 
 
 async def test_the_controller_leaves_sidecar_pods_alone_with_a_notice(make_harness: Callable[..., Harness]) -> None:
@@ -319,6 +321,7 @@ async def test_the_controller_leaves_sidecar_pods_alone_with_a_notice(make_harne
     assert h.engine.evaluated == ["127.0.0.2"]
     (notice,) = [u for u in h.statuses[-1].updates if u.skipped_reason]
     assert notice.pod == "db-2"
+    assert notice.skipped_reason is not None
     assert "sidecar" in notice.skipped_reason
     assert h.statuses[-1].owned == ["db-0"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from pgwarden.engine.report import CycleReport
@@ -12,6 +14,13 @@ ACTIONS = Counter(
     "pgwarden_actions",
     "Sessions terminated or queries cancelled (dry run: that would have been).",
     ["namespace", "policy", "rule", "action", "mode"],
+    registry=REGISTRY,
+)
+SKIPPED = Counter(
+    "pgwarden_skipped",
+    "Sessions a rule chose but pgwarden left alone, by reason (skipped[].reason: a blast-radius limit, the "
+    "session gone or changed before the signal, PostgreSQL refusing it, ...).",
+    ["namespace", "policy", "rule", "reason"],
     registry=REGISTRY,
 )
 BACKENDS = Gauge(
@@ -64,6 +73,8 @@ def record_cycle(namespace: str, policy: str, pod: str, report: CycleReport, sec
     for action in report.actions:
         if action.done or report.dry_run:
             ACTIONS.labels(namespace, policy, action.rule, action.action, mode).inc()
+    for (rule, reason), count in skip_counts(report).items():
+        SKIPPED.labels(namespace, policy, rule, reason).inc(count)
     autovacuum = report.autovacuum
     if autovacuum is not None:
         # A dry run counts what it would have stopped, as it does for sessions (the metric's help says so).
@@ -79,6 +90,11 @@ def record_cycle(namespace: str, policy: str, pod: str, report: CycleReport, sec
         if before.get(backend_type) != now.get(backend_type, 0):
             BACKENDS.labels(namespace, policy, pod, backend_type).set(now.get(backend_type, 0))
     _backends_seen[key] = now
+
+
+def skip_counts(report: CycleReport) -> collections.Counter[tuple[str, str]]:
+    """How many sessions each rule left alone, by reason: one label lookup per pair, not per session."""
+    return collections.Counter((s.rule, s.reason) for s in report.skipped)
 
 
 def record_pass(namespace: str, policy: str, targets: int, seconds: float) -> None:

@@ -9,6 +9,7 @@ writer (status_writer.py) makes that read-modify-write safe with a resourceVersi
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -90,6 +91,9 @@ def _report_fields(report: CycleReport, when: str) -> dict[str, Any]:
     }
     if report.autovacuum is not None:
         fields["autovacuum"] = report.autovacuum.to_json()
+    if report.skipped:
+        # The last cycle's skips by reason; absent when it skipped nothing (limits, races, refusals).
+        fields["skipped"] = dict(sorted(Counter(s.reason for s in report.skipped).items()))
     if report.actions:
         fields["lastActions"] = [_action_entry(a) for a in report.actions[:MAX_LAST_ACTIONS]]
         fields["lastActionTime"] = when
