@@ -23,7 +23,7 @@ import structlog
 
 from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_common_options
 from pgwarden.engine.connection import EngineDsn, parse_dsn
-from pgwarden.engine.errors import EngineError, InvalidDsn
+from pgwarden.engine.errors import CycleInterrupted, EngineError, InvalidDsn
 from pgwarden.engine.report import CycleReport, render_text
 from pgwarden.engine.scheduler import run_loop
 from pgwarden.engine.session import TargetSession
@@ -140,6 +140,8 @@ async def _enforce(dsn: EngineDsn, doc: PolicyDocument, *, dry_run: bool, once: 
         log.info("stopped", policy=policy, target=session.target)
         return EXIT_OK
     except EngineError as exc:
+        if isinstance(exc, CycleInterrupted):  # --once: what was done before the failure is printed too
+            printer(exc.report)
         _fail(str(exc))
         return EXIT_UNREACHABLE
     finally:

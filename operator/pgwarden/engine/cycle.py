@@ -20,7 +20,7 @@ from pgwarden.engine import act as acting
 from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
-from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.errors import CycleInterrupted
 from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.types import Observation
@@ -92,16 +92,17 @@ def privilege_errors(role: str, sessions: list[str], autovacuum: list[str]) -> l
 
 async def _autovacuum(
     conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
-) -> tuple[dict[str, Any] | None, list[str], list[str]]:
-    """The autovacuum report, its errors, and the grants it lacks."""
+) -> tuple[dict[str, Any] | None, list[str], list[str], str | None]:
+    """The autovacuum report, its errors, the grants it lacks, and why the connection broke (if it did)."""
     try:
         result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
-            raise TargetUnreachable(f"connection to {target} lost during autovacuum: {str(exc).strip()}") from None
-        return None, [f"autovacuum: {str(exc).strip()}"], []
+            return None, [], [], f"connection to {target} lost during autovacuum: {str(exc).strip()}"
+        return None, [f"autovacuum: {str(exc).strip()}"], [], None
     errors = [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
-    return result.to_json(), errors, list(result.missing_privileges)
+    lost = None if result.lost is None else f"connection to {target} lost during autovacuum: {result.lost}"
+    return result.to_json(), errors, list(result.missing_privileges), lost
 
 
 _COMPILED: OrderedDict[tuple[int, frozenset[int]], tuple[PolicySpec, ObservationQuery]] = OrderedDict()
@@ -142,7 +143,8 @@ async def run_cycle(
     bound any window of length `spec.interval`, not just this cycle (without it: this cycle only).
 
     Raises TargetUnreachable (connection failed or lost) or QueryFailed (the observation failed);
-    per-session problems are reported in the result instead.
+    per-session problems are reported in the result instead. A connection lost after acting began raises
+    CycleInterrupted (a TargetUnreachable) carrying the report of everything done until then.
     """
     started = time.monotonic()
     dry_run = dry_run_override or spec.dry_run
@@ -188,8 +190,9 @@ async def run_cycle(
         report.errors.append(jump)
     sessions_missing = session_privileges(observation, spec)
     autovacuum_missing: list[str] = []
-    if spec.autovacuum.max_workers is not None and jump is None:
-        report.autovacuum, errors, autovacuum_missing = await _autovacuum(
+    lost = outcome.lost
+    if spec.autovacuum.max_workers is not None and jump is None and lost is None:
+        report.autovacuum, errors, autovacuum_missing, lost = await _autovacuum(
             conn, spec.autovacuum, dry_run=dry_run, target=target
         )
         report.errors.extend(errors)
@@ -198,6 +201,11 @@ async def run_cycle(
     report.missing_privileges = tuple(sessions_missing + autovacuum_missing)
     report.errors[:0] = privilege_errors(_role(observation), sessions_missing, autovacuum_missing)
     report.duration_seconds = time.monotonic() - started
+    if lost is not None:
+        # The cycle failed after it began to act: the report of what was done goes with the error.
+        report.errors.append(lost)
+        bound.error("cycle interrupted", error=lost, actions=len(report.actions))
+        raise CycleInterrupted(lost, report)
     bound.debug(
         "cycle done",
         dry_run=dry_run,
