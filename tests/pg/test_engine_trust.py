@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ from tests.fixtures.postgres import PgFactory
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
 from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer, wait_for
-from tests.pg.test_cli_enforce import PGWARDEN
+from tests.pg.test_cli_enforce import CODE_UNDER_TEST, PGWARDEN
 
 pytestmark = pytest.mark.pg
 log = structlog.get_logger("test")
@@ -470,15 +469,15 @@ def test_two_cli_loops_never_signal_each_other(
         "spec:\n  selector: {matchLabels: {app: postgres}}\n  interval: 1s\n"
         "  sessions: [{name: idle, action: terminate, states: [idle], stateAge: 0s}]\n"
     )
-    # The worktree's code, not whatever the console script's environment has installed.
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "operator")}
     command = [PGWARDEN, "enforce", "--dsn", server.dsn(user=engine_role), "--policy", str(policy)]
     logs = [tmp_path / f"engine{i}.log" for i in range(2)]
     lines: list[list[dict[str, Any]]] = [[], []]
     with contextlib.ExitStack() as stack:
         errs = [stack.enter_context(log.open("w")) for log in logs]
         procs = [
-            stack.enter_context(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env))
+            stack.enter_context(
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=CODE_UNDER_TEST)
+            )
             for err in errs
         ]
 
