@@ -90,6 +90,25 @@ def privilege_errors(role: str, sessions: list[str], autovacuum: list[str]) -> l
     return messages
 
 
+def _spend(
+    budget: ActionBudget,
+    policy: str,
+    spec: PolicySpec,
+    decision: Plan,
+    outcome: acting.ActOutcome,
+    observation: Observation,
+) -> float | None:
+    """Record the signals PostgreSQL accepted; the next deadline, earlier if the window held sessions back."""
+    window = spec.interval.total_seconds()
+    budget.record(policy, sum(1 for a in outcome.actions if a.done), time.monotonic())
+    deadline = decision.next_deadline
+    if decision.reserve:  # held back by the window: look again when its oldest action leaves it
+        frees = budget.frees_at(policy, window, observation.received_at)
+        if frees is not None:
+            deadline = frees if deadline is None else min(deadline, frees)
+    return deadline
+
+
 async def _autovacuum(
     conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
 ) -> tuple[dict[str, Any] | None, list[str], list[str], str | None]:
@@ -153,12 +172,12 @@ async def run_cycle(
 
     observation = await observe(conn, compiled_observation(spec, protected_pids), target=target)
     jump = _clock_jump(conn, observation)
-    window = spec.interval.total_seconds()
-    used = budget.used(policy, window, started) if budget is not None else 0
-    decision = plan(observation, spec, protected_pids, used=used)
     if jump is not None:
         bound.warning("server clock stepped; acting on nothing this cycle", error=jump)
         decision = Plan(actions=(), skipped=(), next_deadline=None)  # the next cycle, at `interval`, acts
+    else:
+        used = budget.used(policy, spec.interval.total_seconds(), started) if budget is not None else 0
+        decision = plan(observation, spec, protected_pids, used=used)
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:
@@ -167,11 +186,7 @@ async def run_cycle(
     held_back = [s for s in decision.skipped if s.pid not in outcome.from_reserve]
     next_deadline = decision.next_deadline
     if budget is not None and not dry_run:
-        budget.record(policy, sum(1 for a in outcome.actions if a.done), time.monotonic())
-        if decision.reserve:  # held back by the window: look again when its oldest action leaves it
-            frees = budget.frees_at(policy, window, observation.received_at)
-            if frees is not None:
-                next_deadline = frees if next_deadline is None else min(next_deadline, frees)
+        next_deadline = _spend(budget, policy, spec, decision, outcome, observation)
 
     report = CycleReport(
         policy=policy,
