@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from tests.harness.postgres import PgServer, free_port
 pytestmark = pytest.mark.pg
 
 PGWARDEN = str(Path(sys.executable).parent / "pgwarden")
+CODE_UNDER_TEST = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "operator")}
+"""The console script's environment with this checkout's package first: the shared venv's editable
+install points at one checkout, and the test must run the code it sits next to."""
 CONTRACT_KEYS = [
     "policy",
     "target",
@@ -72,7 +76,15 @@ spec:
 
 
 def run(*args: str, timeout: float = 30, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PGWARDEN, *args], capture_output=True, text=True, timeout=timeout, input=stdin, check=False)
+    return subprocess.run(
+        [PGWARDEN, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        check=False,
+        env=CODE_UNDER_TEST,
+    )
 
 
 def log_lines(stderr: str) -> list[dict[str, Any]]:
@@ -205,6 +217,7 @@ def test_loop_runs_until_signalled_then_exits_0(
     victim = pg.open_session("idle", application_name=app)
     proc = subprocess.Popen(
         [PGWARDEN, "enforce", "--dsn", pg.dsn(), "--policy", str(policy_file(tmp_path, app))],
+        env=CODE_UNDER_TEST,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

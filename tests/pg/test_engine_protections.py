@@ -12,6 +12,7 @@ import pytest
 
 from tests.fixtures.postgres import PgFactory
 from tests.harness.engine import acted, enforce, spec_of, wait_all_gone
+from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer, wait_for
 
 pytestmark = pytest.mark.pg
@@ -53,7 +54,7 @@ def _non_client_processes(server: PgServer) -> set[tuple[int, str]]:
 async def test_rule_matching_everything_spares_all_but_client_backends(
     pg_factory: PgFactory, tmp_path: Path, receivewal: list[subprocess.Popen[bytes]]
 ) -> None:
-    server = pg_factory(host="127.0.0.4")
+    server = pg_factory(host="127.0.0.4", ledger=True)
     _allow_replication(server)
     logical = _replication_connection(server, "database")
     physical = _replication_connection(server, "true")
@@ -99,8 +100,10 @@ async def _check_everything_rule(
     assert sum(1 for _, kind in before if kind == "walsender") == 3
 
     everything = spec_of(sessions=[{"name": "all", "action": "terminate", "connectionAge": "0s"}])
+    ledger = Ledger(server.logfile)
     report = await enforce(server, everything)
     assert acted(report) == {c.pid for c in clients}
+    ledger.assert_agrees(acted(report))  # the server signalled those three and nothing else
     assert not {pid for pid, _ in before} & acted(report)
     wait_all_gone(server, acted(report))
     assert _non_client_processes(server) >= before  # every one of them still there

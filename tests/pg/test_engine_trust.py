@@ -6,13 +6,18 @@ Each test compares what pgwarden reports with what PostgreSQL logged: who was te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
 import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -21,7 +26,7 @@ import structlog
 from pgwarden.engine.act import act
 from pgwarden.engine.connection import connect, parse_dsn
 from pgwarden.engine.decide import plan
-from pgwarden.engine.errors import EngineError
+from pgwarden.engine.errors import CycleInterrupted, EngineError
 from pgwarden.engine.observe import compile_observation, observe
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import run_loop
@@ -30,7 +35,8 @@ from pgwarden.policy.api import SkipReason
 from tests.fixtures.postgres import PgFactory
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
 from tests.harness.ledger import Ledger
-from tests.harness.postgres import PgServer
+from tests.harness.postgres import PgServer, wait_for
+from tests.pg.test_cli_enforce import CODE_UNDER_TEST, PGWARDEN
 
 pytestmark = pytest.mark.pg
 log = structlog.get_logger("test")
@@ -389,10 +395,116 @@ async def test_the_blast_radius_bounds_any_window_of_one_interval(
     ledger.assert_agrees(done, engine_pids={engine_pid})
     terminated = set(ledger.terminated())
     first_signal: dict[int, datetime] = {}
-    for signal in ledger.signals():
-        if signal.by_pid == engine_pid and signal.pid in terminated:
-            first_signal.setdefault(signal.pid, signal.at)
+    for sent in ledger.signals():
+        if sent.by_pid == engine_pid and sent.pid in terminated:
+            first_signal.setdefault(sent.pid, sent.at)
     assert set(first_signal) == terminated
     assert most_in_any_window(list(first_signal.values()), timedelta(seconds=4)) == 5
     assert 10 <= len(terminated) <= 15  # 10 s: windows starting at 0, 4 and 8 s, five each
     assert any(s.reason == SkipReason.MAX_ACTIONS for r in reports for s in r.skipped)
+
+
+# -- actions never vanish from the audit trail -------------------------------------------------------------
+
+
+async def test_a_connection_killed_mid_act_still_reports_every_signal(
+    pg_factory: PgFactory, request: pytest.FixtureRequest
+) -> None:
+    """150 idle sessions to terminate; as soon as the server logs the first termination, pgwarden's own
+    backend is terminated from outside. The cycle fails, and its error carries the report: every session the
+    server logged as terminated is in it, as done; nothing it reports as done is missing from the log."""
+    server = pg_factory(ledger=True)
+    ledger = Ledger(server.logfile)
+    app = unique(request)
+    victims = {server.open_session("idle", application_name=app).pid for _ in range(150)}
+    spec = spec_of(sessions=[{**IDLE_NOW[0], "applicationNames": [app]}])
+    engine = TargetSession(parse_dsn(server.dsn()))
+    engine_pid = (await engine.connection()).info.backend_pid
+    killer = server.connect(application_name="killer")  # connected beforehand: react within milliseconds
+
+    def kill_on_first_termination() -> None:
+        wait_for(ledger.terminated, timeout=30, interval=0.001, message="the first termination in the log")
+        killer.execute("SELECT pg_terminate_backend(%s)", (engine_pid,))
+
+    thread = threading.Thread(target=kill_on_first_termination)
+    thread.start()
+    try:
+        with pytest.raises(CycleInterrupted) as caught:
+            await engine.run(spec, policy="test")
+    finally:
+        thread.join()
+        killer.close()
+        await engine.close()
+    report = caught.value.report
+    done = acted(report)
+    assert 0 < len(done) < len(victims), "the engine's backend must die part way through acting"
+    assert all(a.done for a in report.actions)
+    assert report.errors[-1] == str(caught.value)
+    assert "lost while signalling" in report.errors[-1]
+    ledger.wait_effects([engine_pid])
+    ledger.wait_effects(done)
+    # The one signal in flight when the connection broke may or may not have been delivered; the report
+    # names it (skipped with reason error), so the log may hold it, and nothing else beyond `done`.
+    in_flight = {s.pid for s in report.skipped if s.reason == SkipReason.FAILED}
+    assert len(in_flight) == 1
+    logged = set(ledger.terminated()) - {engine_pid}
+    assert done <= logged <= done | in_flight
+    assert len(ledger.terminated()) == len(logged) + 1  # once each
+
+
+def test_two_cli_loops_never_signal_each_other(
+    pg_factory: PgFactory, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two `pgwarden enforce` processes, `interval: 1s`, an idle rule over every session and no exclude, for
+    five cycles each: the server logs no signal at either, only at the application calling itself pgwarden."""
+    server = pg_factory(ledger=True)
+    ledger = Ledger(server.logfile)
+    engine_role, app_role = unique(request, "warden"), unique(request, "app")
+    server.create_role(engine_role, grants=GRANTS)
+    server.create_role(app_role)
+    fake = server.open_session("idle", user=app_role, application_name="pgwarden-fake")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: pgwarden.dev/v1alpha1\nkind: PostgresPolicy\nmetadata: {name: reaper, namespace: default}\n"
+        "spec:\n  selector: {matchLabels: {app: postgres}}\n  interval: 1s\n"
+        "  sessions: [{name: idle, action: terminate, states: [idle], stateAge: 0s}]\n"
+    )
+    command = [PGWARDEN, "enforce", "--dsn", server.dsn(user=engine_role), "--policy", str(policy)]
+    logs = [tmp_path / f"engine{i}.log" for i in range(2)]
+    lines: list[list[dict[str, Any]]] = [[], []]
+    with contextlib.ExitStack() as stack:
+        errs = [stack.enter_context(log.open("w")) for log in logs]
+        procs = [
+            stack.enter_context(
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=CODE_UNDER_TEST)
+            )
+            for err in errs
+        ]
+
+        def read(index: int) -> None:
+            stdout = procs[index].stdout
+            assert stdout is not None
+            for line in stdout:
+                lines[index].append(json.loads(line))
+
+        readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(2)]
+        for reader in readers:
+            reader.start()
+        try:
+            wait_for(lambda: all(len(out) >= 5 for out in lines), timeout=30, message="five cycles of each loop")
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc, reader in zip(procs, readers, strict=True):
+                try:
+                    proc.wait(timeout=10)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                reader.join(timeout=10)
+    assert [proc.returncode for proc in procs] == [0, 0], [log.read_text() for log in logs]
+    reports = [report for out in lines for report in out]
+    assert all(report["errors"] == [] for report in reports)
+    assert {a["pid"] for report in reports for a in report["actions"]} == {fake.pid}
+    assert [(e.pid, e.user) for e in ledger.effects()] == [(fake.pid, app_role)]
+    assert {s.pid for s in ledger.signals()} == {fake.pid}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pgwarden.engine.errors import EngineError, TargetUnreachable
+from pgwarden.engine.errors import CycleInterrupted, EngineError, TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import DEADLINE_MARGIN, MIN_DELAY, next_start, retry_delay, run_loop
 from pgwarden.policy.model import EnforcementAction
@@ -111,3 +111,25 @@ async def test_errors_are_retried_or_raised_as_the_caller_decides() -> None:
 
     with pytest.raises(TargetUnreachable):
         await run_loop(down, interval=30, stop=asyncio.Event(), on_report=results.append, on_error=lambda e, n: False)
+
+
+async def test_an_interrupted_cycle_is_reported_before_it_is_handled_as_a_failure() -> None:
+    partial = _report(None, observed_at=0.0)
+    order: list[str] = []
+
+    async def interrupted() -> CycleReport:
+        raise CycleInterrupted("lost while signalling", partial)
+
+    def on_error(exc: EngineError, failures: int) -> bool:
+        order.append("error")
+        return False
+
+    with pytest.raises(CycleInterrupted):
+        await run_loop(
+            interrupted,
+            interval=30,
+            stop=asyncio.Event(),
+            on_report=lambda r: order.append("report" if r is partial else "other"),
+            on_error=on_error,
+        )
+    assert order == ["report", "error"]

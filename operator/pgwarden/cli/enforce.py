@@ -23,7 +23,7 @@ import structlog
 
 from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_common_options
 from pgwarden.engine.connection import EngineDsn, parse_dsn
-from pgwarden.engine.errors import EngineError, InvalidDsn
+from pgwarden.engine.errors import CycleInterrupted, EngineError, InvalidDsn
 from pgwarden.engine.report import CycleReport, render_text
 from pgwarden.engine.scheduler import run_loop
 from pgwarden.engine.session import TargetSession
@@ -144,6 +144,8 @@ async def _enforce(
         log.info("stopped", policy=policy, target=session.target)
         return EXIT_OK
     except EngineError as exc:
+        if isinstance(exc, CycleInterrupted):  # --once: what was done before the failure is printed too
+            printer(exc.report)
         _fail(str(exc))
         return EXIT_UNREACHABLE
     finally:

@@ -7,7 +7,7 @@ backend with the observed pid, `backend_start` and `state_change`; anything else
 reported, never an error. A refused signal (SQLSTATE 42501, e.g. a non-superuser engine and a superuser
 backend) is reported for that session and the cycle goes on, and its slot in the blast radius goes to the
 next session the limits held back (the reserve), so a refusal never eats the budget; only a broken
-connection stops it.
+connection stops it, and what was signalled until then is returned with the reason (`ActOutcome.lost`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any, LiteralString
 import psycopg
 
 from pgwarden.engine.decide import PlannedAction
-from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.report import FAILED, GONE, PERMISSION_DENIED, STATE_CHANGED, ActionRecord, SkipRecord
 from pgwarden.policy.model import SessionAction
 
@@ -50,6 +49,8 @@ class ActOutcome:
     errors: list[str] = field(default_factory=list)
     from_reserve: set[int] = field(default_factory=set)
     """Pids of reserve sessions that took a refused signal's slot (no longer held back by the limits)."""
+    lost: str | None = None
+    """Why acting stopped early: the connection broke. What was signalled before is in `actions`."""
 
 
 def record(planned: PlannedAction, *, done: bool) -> ActionRecord:
@@ -147,8 +148,16 @@ async def act(
             continue
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
+                # Stop here, keeping what was done: the caller reports it before it handles the failure.
                 where = f" to {target}" if target else ""
-                raise TargetUnreachable(f"connection{where} lost while signalling: {str(exc).strip()}") from None
+                outcome.lost = f"connection{where} lost while signalling: {str(exc).strip()}"
+                outcome.skipped.append(SkipRecord(p.rule, p.session.pid, FAILED))
+                outcome.errors.append(
+                    f"{p.action.value} pid {p.session.pid} (rule {p.rule}): the connection broke during the "
+                    "signal, so whether PostgreSQL delivered it is unknown"
+                )
+                log.error("connection lost while signalling", error=outcome.lost, **fields)
+                return outcome
             message = f"{p.action.value} pid {p.session.pid} (rule {p.rule}): {str(exc).strip()}"
             outcome.skipped.append(SkipRecord(p.rule, p.session.pid, FAILED))
             outcome.errors.append(message)

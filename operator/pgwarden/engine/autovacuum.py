@@ -174,8 +174,12 @@ async def enforce_autovacuum(
         _record(conn, exc, report.errors, "reading the connecting role's privileges")
         return report
     report.missing_privileges = privileges.missing_grants(stop_workers=spec.cancel_excess_workers)
-    await _enforce_setting(conn, desired, privileges, report, dry_run=dry_run)
-    await _enforce_workers(conn, desired, privileges, report, stop=spec.cancel_excess_workers, dry_run=dry_run)
+    try:
+        await _enforce_setting(conn, desired, privileges, report, dry_run=dry_run)
+        await _enforce_workers(conn, desired, privileges, report, stop=spec.cancel_excess_workers, dry_run=dry_run)
+    except psycopg.Error as exc:  # only a broken connection gets here (see _record)
+        # Keep what was written and which workers were stopped before the break: the cycle reports them.
+        report.lost = f"connection lost during autovacuum: {str(exc).strip()}"
     return report
 
 

@@ -206,6 +206,8 @@ class AutovacuumReport:
     skipped: list[SkippedWorker] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    lost: str | None = None
+    """The connection broke part way (not in the JSON): what was done until then is still in the report."""
     missing_privileges: list[str] = field(default_factory=list)
     """Grants the cap needs that the connecting role lacks (the README's list), named as GRANT would name
     them; not in the JSON (the cycle report carries them, typed, and in its `errors`)."""

@@ -21,7 +21,7 @@ from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
-from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.errors import CycleInterrupted
 from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.types import Observation
@@ -91,18 +91,38 @@ def privilege_errors(role: str, sessions: list[str], autovacuum: list[str]) -> l
     return messages
 
 
+def _spend(
+    budget: ActionBudget,
+    policy: str,
+    spec: PolicySpec,
+    decision: Plan,
+    outcome: acting.ActOutcome,
+    observation: Observation,
+) -> float | None:
+    """Record the signals PostgreSQL accepted; the next deadline, earlier if the window held sessions back."""
+    window = spec.interval.total_seconds()
+    budget.record(policy, sum(1 for a in outcome.actions if a.done), time.monotonic())
+    deadline = decision.next_deadline
+    if decision.reserve:  # held back by the window: look again when its oldest action leaves it
+        frees = budget.frees_at(policy, window, observation.received_at)
+        if frees is not None:
+            deadline = frees if deadline is None else min(deadline, frees)
+    return deadline
+
+
 async def _autovacuum(
     conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
-) -> tuple[AutovacuumReport | None, list[str], list[str]]:
-    """The autovacuum report, its errors, and the grants it lacks."""
+) -> tuple[AutovacuumReport | None, list[str], list[str], str | None]:
+    """The autovacuum report, its errors, the grants it lacks, and why the connection broke (if it did)."""
     try:
         result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
-            raise TargetUnreachable(f"connection to {target} lost during autovacuum: {str(exc).strip()}") from None
-        return None, [f"autovacuum: {str(exc).strip()}"], []
+            return None, [], [], f"connection to {target} lost during autovacuum: {str(exc).strip()}"
+        return None, [f"autovacuum: {str(exc).strip()}"], [], None
     errors = [e if e.startswith("autovacuum") else f"autovacuum: {e}" for e in result.errors]
-    return result, errors, list(result.missing_privileges)
+    lost = None if result.lost is None else f"connection to {target} lost during autovacuum: {result.lost}"
+    return result, errors, list(result.missing_privileges), lost
 
 
 _COMPILED: OrderedDict[tuple[int, frozenset[int]], tuple[PolicySpec, ObservationQuery]] = OrderedDict()
@@ -143,7 +163,8 @@ async def run_cycle(
     bound any window of length `spec.interval`, not just this cycle (without it: this cycle only).
 
     Raises TargetUnreachable (connection failed or lost) or QueryFailed (the observation failed);
-    per-session problems are reported in the result instead.
+    per-session problems are reported in the result instead. A connection lost after acting began raises
+    CycleInterrupted (a TargetUnreachable) carrying the report of everything done until then.
     """
     started = time.monotonic()
     dry_run = dry_run_override or spec.dry_run
@@ -152,12 +173,12 @@ async def run_cycle(
 
     observation = await observe(conn, compiled_observation(spec, protected_pids), target=target)
     jump = _clock_jump(conn, observation)
-    window = spec.interval.total_seconds()
-    used = budget.used(policy, window, started) if budget is not None else 0
-    decision = plan(observation, spec, protected_pids, used=used)
     if jump is not None:
         bound.warning("server clock stepped; acting on nothing this cycle", error=jump)
         decision = Plan(actions=(), skipped=(), next_deadline=None)  # the next cycle, at `interval`, acts
+    else:
+        used = budget.used(policy, spec.interval.total_seconds(), started) if budget is not None else 0
+        decision = plan(observation, spec, protected_pids, used=used)
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:
@@ -166,11 +187,7 @@ async def run_cycle(
     held_back = [s for s in decision.skipped if s.pid not in outcome.from_reserve]
     next_deadline = decision.next_deadline
     if budget is not None and not dry_run:
-        budget.record(policy, sum(1 for a in outcome.actions if a.done), time.monotonic())
-        if decision.reserve:  # held back by the window: look again when its oldest action leaves it
-            frees = budget.frees_at(policy, window, observation.received_at)
-            if frees is not None:
-                next_deadline = frees if next_deadline is None else min(next_deadline, frees)
+        next_deadline = _spend(budget, policy, spec, decision, outcome, observation)
 
     report = CycleReport(
         policy=policy,
@@ -189,8 +206,9 @@ async def run_cycle(
         report.errors.append(jump)
     sessions_missing = session_privileges(observation, spec)
     autovacuum_missing: list[str] = []
-    if spec.autovacuum.max_workers is not None and jump is None:
-        report.autovacuum, errors, autovacuum_missing = await _autovacuum(
+    lost = outcome.lost
+    if spec.autovacuum.max_workers is not None and jump is None and lost is None:
+        report.autovacuum, errors, autovacuum_missing, lost = await _autovacuum(
             conn, spec.autovacuum, dry_run=dry_run, target=target
         )
         report.errors.extend(errors)
@@ -199,6 +217,11 @@ async def run_cycle(
     report.missing_privileges = tuple(sessions_missing + autovacuum_missing)
     report.errors[:0] = privilege_errors(_role(observation), sessions_missing, autovacuum_missing)
     report.duration_seconds = time.monotonic() - started
+    if lost is not None:
+        # The cycle failed after it began to act: the report of what was done goes with the error.
+        report.errors.append(lost)
+        bound.error("cycle interrupted", error=lost, actions=len(report.actions))
+        raise CycleInterrupted(lost, report)
     bound.debug(
         "cycle done",
         dry_run=dry_run,

@@ -6,6 +6,11 @@ or the DSN they came from.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pgwarden.engine.report import CycleReport
+
 
 class EngineError(Exception):
     """Base of everything the engine raises on purpose."""
@@ -21,3 +26,16 @@ class TargetUnreachable(EngineError):
 
 class QueryFailed(EngineError):
     """The server was reached but a statement the engine needs failed."""
+
+
+class CycleInterrupted(TargetUnreachable):
+    """The connection broke after the cycle had begun to act: the partial report travels with the error.
+
+    Every signal PostgreSQL accepted before the break is in `report.actions`, so callers that report
+    (CLI JSON, status, Events, metrics) still can; callers that only handle failures treat it as the
+    TargetUnreachable it is (close the connection, back off).
+    """
+
+    def __init__(self, message: str, report: CycleReport) -> None:
+        super().__init__(message)
+        self.report = report

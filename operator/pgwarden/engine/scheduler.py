@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from pgwarden.engine.errors import EngineError
+from pgwarden.engine.errors import CycleInterrupted, EngineError
 from pgwarden.engine.report import CycleReport
 from pgwarden.settings import DEFAULTS, Settings
 
@@ -73,6 +73,8 @@ async def run_loop(
         try:
             report = await cycle()
         except EngineError as exc:
+            if isinstance(exc, CycleInterrupted):
+                on_report(exc.report)  # what was done before the failure is reported all the same
             failures += 1
             if not on_error(exc, failures):
                 raise
