@@ -22,6 +22,7 @@ APPLICATION_NAME = "pgwarden"
 CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 5000
 LOCK_TIMEOUT_MS = 2000
+IDLE_SESSION_TIMEOUT = "idle_session_timeout"
 
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
@@ -46,6 +47,8 @@ class EngineDsn:
 
     conninfo: str
     target: str
+    conninfo_before_14: str | None = field(default=None, repr=False)
+    """The same without `idle_session_timeout`, which a server before PostgreSQL 14 refuses to start with."""
     password: str | None = field(default=None, repr=False)
     user: str | None = field(default=None, repr=False)
     credentials_source: str = "the connection string"
@@ -127,17 +130,23 @@ def parse_dsn(
     password = params.get("password")
     # search_path: the engine names only catalog objects, and must never resolve one through a schema some
     # other role can write to (pg_temp last, explicitly, or it would be searched first for relations).
+    # The idle timeouts: the connection idles between cycles by design, and a server-wide
+    # idle_session_timeout shorter than the interval would otherwise kill it before every other cycle.
     ours = (
         f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)}"
-        " -c search_path=pg_catalog,pg_temp"
+        " -c search_path=pg_catalog,pg_temp -c idle_in_transaction_session_timeout=0"
     )
     user_options = params.get("options")
-    params["options"] = f"{ours} {user_options}" if user_options else ours
     params["application_name"] = application_name
     if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
         params["connect_timeout"] = str(int(connect_timeout))
+    params["options"] = f"{ours} {user_options}" if user_options else ours
+    before_14 = pg_conninfo.make_conninfo(**params)  # idle_session_timeout is new in PostgreSQL 14
+    ours += f" -c {IDLE_SESSION_TIMEOUT}=0"
+    params["options"] = f"{ours} {user_options}" if user_options else ours
     return EngineDsn(
         conninfo=pg_conninfo.make_conninfo(**params),
+        conninfo_before_14=before_14,
         target=format_target(params.get("host") or params.get("hostaddr"), params.get("port")),
         password=str(password) if password else None,
         user=str(params["user"]) if params.get("user") else None,
@@ -149,7 +158,13 @@ async def connect(dsn: EngineDsn | str) -> psycopg.AsyncConnection[Any]:
     """Open the engine's connection; failures become TargetUnreachable with a redacted message."""
     parsed = dsn if isinstance(dsn, EngineDsn) else parse_dsn(dsn)
     try:
-        return await psycopg.AsyncConnection.connect(parsed.conninfo, autocommit=True)
+        try:
+            return await psycopg.AsyncConnection.connect(parsed.conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            if parsed.conninfo_before_14 is None or f'parameter "{IDLE_SESSION_TIMEOUT}"' not in str(exc):
+                raise
+            # PostgreSQL 13 or older: it has no idle_session_timeout, so nothing can kill us for idling.
+            return await psycopg.AsyncConnection.connect(parsed.conninfo_before_14, autocommit=True)
     except psycopg.Error as exc:
         raise TargetUnreachable(f"cannot connect to {parsed.target}: {connect_failure(parsed, str(exc))}") from None
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import time
 from collections.abc import Collection
 from typing import Any
@@ -38,7 +39,12 @@ class TargetSession:
         return self._target
 
     async def connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        """The open connection, or a new one if there is none or the server dropped it while it idled.
+
+        A connection lost between cycles (a server restart, pg_terminate_backend, a proxy's idle timeout)
+        is replaced here, silently, once: only a failure of the new one fails the cycle.
+        """
+        if self._conn is None or self._conn.closed or self._conn.broken or _dropped_while_idle(self._conn):
             await self.close()
             self._conn = await connect(self.dsn)
             self._target = target_of(self._conn)
@@ -69,6 +75,20 @@ class TargetSession:
         if conn is not None and not conn.closed:
             with contextlib.suppress(psycopg.Error):  # a broken connection may fail to close; it is gone anyway
                 await conn.close()
+
+
+def _dropped_while_idle(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server has spoken (or hung up) on a connection that has no statement in flight.
+
+    An idle connection has nothing to read; a readable socket means a FATAL before the server closed it,
+    or EOF, or a reset. (A notice would also wake it, needlessly costing one reconnect: harmless.)
+    Checked without waiting, and without reading, so nothing is consumed from a healthy connection.
+    """
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (psycopg.Error, OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class EngineTarget:
