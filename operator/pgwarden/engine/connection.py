@@ -23,6 +23,15 @@ CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 5000
 LOCK_TIMEOUT_MS = 2000
 IDLE_SESSION_TIMEOUT = "idle_session_timeout"
+# A peer that vanishes (host gone, network partition) is noticed by TCP itself: probes after 10 s of
+# silence, 3 unanswered 5 s apart; unacknowledged data gives up after 15 s (tcp_user_timeout).
+TCP_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+}
 
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
@@ -118,7 +127,7 @@ def parse_dsn(
 
     The engine's `statement_timeout`/`lock_timeout` go first in `options`, so an explicit setting in the
     user's own `options` still wins (someone who sets it knows why); `connect_timeout` is added only when
-    neither the DSN nor PGCONNECT_TIMEOUT chose one.
+    neither the DSN nor PGCONNECT_TIMEOUT chose one, the TCP keepalive settings only when the DSN has none.
     """
     try:
         params: dict[str, Any] = pg_conninfo.conninfo_to_dict(dsn)
@@ -140,6 +149,8 @@ def parse_dsn(
     params["application_name"] = application_name
     if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
         params["connect_timeout"] = str(int(connect_timeout))
+    for key, value in TCP_KEEPALIVES.items():
+        params.setdefault(key, value)  # a DSN's own choice stands; libpq ignores them on a Unix socket
     params["options"] = f"{ours} {user_options}" if user_options else ours
     before_14 = pg_conninfo.make_conninfo(**params)  # idle_session_timeout is new in PostgreSQL 14
     ours += f" -c {IDLE_SESSION_TIMEOUT}=0"
