@@ -19,7 +19,7 @@ import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from pgwarden.engine.autovacuum import release_autovacuum
-from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
+from pgwarden.engine.connection import REQUIRE_AUTH_DEFAULT, EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.errors import EngineError, TargetUnreachable
 from pgwarden.engine.report import CycleReport
@@ -177,15 +177,19 @@ class EngineTarget:
         password: str | None,
         sslmode: str,
         credentials_source: str | None = None,
+        require_auth: str = REQUIRE_AUTH_DEFAULT,
     ) -> None:
-        """`credentials_source` names where user and password came from ("Secret NAME") in messages."""
+        """`credentials_source` names where user and password came from ("Secret NAME") in messages;
+        `require_auth` is the weakest password method sent to the server (`spec.connection.requireAuth`)."""
         params: dict[str, Any] = {"host": host, "port": str(port), "dbname": dbname, "sslmode": sslmode}
         if user:
             params["user"] = user
         if password:
             params["password"] = password
         self._session = TargetSession(
-            parse_dsn(pg_conninfo.make_conninfo(**params), credentials_source=credentials_source)
+            parse_dsn(
+                pg_conninfo.make_conninfo(**params), credentials_source=credentials_source, require_auth=require_auth
+            )
         )
 
     @classmethod
