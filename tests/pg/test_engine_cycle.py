@@ -54,8 +54,14 @@ async def test_engine_target_for_the_controller(pg: PgServer, request: pytest.Fi
             {"name": "later", "action": "terminate", "stateAge": "30s", "applicationNames": [f"{app}-later"]},
         ]
     )
-    target = EngineTarget(
-        host=pg.host, port=pg.port, dbname="postgres", user="postgres", password=None, sslmode="disable"
+    target = EngineTarget(  # the shared server trusts 127/8: no password method to require (requireAuth any)
+        host=pg.host,
+        port=pg.port,
+        dbname="postgres",
+        user="postgres",
+        password=None,
+        sslmode="disable",
+        require_auth="any",
     )
     try:
         report, next_in = await target.evaluate(spec, policy="ns/p", target="pod-0")

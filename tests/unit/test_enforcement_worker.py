@@ -8,8 +8,9 @@ The same worker runs in the controller and the sidecar; tests/e2e prove it again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,10 @@ class FakeEnforcer:
 
     async def release_autovacuum(self, written: int) -> ReleaseReport:
         return ReleaseReport(written=written, outcome="absent")
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[None]:
+        yield  # the fake needs no connection
 
     async def close(self) -> None:
         self.closed = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -58,10 +59,25 @@ class SecretReader:
     The short cache bounds API traffic while a rotated password is picked up within `ttl` seconds.
     """
 
-    def __init__(self, api: client.ApiClient, ttl: float = 30.0) -> None:
+    def __init__(self, api: client.ApiClient, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._core = client.CoreV1Api(api)
         self._ttl = ttl
+        self._clock = clock
         self._cache: dict[tuple[str, str], tuple[float, dict[str, str] | CredentialsError]] = {}
+        self._swept = clock()
+
+    def __len__(self) -> int:
+        """Entries held (expired ones included until the next sweep)."""
+        return len(self._cache)
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired entries, at most once per `ttl`: Secrets of deleted policies (and their values)
+        would otherwise stay in memory for the life of the process."""
+        if now - self._swept < self._ttl:
+            return
+        self._swept = now
+        for key in [k for k, (at, _) in self._cache.items() if now - at >= self._ttl]:
+            del self._cache[key]
 
     def invalidate(self, namespace: str, name: str) -> None:
         self._cache.pop((namespace, name), None)
@@ -78,8 +94,10 @@ class SecretReader:
 
     async def _secret_data(self, namespace: str, name: str) -> dict[str, str]:
         key = (namespace, name)
+        now = self._clock()
+        self._sweep(now)
         cached = self._cache.get(key)
-        if cached and time.monotonic() - cached[0] < self._ttl:
+        if cached and now - cached[0] < self._ttl:
             if isinstance(cached[1], CredentialsError):
                 raise cached[1]
             return cached[1]
@@ -94,14 +112,14 @@ class SecretReader:
                 raise CredentialsError(
                     Reason.CREDENTIALS_UNAVAILABLE, f"reading Secret {namespace}/{name} failed: HTTP {exc.status}"
                 ) from None
-            self._cache[key] = (time.monotonic(), error)
+            self._cache[key] = (self._clock(), error)
             raise error from None
         try:
             data = _credentials_data(namespace, name, secret)
         except CredentialsError as error:
-            self._cache[key] = (time.monotonic(), error)
+            self._cache[key] = (self._clock(), error)
             raise
-        self._cache[key] = (time.monotonic(), data)
+        self._cache[key] = (self._clock(), data)
         return data
 
 

@@ -8,6 +8,8 @@ policies that select one pod with the same credentials take turns on one connect
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pgwarden.enforcement.worker import Endpoint
@@ -36,6 +38,23 @@ class SharedEnforcer:
         self._pool = pool
         self._endpoint = endpoint
         self._connection: _Connection | None = connection
+        self._turn = False  # inside connected(): this policy's turn on the connection is already held
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[None]:
+        """Wait for this policy's turn on the shared connection, and for the connection itself.
+
+        The worker enters this before it takes an operator-wide concurrency slot: policies queued behind a
+        wedged server wait here, holding nothing that other servers' policies need.
+        """
+        connection = self._use()
+        async with connection.lock:
+            await connection.target.ensure_connected()
+            self._turn = True
+            try:
+                yield
+            finally:
+                self._turn = False
 
     def _use(self) -> _Connection:
         if self._connection is None:
@@ -44,6 +63,8 @@ class SharedEnforcer:
 
     async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
         connection = self._use()
+        if self._turn:
+            return await connection.target.evaluate(spec, policy=policy, target=target)
         async with connection.lock:  # one statement at a time on a connection; policies take turns
             return await connection.target.evaluate(spec, policy=policy, target=target)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +40,9 @@ class TargetEnforcer(Protocol):
     async def release_autovacuum(self, written: int) -> ReleaseReport: ...
 
     async def close(self) -> None: ...
+
+    def connected(self) -> AbstractAsyncContextManager[None]:
+        """Wait for this target's own connection (bounded), before the caller takes a shared slot."""
 
 
 class CredentialSource(Protocol):
@@ -338,7 +342,8 @@ class PolicyWorker:
         bound = structlog.contextvars.bound_contextvars(policy=self.name, namespace=self.namespace, pod=pod.name)
         try:
             with bound:
-                async with self.concurrency:
+                # Its own connection first, then a shared slot: a wedged server never holds slots others need.
+                async with state.enforcer.connected(), self.concurrency:
                     report, next_in = await state.enforcer.evaluate(
                         spec, policy=self.policy_key, target=f"{endpoint.host}:{endpoint.port}"
                     )

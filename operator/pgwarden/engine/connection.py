@@ -23,6 +23,25 @@ CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 5000
 LOCK_TIMEOUT_MS = 2000
 IDLE_SESSION_TIMEOUT = "idle_session_timeout"
+REQUIRE_AUTH_DEFAULT = "scram-sha-256"
+# `requireAuth` names the weakest password method pgwarden accepts; libpq's `require_auth` lists every
+# method allowed. SCRAM proves the server knows the password too, and never shows it the password; md5
+# shows a hash an eavesdropper can replay; `password` shows the password itself. "any": libpq decides.
+REQUIRE_AUTH_METHODS: dict[str, str | None] = {
+    "scram-sha-256": "scram-sha-256",
+    "md5": "scram-sha-256,md5",
+    "password": "scram-sha-256,md5,password",
+    "any": None,
+}
+# A peer that vanishes (host gone, network partition) is noticed by TCP itself: probes after 10 s of
+# silence, 3 unanswered 5 s apart; unacknowledged data gives up after 15 s (tcp_user_timeout).
+TCP_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+}
 
 _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
@@ -113,12 +132,19 @@ def parse_dsn(
     statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
     lock_timeout_ms: int = LOCK_TIMEOUT_MS,
     credentials_source: str | None = None,
+    require_auth: str | None = None,
 ) -> EngineDsn:
     """Turn a user's DSN (key=value or URI) into the engine's conninfo; raise InvalidDsn without echoing it.
 
     The engine's `statement_timeout`/`lock_timeout` go first in `options`, so an explicit setting in the
     user's own `options` still wins (someone who sets it knows why); `connect_timeout` is added only when
-    neither the DSN nor PGCONNECT_TIMEOUT chose one.
+    neither the DSN nor PGCONNECT_TIMEOUT chose one, the TCP keepalive settings only when the DSN has none.
+
+    `require_auth` (a `requireAuth` value: scram-sha-256, md5, password, any) is the controller's: it
+    decides. Without it (the CLI, the sidecar) a `require_auth` in the DSN or PGREQUIREAUTH wins, and
+    otherwise scram-sha-256 is required whenever there is a password to give away (in the DSN, in
+    PGPASSWORD, or in a password file): a listener at that address asking for a weaker method gets none.
+    With no password at hand (trust, peer, certificates) nothing changes.
     """
     try:
         params: dict[str, Any] = pg_conninfo.conninfo_to_dict(dsn)
@@ -140,6 +166,9 @@ def parse_dsn(
     params["application_name"] = application_name
     if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
         params["connect_timeout"] = str(int(connect_timeout))
+    _choose_require_auth(params, require_auth)
+    for key, value in TCP_KEEPALIVES.items():
+        params.setdefault(key, value)  # a DSN's own choice stands; libpq ignores them on a Unix socket
     params["options"] = f"{ours} {user_options}" if user_options else ours
     before_14 = pg_conninfo.make_conninfo(**params)  # idle_session_timeout is new in PostgreSQL 14
     ours += f" -c {IDLE_SESSION_TIMEOUT}=0"
@@ -152,6 +181,28 @@ def parse_dsn(
         user=str(params["user"]) if params.get("user") else None,
         credentials_source=credentials_source or "the connection string",
     )
+
+
+def _choose_require_auth(params: dict[str, Any], require_auth: str | None) -> None:
+    """Set libpq's `require_auth` (and channel binding when TLS offers it) in `params`; see parse_dsn."""
+    if require_auth is not None:
+        if require_auth not in REQUIRE_AUTH_METHODS:
+            raise InvalidDsn(f"requireAuth must be one of {', '.join(REQUIRE_AUTH_METHODS)}, not {require_auth!r}")
+        methods = REQUIRE_AUTH_METHODS[require_auth]
+        params.pop("require_auth", None)
+        if methods is not None:
+            params["require_auth"] = methods
+    elif "require_auth" not in params and not os.environ.get("PGREQUIREAUTH") and _has_password(params):
+        params["require_auth"] = REQUIRE_AUTH_METHODS[REQUIRE_AUTH_DEFAULT]
+    params.setdefault("channel_binding", "prefer")  # libpq's default when built with TLS, said explicitly
+
+
+def _has_password(params: dict[str, Any]) -> bool:
+    """Whether libpq would have a password to send: in the DSN, PGPASSWORD, or a password file."""
+    if params.get("password") or os.environ.get("PGPASSWORD"):
+        return True
+    passfile = params.get("passfile") or os.environ.get("PGPASSFILE") or os.path.expanduser("~/.pgpass")
+    return os.path.isfile(str(passfile))
 
 
 async def connect(dsn: EngineDsn | str) -> psycopg.AsyncConnection[Any]:

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import select
+import socket
 import time
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import psycopg
@@ -18,20 +21,47 @@ from psycopg import conninfo as pg_conninfo
 from pgwarden.engine.autovacuum import release_autovacuum
 from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.budget import ActionBudget
-from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
+from pgwarden.engine.connection import REQUIRE_AUTH_DEFAULT, EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
-from pgwarden.engine.errors import EngineError, TargetUnreachable
+from pgwarden.engine.errors import CycleInterrupted, EngineError, TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import DEADLINE_MARGIN
 from pgwarden.policy.model import PolicySpec
+
+EVALUATION_TIMEOUT_SECONDS = 15.0
+"""The engine's own deadline on one evaluation (connecting included). Connecting is bounded by
+`connect_timeout` (5 s) and each statement by `statement_timeout` (5 s), but a server that stops
+answering after the connection was made (a stopped process, a network blackhole) is bounded by neither:
+this is. On expiry the connection is shut down under the waiting statement, so the evaluation ends then."""
+
+
+SEVER_GRACE_SECONDS = 5.0
+"""After the socket is shut down psycopg fails at once; this backstop only bounds a path that would not."""
+
+
+def _sever(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Shut down the connection's socket (through a duplicate descriptor: the original stays psycopg's)."""
+    with contextlib.suppress(OSError, psycopg.Error, ValueError):
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
 
 
 class TargetSession:
     """One server: connects on first use, and again on the next cycle after the connection broke."""
 
-    def __init__(self, dsn: EngineDsn, *, protected_pids: Collection[int] = ()) -> None:
+    def __init__(
+        self,
+        dsn: EngineDsn,
+        *,
+        protected_pids: Collection[int] = (),
+        evaluation_timeout: float = EVALUATION_TIMEOUT_SECONDS,
+    ) -> None:
         self.dsn = dsn
         self.protected_pids = frozenset(protected_pids)
+        self.evaluation_timeout = evaluation_timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._target = dsn.target
         self.budget = ActionBudget()
@@ -54,21 +84,59 @@ class TargetSession:
             self._target = target_of(self._conn)
         return self._conn
 
+    async def ensure_connected(self) -> None:
+        """Connect now if there is no usable connection, within the evaluation bound.
+
+        Callers that share a concurrency limit call this first, so a target that cannot be reached
+        waits for (and fails on) its own connection without holding a slot others need.
+        """
+        try:
+            async with asyncio.timeout(self.evaluation_timeout):
+                await self.connection()
+        except TimeoutError:
+            await self._abandon()
+            raise TargetUnreachable(
+                f"{self._target} did not answer within {self.evaluation_timeout:g} s while connecting"
+            ) from None
+
     async def run(
         self, spec: PolicySpec, *, policy: str, dry_run_override: bool = False, target: str | None = None
     ) -> CycleReport:
-        """One cycle; a lost connection is closed so the next call reconnects."""
+        """One cycle, within `evaluation_timeout`; a lost connection is closed so the next call reconnects."""
+        started = time.monotonic()
         try:
+            await self.ensure_connected()
             conn = await self.connection()
-            return await run_cycle(
-                conn,
-                spec,
-                policy=policy,
-                target=target or self._target,
-                dry_run_override=dry_run_override,
-                protected_pids=self.protected_pids,
-                budget=self.budget,
-            )
+            # Past the deadline the socket is shut down under the statement that waits: psycopg sees EOF and
+            # fails at once. (Cancelling the task instead makes psycopg send a cancel request and wait for
+            # its effect first: up to 10 s more on a server that does not answer.)
+            remaining = max(0.0, self.evaluation_timeout - (time.monotonic() - started))
+            severing = asyncio.get_running_loop().call_later(remaining, _sever, conn)
+            try:
+                async with asyncio.timeout(remaining + SEVER_GRACE_SECONDS):  # if severing did not end it
+                    return await run_cycle(
+                        conn,
+                        spec,
+                        policy=policy,
+                        target=target or self._target,
+                        dry_run_override=dry_run_override,
+                        protected_pids=self.protected_pids,
+                        budget=self.budget,
+                    )
+            except Exception as exc:
+                if isinstance(exc, CycleInterrupted) or time.monotonic() - started < self.evaluation_timeout:
+                    raise  # an interrupted cycle carries what it did: never trade it for a plain timeout
+                await self._abandon()
+                raise TargetUnreachable(
+                    f"{self._target} did not answer within {self.evaluation_timeout:g} s while running the cycle"
+                    " (observing and signalling); connection closed"
+                ) from None
+            finally:
+                severing.cancel()
+        except CycleInterrupted as exc:  # the report of what was done travels on, redacted like the message
+            await self.close()
+            exc.report.errors[:] = [self.dsn.redact(e) for e in exc.report.errors]
+            raise CycleInterrupted(self.dsn.redact(str(exc)), exc.report) from None
         except TargetUnreachable as exc:
             await self.close()
             raise TargetUnreachable(self.dsn.redact(str(exc))) from None
@@ -79,6 +147,15 @@ class TargetSession:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
             with contextlib.suppress(psycopg.Error):  # a broken connection may fail to close; it is gone anyway
+                await conn.close()
+
+    async def _abandon(self) -> None:
+        """Drop a connection that stopped answering; closing it must not wait on the server either."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(psycopg.Error, OSError):
+                conn.pgconn.finish()  # libpq closes the socket; no round trip, nothing to wait for
+            with contextlib.suppress(psycopg.Error, OSError):
                 await conn.close()
 
 
@@ -109,15 +186,19 @@ class EngineTarget:
         password: str | None,
         sslmode: str,
         credentials_source: str | None = None,
+        require_auth: str = REQUIRE_AUTH_DEFAULT,
     ) -> None:
-        """`credentials_source` names where user and password came from ("Secret NAME") in messages."""
+        """`credentials_source` names where user and password came from ("Secret NAME") in messages;
+        `require_auth` is the weakest password method sent to the server (`spec.connection.requireAuth`)."""
         params: dict[str, Any] = {"host": host, "port": str(port), "dbname": dbname, "sslmode": sslmode}
         if user:
             params["user"] = user
         if password:
             params["password"] = password
         self._session = TargetSession(
-            parse_dsn(pg_conninfo.make_conninfo(**params), credentials_source=credentials_source)
+            parse_dsn(
+                pg_conninfo.make_conninfo(**params), credentials_source=credentials_source, require_auth=require_auth
+            )
         )
 
     @classmethod
@@ -126,6 +207,16 @@ class EngineTarget:
         target = cls.__new__(cls)
         target._session = TargetSession(parse_dsn(dsn))
         return target
+
+    async def ensure_connected(self) -> None:
+        """Connect now if needed (bounded; see `TargetSession.ensure_connected`)."""
+        await self._session.ensure_connected()
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[None]:
+        """The worker's way to wait for this target's own connection before it takes a shared slot."""
+        await self.ensure_connected()
+        yield
 
     async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
         """Run one cycle; the report and seconds from this call's start until a new cycle is worthwhile."""
