@@ -23,7 +23,7 @@ from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
 from pgwarden.engine.autovacuum_plan import ReleaseReport
-from pgwarden.engine.errors import TargetUnreachable
+from pgwarden.engine.errors import CycleInterrupted, TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, PolicySpec
 from pgwarden.policy.api import ENFORCER_ANNOTATION, ConditionReason, ConditionType, EnforcerKind, EventReason
@@ -367,3 +367,37 @@ async def test_an_invalid_spec_is_reported_and_lets_go_of_every_target(make_harn
     assert call.condition is not None
     assert (call.condition.type, call.condition.reason) == (ConditionType.READY, ConditionReason.INVALID_SPEC)
     assert "spec.interval" in call.condition.message
+
+
+async def test_an_interrupted_cycle_still_reports_what_postgresql_accepted(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """The connection broke part way through acting: the target is failing, and the signals sent before the
+    break still reach status (entry and totals) and Events."""
+    h = make_harness()
+    partial = cycle_report(action(41), action(42))
+    h.engine.outcomes["127.0.0.2"] = CycleInterrupted("connection lost while signalling", partial)
+    await h.step([DB0])
+    await h.settle()
+    await h.step([DB0])
+    (update,) = h.statuses[-1].updates
+    assert update.report is partial
+    assert update.error == "connection lost while signalling"
+    assert update.totals()["terminated"] == 2
+    assert [(e.reason, e.message) for e in h.events] == [
+        (EventReason.SESSIONS_TERMINATED, "pod db-0: rule idle terminated 2 sessions (pids 41, 42)")
+    ]
+    assert h.worker.states["db-0"].failures == 1
+
+
+async def test_the_endpoint_carries_the_policys_require_auth(make_harness: Callable[..., Harness]) -> None:
+    """spec.connection.requireAuth reaches the engine (the weakest method the password is given to)."""
+    h = make_harness()
+    await h.step([DB0])
+    await h.settle()
+    h2 = make_harness()
+    connection = {"port": 5432, "credentialsSecret": {"name": "pg-credentials"}, "requireAuth": "md5"}
+    await h2.step([DB0], connection=connection)
+    await h2.settle()
+    assert [e.endpoint.require_auth for e in h.engine.made] == ["scram-sha-256"]
+    assert [e.endpoint.require_auth for e in h2.engine.made] == ["md5"]

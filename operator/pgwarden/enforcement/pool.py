@@ -98,6 +98,7 @@ class ConnectionPool:
                 password=endpoint.password,
                 sslmode=endpoint.sslmode,
                 credentials_source=endpoint.credentials_source,
+                require_auth=endpoint.require_auth,
             )
             connection = self.connections[endpoint] = _Connection(target)
         connection.users += 1

@@ -23,6 +23,7 @@ from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.errors import CycleInterrupted
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, EnforcementAction, PolicyError, PolicySpec, parse_spec
 from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind
@@ -72,6 +73,7 @@ class Endpoint:
     user: str | None
     password: str | None = field(repr=False, default=None)
     credentials_source: str | None = None  # "Secret NAME": how engine messages name the credentials
+    require_auth: str = "scram-sha-256"  # spec.connection.requireAuth: the weakest method given the password
 
 
 EnforcerFactory = Callable[[Endpoint], TargetEnforcer]
@@ -324,7 +326,9 @@ class PolicyWorker:
                 "spec.connection.credentialsSecret is required for the central controller",
             )
         assert pod.pod_ip is not None  # select_targets only returns pods with an IP
-        return Endpoint(pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password, source)
+        return Endpoint(
+            pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password, source, conn.require_auth.value
+        )
 
     def _backoff(self, state: TargetState, interval: float) -> float:
         return self.settings.retry_delay(state.failures, interval)
@@ -347,12 +351,12 @@ class PolicyWorker:
                     report, next_in = await state.enforcer.evaluate(
                         spec, policy=self.policy_key, target=f"{endpoint.host}:{endpoint.port}"
                     )
+        except CycleInterrupted as exc:  # failed part way: what PostgreSQL accepted until then is still reported
+            await self._failed(state, interval, exc)
+            self._report_actions(pod, exc.report, self.clock() - started)
+            return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=exc.report, error=str(exc)[:1000])
         except Exception as exc:  # every engine failure is a per-target report, never a crash
-            state.failures += 1
-            state.next_due = self.clock() + self._backoff(state, interval)
-            await state.drop_connection()
-            metrics.record_error(self.namespace, self.name, pod.name)
-            log.warning("target failed", policy=self.name, namespace=self.namespace, pod=pod.name, error=str(exc))
+            await self._failed(state, interval, exc)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, error=str(exc)[:1000])
         state.failures = 0
         if next_in is None:
@@ -361,10 +365,22 @@ class PolicyWorker:
             state.next_due = (state.batch.started if state.batch is not None else started) + interval
         else:
             state.next_due = started + min(interval, max(self.settings.min_delay, next_in))
-        metrics.record_cycle(self.namespace, self.name, pod.name, report, self.clock() - started)
+        self._report_actions(pod, report, self.clock() - started)
+        return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
+
+    async def _failed(self, state: TargetState, interval: float, exc: Exception) -> None:
+        """Back off, drop the connection (the next attempt reconnects), count and log the failure."""
+        state.failures += 1
+        state.next_due = self.clock() + self._backoff(state, interval)
+        await state.drop_connection()
+        metrics.record_error(self.namespace, self.name, state.pod.name)
+        log.warning("target failed", policy=self.name, namespace=self.namespace, pod=state.pod.name, error=str(exc))
+
+    def _report_actions(self, pod: PodInfo, report: CycleReport, seconds: float) -> None:
+        """Metrics and Events for what a cycle did (complete or interrupted): every accepted signal counts."""
+        metrics.record_cycle(self.namespace, self.name, pod.name, report, seconds)
         for event in events_for_cycle(pod.name, report, max_pids=self.settings.event_max_pids):
             self.post_event(event)
-        return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
 
 
 async def wait_for_work(delay: float, tasks: Iterable[asyncio.Task[Any]], stop: Awaitable[Any]) -> None:
