@@ -86,6 +86,11 @@ _TARGET = obj(
             "The autovacuum cap as the engine reports it (setting, workers, cancellations).",
             preserve_unknown_fields=True,
         ),
+        "skipped": obj(
+            "Sessions the last cycle chose but left alone, counted by reason (maxActionsPerCycle, "
+            "maxFractionPerCycle, notPermitted, gone, stateChanged, permissionDenied, error).",
+            values=integer(None, format="int64"),
+        ),
         "skippedReason": string("Why this enforcer leaves the pod alone (another enforcer owns it)."),
         "error": string("Why the last cycle failed on this server (unreachable, authentication, timeout)."),
     },
