@@ -84,11 +84,11 @@ cluster-status: venv
 	$(BIN)/python -m tests.harness.cluster status
 
 # The project's Dockerfile built without a daemon (buildah) as localhost/pgwarden:dev, plus the
-# PostgreSQL test image localhost/postgres:15; loaded into the cluster's containerd when it runs, else at
+# PostgreSQL test images localhost/postgres:15 and :18; loaded into the cluster's containerd when it runs, else at
 # the next `make cluster`. Base images come from debootstrap (hack/image-build.sh).
 image:
 	bash hack/cluster-deps.sh
-	bash hack/image-build.sh pgwarden postgres
+	bash hack/image-build.sh pgwarden postgres postgres18
 
 # Tests on the real node (tests/cluster): reuse a running `make cluster`, else start and stop their own.
 cluster-test: venv image

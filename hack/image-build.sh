@@ -6,9 +6,10 @@
 # one is made with debootstrap from the Debian mirror apt already uses, and the project's Dockerfile is
 # built with its BASE build argument pointing at that (upstream keeps the official slim Python default).
 #
-# Usage: hack/image-build.sh [pgwarden|postgres|pause|all]...     (default: all)
+# Usage: hack/image-build.sh [pgwarden|postgres|postgres18|pause|all]...     (default: all)
 # Images: localhost/pgwarden:dev (the project's Dockerfile), localhost/postgres:15 (Debian's
-#         postgresql-15, images/postgres/), localhost/pause:pgwarden (the pod sandbox).
+#         postgresql-15, images/postgres/Containerfile), localhost/postgres:18 (the relocatable build
+#         tests/pg use, images/postgres/Containerfile.relocatable), localhost/pause:pgwarden (the sandbox).
 # Env:    PGWARDEN_CACHE (default /var/tmp/pgwarden-cache): buildah's storage and the image archives live
 #         in $PGWARDEN_CACHE/images; CLUSTER_CONTAINERD (socket; default the one `make cluster` runs).
 set -euo pipefail
@@ -113,6 +114,26 @@ build_postgres() {
   log "localhost/postgres:15 built and loaded in $((SECONDS - started))s"
 }
 
+# PostgreSQL 18 is not packaged for bookworm: the relocatable build the pg tests use (fetched once by
+# tests/harness/pgbinaries.py into the cache), copied into a build context of its own.
+build_postgres18() {
+  debian_base
+  local started=$SECONDS context="$OUT/context-postgres-18" pgdir
+  local py=python3
+  [[ -x "$REPO/.venv/bin/python" ]] && py="$REPO/.venv/bin/python"
+  pgdir=$(cd "$REPO" && "$py" -c \
+    'from tests.harness.pgbinaries import bindir; print(bindir("18").parent)' 2>/dev/null) \
+    || pgdir=$(ls -d "$CACHE"/postgresql/18.* | tail -1)
+  rm -rf "$context" && mkdir -p "$context"
+  cp -a "$pgdir" "$context/pg"
+  cp "$REPO/images/postgres/entrypoint.sh" "$context/"
+  bud --build-arg "BASE=$DEBIAN_BASE" --build-arg PG_MAJOR=18 -t localhost/postgres:18 \
+    -f "$REPO/images/postgres/Containerfile.relocatable" "$context"
+  rm -rf "$context"
+  export_and_load localhost/postgres:18 postgres-18
+  log "localhost/postgres:18 built and loaded in $((SECONDS - started))s"
+}
+
 build_pause() {
   local bin started=$SECONDS
   bin=$(bash "$HERE/cluster-build.sh")
@@ -134,8 +155,9 @@ for target in "${targets[@]}"; do
   case "$target" in
     pgwarden) build_pgwarden ;;
     postgres) build_postgres ;;
+    postgres18) build_postgres18 ;;
     pause) build_pause ;;
-    all) build_pause; build_postgres; build_pgwarden ;;
+    all) build_pause; build_postgres; build_postgres18; build_pgwarden ;;
     *) echo "unknown image: $target" >&2; exit 2 ;;
   esac
 done

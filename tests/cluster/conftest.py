@@ -7,6 +7,7 @@ session starts and takes down again, failing if `down` finds anything left on th
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,11 @@ from tests.harness.postgres import wait_for
 REPO = Path(__file__).resolve().parents[2]
 OVERLAY = REPO / "manifests" / "overlays" / "local"
 SYSTEM_NAMESPACE = "pgwarden-system"
-IMAGES = {"localhost/pgwarden:dev": "pgwarden", "localhost/postgres:15": "postgres"}
+IMAGES = {
+    "localhost/pgwarden:dev": "pgwarden",
+    "localhost/postgres:15": "postgres",
+    "localhost/postgres:18": "postgres18",
+}
 INSTALL_TIMEOUT = 240.0  # both replicas Ready: image already local, probes every 10 s
 
 
@@ -74,9 +79,9 @@ def deployment_available(replicas: int) -> bool:
 
 @pytest.fixture(scope="session")
 def installed(images: None) -> Iterator[subprocess.CompletedProcess[str]]:
-    """`kubectl apply -k manifests/overlays/local` (server-side: the CRD is too large for the
-    last-applied annotation), then, at the end, deleted again and waited for (a re-run starts clean)."""
-    applied = kubectl("apply", "--server-side", "-k", str(OVERLAY), check=False)
+    """`kubectl apply -k manifests/overlays/local`, as the README says; at the end deleted again and
+    waited for, so a re-run on the same cluster starts clean."""
+    applied = kubectl("apply", "-k", str(OVERLAY), check=False)
     yield applied
     kubectl("delete", "-k", str(OVERLAY), "--ignore-not-found", "--wait=true", "--timeout=180s", timeout=240)
 
@@ -87,3 +92,13 @@ def pgwarden_running(installed: subprocess.CompletedProcess[str]) -> None:
     wait_for(
         lambda: deployment_available(2), timeout=INSTALL_TIMEOUT, interval=1, message="2 pgwarden replicas Available"
     )
+
+
+@pytest.fixture
+def namespace(pgwarden_running: None) -> Iterator[str]:
+    name = f"reap-{secrets.token_hex(4)}"
+    kubectl("create", "namespace", name)
+    yield name
+    # Policies first: the operator removes their finalizers; then the namespace, without waiting.
+    kubectl("delete", "postgrespolicies", "--all", "-n", name, "--wait=true", "--timeout=60s")
+    kubectl("delete", "namespace", name, "--wait=false")
