@@ -12,10 +12,13 @@
 # Lint: `make lint` runs hadolint (no rule is ignored).
 
 # Base: the official slim Python, pinned by version, the same in both stages (the venv's interpreter is
-# the base's /usr/local/bin/python3). Written out, not an ARG, so hadolint checks the tag and registry.
+# the base's python3). The BASE build argument exists for machines that cannot pull it: `make image`
+# passes a Debian bookworm image with Debian's Python made there by debootstrap (hack/image-build.sh).
+# tests/unit/test_packaging.py checks the default (hadolint cannot see through the argument).
 # For byte-for-byte rebuilds pin the digest too (`...-slim-bookworm@sha256:...`, from
-# `docker buildx imagetools inspect`) and let a bot such as Renovate bump both lines together.
-FROM python:3.12.14-slim-bookworm AS build
+# `docker buildx imagetools inspect`) and let a bot such as Renovate bump it.
+ARG BASE=python:3.12.14-slim-bookworm
+FROM ${BASE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_INPUT=1 \
@@ -33,7 +36,7 @@ RUN python -m venv --without-pip /opt/pgwarden \
  && python -m pip --python /opt/pgwarden/bin/python install \
       --constraint constraints.txt --only-binary=:all: /wheels/pgwarden-*.whl
 
-FROM python:3.12.14-slim-bookworm
+FROM ${BASE}
 # The version must equal the package's (pyproject.toml) and the image tag in manifests/; a test checks.
 LABEL org.opencontainers.image.title="pgwarden" \
       org.opencontainers.image.description="Enforces process policies on PostgreSQL from Kubernetes" \

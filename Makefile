@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 PGWARDEN_CACHE ?= /var/tmp/pgwarden-cache
 export PGWARDEN_CACHE
 
-.PHONY: help venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets crd
+.PHONY: help venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets crd \
+	cluster cluster-down cluster-status image cluster-test
 
 $(BIN)/pgwarden: pyproject.toml constraints.txt
 	@echo ">>> creating $(VENV) and installing pgwarden with test tools"
@@ -72,6 +73,30 @@ lock: ## regenerate constraints.txt (exact pins)
 	  .lockvenv/bin/pip freeze --exclude-editable | grep -v '^pgwarden'; } > constraints.txt
 	rm -rf .lockvenv
 
+# A real single-node Kubernetes on this machine (root; Debian packages, Go builds and images are installed
+# and cached on first use): etcd, kube-apiserver, controller-manager, scheduler, containerd, kubelet,
+# kube-proxy. Admin kubeconfig: .cluster/kubeconfig, kubectl: .cluster/bin/kubectl. See
+# tests/harness/cluster.py. cluster-down stops it all and fails if anything is left on the host.
+cluster: venv
+	$(BIN)/python -m tests.harness.cluster up
+
+cluster-down: venv
+	$(BIN)/python -m tests.harness.cluster down
+
+cluster-status: venv
+	$(BIN)/python -m tests.harness.cluster status
+
+# The project's Dockerfile built without a daemon (buildah) as localhost/pgwarden:dev, plus the
+# PostgreSQL test images localhost/postgres:15 and :18; loaded into the cluster's containerd when it runs, else at
+# the next `make cluster`. Base images come from debootstrap (hack/image-build.sh).
+image:
+	bash hack/cluster-deps.sh
+	bash hack/image-build.sh pgwarden postgres postgres18
+
+# Tests on the real node (tests/cluster): reuse a running `make cluster`, else start and stop their own.
+cluster-test: venv image
+	$(BIN)/pytest -m cluster tests/cluster $(PYTEST_ARGS)
+
 # Benchmarks print numbers; they are not part of the test suite (see README, Benchmarks).
 bench: assets ## run every benchmark (prints numbers; not part of the suite)
 	$(BIN)/python bench/engine_cycle.py
@@ -82,4 +107,4 @@ help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 clean: ## remove .venv and the caches
-	rm -rf $(VENV) .devcluster .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .devcluster .cluster .pytest_cache .mypy_cache .ruff_cache

@@ -67,10 +67,18 @@ def parse_dockerfile(text: str) -> list[list[Instruction]]:
         pending = ""
     assert not pending, "the Dockerfile ends in a line continuation"
     stages: list[list[Instruction]] = []
+    global_args: dict[str, str] = {}  # ARGs before the first FROM: what FROM lines may use, with defaults
     for line in logical:
         keyword, _, value = line.partition(" ")
         instruction = Instruction(keyword.upper(), value.strip())
+        if instruction.keyword == "ARG" and not stages:
+            name, _, default = instruction.value.partition("=")
+            global_args[name] = default
+            continue
         if instruction.keyword == "FROM":
+            # As a build without --build-arg sees it: the defaults are what upstream builds from.
+            value = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args[m[1] or m[2]], instruction.value)
+            instruction = Instruction("FROM", value)
             stages.append([])
         assert stages, f"{instruction.keyword} before the first FROM"
         stages[-1].append(instruction)
