@@ -7,14 +7,18 @@ annotation hands the pod to the controller; the sidecar needs no access to Secre
 
 from __future__ import annotations
 
+import json
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from pgwarden.policy.api import EventReason
-from tests.fixtures.operator import OperatorFactory
+from tests.fixtures.operator import OperatorFactory, SidecarProcess
 from tests.fixtures.postgres import PgFactory
 from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import create_running_pod
@@ -29,7 +33,7 @@ from tests.harness.policies import (
     policy_body,
     prepare_server,
 )
-from tests.harness.postgres import PgServer, holds_for, wait_for
+from tests.harness.postgres import PgServer, free_port, holds_for, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
 
@@ -122,3 +126,45 @@ def test_sidecars_enforce_own_server_share_status_and_hand_over_to_controller(
     )
     targets = sidecar_targets(k8s_api, namespace, "reaper")
     assert targets["db-1"]["enforcer"] == targets["db-2"]["enforcer"] == "sidecar"
+
+
+def _health(sidecar: SidecarProcess) -> dict[str, Any] | None:
+    """The sidecar's /healthz body when it answers 200, else None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.health_port}/healthz", timeout=2) as resp:
+            return dict(json.loads(resp.read())) if resp.status == 200 else None
+    except OSError:
+        return None
+
+
+def test_a_sidecar_never_fails_its_probe_for_the_api_servers_sake(
+    control_plane: ControlPlane,
+    k8s_api: client.ApiClient,
+    namespace: str,
+    pg: PgServer,
+    run_sidecar: Callable[..., SidecarProcess],
+    tmp_path: Path,
+) -> None:
+    """Its RoleBinding missing, or the API server unreachable: /healthz stays 200 (the kubelet must neither
+    restart the sidecar nor take the PostgreSQL pod out of service for it), and the body says what is wrong."""
+    no_role = control_plane.kubeconfig_for_token(control_plane.token_for(namespace, "no-role"), tmp_path / "nr.kc")
+    unreachable = control_plane.kubeconfig_for_token("nobody", tmp_path / "down.kc")
+    down = yaml.safe_load(unreachable.read_text())
+    down["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    unreachable.write_text(yaml.safe_dump(down))
+    forbidden = run_sidecar(no_role, namespace, "db-0", pg.dsn())
+    offline = run_sidecar(unreachable, namespace, "db-1", pg.dsn())
+    for sidecar, says in ((forbidden, "403"), (offline, "")):
+
+        def reported(sidecar: SidecarProcess = sidecar) -> dict[str, Any] | None:
+            body = _health(sidecar)
+            return body if body is not None and body["lastError"] else None
+
+        def answering(sidecar: SidecarProcess = sidecar) -> bool:
+            return _health(sidecar) is not None
+
+        body = wait_for(reported, timeout=30, message="the sidecar to report its API failure on a 200 /healthz")
+        assert body["loop"] is True
+        assert body["apiReachable"] is False
+        assert says in body["lastError"]
+        assert holds_for(answering, 12)  # two polls at least

@@ -31,10 +31,10 @@ from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.session import EVALUATION_TIMEOUT_SECONDS, TargetSession
 from pgwarden.policy import CredentialsSecret
 from tests.fixtures.postgres import PgFactory
+from tests.harness.cli import policy_file
 from tests.harness.engine import spec_of
 from tests.harness.faults import Relay, Stopwatch, report_figures
 from tests.harness.postgres import PgServer, free_port
-from tests.pg.test_cli_enforce import policy_file
 
 pytestmark = pytest.mark.pg
 

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.e2e.test_operator import condition, create_policy, create_secret, get_policy, policy_body, prepare_server
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.faults import report_figures
 from tests.harness.k8s import create_running_pod
+from tests.harness.policies import condition, create_policy, create_secret, get_policy, policy_body, prepare_server
 from tests.harness.postgres import holds_for, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]

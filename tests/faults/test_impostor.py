@@ -20,10 +20,10 @@ from pgwarden.engine.connection import parse_dsn
 from pgwarden.engine.errors import InvalidDsn, TargetUnreachable
 from pgwarden.engine.session import EngineTarget
 from tests.fixtures.postgres import PgFactory
+from tests.harness.cli import policy_file
 from tests.harness.engine import spec_of
 from tests.harness.faults import AUTH_CLEARTEXT, AUTH_MD5, Impostor, Stopwatch, report_figures
 from tests.harness.postgres import free_port
-from tests.pg.test_cli_enforce import policy_file
 
 _octets = itertools.count(10)
 PASSWORD = "Impostor-Bait-Pa55"

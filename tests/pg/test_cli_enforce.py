@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,15 +13,12 @@ import pytest
 
 from pgwarden.policy.api import SkipReason
 from tests.fixtures.postgres import PgFactory
+from tests.harness.cli import CODE_UNDER_TEST, PGWARDEN, policy_file
 from tests.harness.engine import unique, wait_all_gone
 from tests.harness.postgres import PgServer, free_port
 
 pytestmark = pytest.mark.pg
 
-PGWARDEN = str(Path(sys.executable).parent / "pgwarden")
-CODE_UNDER_TEST = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "operator")}
-"""The console script's environment with this checkout's package first: the shared venv's editable
-install points at one checkout, and the test must run the code it sits next to."""
 CONTRACT_KEYS = [
     "policy",
     "target",
@@ -47,32 +42,6 @@ ACTION_KEYS = [
     "stateAgeSeconds",
     "done",
 ]
-
-
-def policy_file(tmp_path: Path, app: str, *, name: str = "demo", extra: str = "") -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(
-        f"""
-apiVersion: pgwarden.dev/v1alpha1
-kind: PostgresPolicy
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  selector: {{matchLabels: {{app: postgres}}}}
-  connection: {{port: 5432, database: postgres}}
-  interval: 30s
-  limits: {{maxActionsPerCycle: 2, maxFractionPerCycle: 1.0}}
-  exclude: {{applicationNames: ["pgwarden*"]}}
-  sessions:
-    - name: idle-connections
-      action: terminate
-      states: [idle]
-      stateAge: 0s
-      applicationNames: ["{app}"]
-{extra}"""
-    )
-    return path
 
 
 def run(*args: str, timeout: float = 30, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -33,10 +33,10 @@ from pgwarden.engine.scheduler import run_loop
 from pgwarden.engine.session import TargetSession
 from pgwarden.policy.api import SkipReason
 from tests.fixtures.postgres import PgFactory
+from tests.harness.cli import CODE_UNDER_TEST, PGWARDEN
 from tests.harness.engine import acted, alive, enforce, spec_of, unique, wait_all_gone
 from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer, wait_for
-from tests.pg.test_cli_enforce import CODE_UNDER_TEST, PGWARDEN
 
 pytestmark = pytest.mark.pg
 log = structlog.get_logger("test")

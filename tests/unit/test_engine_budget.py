@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import plan
-from tests.unit.test_engine_decide import observation, session, spec
+from tests.harness.observations import observation, session, spec
 
 
 def test_window_counts_actions_younger_than_it_per_policy() -> None:

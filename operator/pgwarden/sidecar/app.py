@@ -48,7 +48,11 @@ class Sidecar:
         self.bodies: dict[str, dict[str, Any]] = {}  # the latest listed body of each policy
         self.pod: PodInfo | None = None
         self.concurrency = asyncio.Semaphore(settings.sidecar_concurrency)
-        self.healthy = False
+        self.api_reachable = False
+        """Whether the last read of the own pod and the policies succeeded (reported, never a probe failure)."""
+        self.last_error = ""
+        self.loop_tick = time.monotonic()
+        """When the loop last went round: liveness is the loop turning, not the API server answering."""
         self._pending_events: set[asyncio.Task[None]] = set()
 
     def make_enforcer(self, _endpoint: Endpoint) -> TargetEnforcer:
@@ -112,7 +116,8 @@ class Sidecar:
         self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
         for gone in [n for n in self.workers if n not in self.bodies]:
             await self.workers.pop(gone).close()
-        self.healthy = True
+        self.api_reachable = True
+        self.last_error = ""
 
     async def step(self) -> float:
         """Evaluate what is due on every policy; returns how long to sleep."""
@@ -131,9 +136,11 @@ class Sidecar:
                     await self.refresh()
                     refreshed = time.monotonic()
                 delay = min(await self.step(), max(0.05, refreshed + poll - time.monotonic()))
-            except Exception as exc:  # the API server blinked: report, keep going
+            except Exception as exc:  # the API server blinked (or RBAC is missing): report, keep going
                 log.warning("sidecar step failed", error=str(exc))
+                self.api_reachable, self.last_error = False, str(exc)[:500]
                 delay = poll
+            self.loop_tick = time.monotonic()
             inflight = [t for w in self.workers.values() for t in w.inflight()]
             await wait_for_work(delay, inflight, stop.wait())
         for worker in self.workers.values():
@@ -141,8 +148,16 @@ class Sidecar:
 
 
 async def _serve_health(sidecar: Sidecar, port: int) -> web.AppRunner:
+    # A sidecar must never take its database out of service: the pod's readiness is PostgreSQL's, and the
+    # kubelet restarting a sidecar that cannot reach the API server (down, or its RoleBinding missing) would
+    # fix nothing. So /healthz fails only when the loop itself stopped turning; what is wrong with the API
+    # is in the body and the log.
+    stalled_after = max(60.0, 6 * sidecar.settings.sidecar_poll)
+
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"healthy": sidecar.healthy}, status=200 if sidecar.healthy else 503)
+        alive = time.monotonic() - sidecar.loop_tick < stalled_after
+        body = {"loop": alive, "apiReachable": sidecar.api_reachable, "lastError": sidecar.last_error}
+        return web.json_response(body, status=200 if alive else 503)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
