@@ -19,7 +19,8 @@ from typing import Any, LiteralString
 import psycopg
 
 from pgwarden.engine.decide import PlannedAction
-from pgwarden.engine.report import FAILED, GONE, PERMISSION_DENIED, STATE_CHANGED, ActionRecord, SkipRecord
+from pgwarden.engine.report import ActionRecord, SkipRecord
+from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import SessionAction
 
 # pg_stat_get_activity(pid) is the function behind the pg_stat_activity view, asked for one backend: the same
@@ -95,14 +96,14 @@ def dry_run(planned: Sequence[PlannedAction], log: Any) -> ActOutcome:
     return outcome
 
 
-async def _why_not(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -> str:
+async def _why_not(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -> SkipReason:
     s = planned.session
     cur = await conn.execute(_WHY_NOT, {"pid": s.pid, "backend_start": s.backend_start})
     row = await cur.fetchone()
-    return STATE_CHANGED if row is not None and row[0] else GONE
+    return SkipReason.STATE_CHANGED if row is not None and row[0] else SkipReason.GONE
 
 
-async def signal_one(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -> bool | str:
+async def signal_one(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -> bool | SkipReason:
     """Signal one session; True if signalled, else the skip reason. Raises psycopg errors."""
     s = planned.session
     params = {"pid": s.pid, "backend_start": s.backend_start, "state_change": s.state_change}
@@ -111,7 +112,7 @@ async def signal_one(conn: psycopg.AsyncConnection[Any], planned: PlannedAction)
     if row is None:
         return await _why_not(conn, planned)
     # False: the process was gone by the time the signal was sent (PostgreSQL also logs a WARNING).
-    return True if row[0] else GONE
+    return True if row[0] else SkipReason.GONE
 
 
 async def act(
@@ -138,9 +139,9 @@ async def act(
         except psycopg.errors.InsufficientPrivilege as exc:
             detail = exc.diag.message_primary or str(exc).strip()
             message = f"{p.action.value} pid {p.session.pid} (rule {p.rule}): permission denied: {detail}"
-            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, PERMISSION_DENIED))
+            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, SkipReason.PERMISSION_DENIED))
             outcome.errors.append(message)
-            log.warning("signal refused", reason=PERMISSION_DENIED, error=message, **fields)
+            log.warning("signal refused", reason=SkipReason.PERMISSION_DENIED, error=message, **fields)
             if spare:  # a refusal does not count against the limits: the next held-back session gets the slot
                 promoted = spare.pop(0)
                 outcome.from_reserve.add(promoted.session.pid)
@@ -151,7 +152,7 @@ async def act(
                 # Stop here, keeping what was done: the caller reports it before it handles the failure.
                 where = f" to {target}" if target else ""
                 outcome.lost = f"connection{where} lost while signalling: {str(exc).strip()}"
-                outcome.skipped.append(SkipRecord(p.rule, p.session.pid, FAILED))
+                outcome.skipped.append(SkipRecord(p.rule, p.session.pid, SkipReason.FAILED))
                 outcome.errors.append(
                     f"{p.action.value} pid {p.session.pid} (rule {p.rule}): the connection broke during the "
                     "signal, so whether PostgreSQL delivered it is unknown"
@@ -159,14 +160,14 @@ async def act(
                 log.error("connection lost while signalling", error=outcome.lost, **fields)
                 return outcome
             message = f"{p.action.value} pid {p.session.pid} (rule {p.rule}): {str(exc).strip()}"
-            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, FAILED))
+            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, SkipReason.FAILED))
             outcome.errors.append(message)
-            log.warning("signal failed", reason=FAILED, error=message, **fields)
+            log.warning("signal failed", reason=SkipReason.FAILED, error=message, **fields)
             continue
-        if result is True:
+        if isinstance(result, SkipReason):
+            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, result))
+            log.info("session left alone", reason=result, **fields)
+        else:
             outcome.actions.append(record(p, done=True))
             log.info(f"session {'terminated' if p.action is SessionAction.TERMINATE else 'cancelled'}", **fields)
-        else:
-            outcome.skipped.append(SkipRecord(p.rule, p.session.pid, str(result)))
-            log.info("session left alone", reason=result, **fields)
     return outcome

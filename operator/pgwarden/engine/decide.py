@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from pgwarden.engine.patterns import IpNetwork, address_in, matches_any, networks
-from pgwarden.engine.report import MAX_ACTIONS, MAX_FRACTION, SkipRecord
+from pgwarden.engine.report import SkipRecord
 from pgwarden.engine.types import CLIENT_BACKEND, OWN_APPLICATION_PREFIX, Observation, ObservedSession
 from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import (
@@ -64,7 +64,7 @@ class Plan:
     """Seconds after the observation when a session seen now next crosses a rule's thresholds."""
     reserve: tuple[PlannedAction, ...] = ()
     """What the blast radius held back, in order: acting gives a refused signal's slot to the next of these."""
-    reserve_reason: str = MAX_ACTIONS
+    reserve_reason: str = SkipReason.MAX_ACTIONS
 
 
 # -- protections ---------------------------------------------------------------------------------------
@@ -221,12 +221,12 @@ def limit_victims(
 # -- blast radius ----------------------------------------------------------------------------------------
 
 
-def allowed_actions(limits: Limits, client_backends: int) -> tuple[int, str]:
+def allowed_actions(limits: Limits, client_backends: int) -> tuple[int, SkipReason]:
     """How many actions this cycle may take and which limit binds (reported as the skip reason)."""
     by_fraction = max(1, math.floor(limits.max_fraction_per_cycle * client_backends + 1e-9))
     if by_fraction < limits.max_actions_per_cycle:
-        return by_fraction, MAX_FRACTION
-    return limits.max_actions_per_cycle, MAX_ACTIONS
+        return by_fraction, SkipReason.MAX_FRACTION
+    return limits.max_actions_per_cycle, SkipReason.MAX_ACTIONS
 
 
 # -- the server's clock ---------------------------------------------------------------------------------

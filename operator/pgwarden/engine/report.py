@@ -8,21 +8,11 @@ next deadline) stay attributes and never enter the JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.policy.api import SkipReason
 from pgwarden.policy.model import EnforcementAction
-
-# Why a chosen session was left alone (`skipped[].reason`): the words are `pgwarden.policy.api.SkipReason`.
-# These aliases only keep `act` and `decide` importing what they did while they are reworked on another
-# branch; new code uses SkipReason.
-MAX_ACTIONS: Final = SkipReason.MAX_ACTIONS
-MAX_FRACTION: Final = SkipReason.MAX_FRACTION
-GONE: Final = SkipReason.GONE
-STATE_CHANGED: Final = SkipReason.STATE_CHANGED
-PERMISSION_DENIED: Final = SkipReason.PERMISSION_DENIED
-FAILED: Final = SkipReason.FAILED
 
 
 @dataclass(frozen=True)
@@ -61,7 +51,7 @@ class SkipRecord:
 
     rule: str
     pid: int
-    reason: str
+    reason: SkipReason
     """A `SkipReason`."""
 
     def to_json(self) -> dict[str, Any]:
