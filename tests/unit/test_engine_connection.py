@@ -74,3 +74,32 @@ async def test_unreachable_server_is_a_typed_error_without_the_password() -> Non
         await connect(f"host=127.0.0.1 port={port} user=u password=topsecret-9 dbname=d connect_timeout=2")
     assert f"127.0.0.1:{port}" in str(caught.value)
     assert "topsecret-9" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "required"),
+    [
+        ("host=db.internal password=x", "scram-sha-256"),  # a password over TCP: SCRAM at least
+        ("host=127.0.0.1 password=x", "scram-sha-256"),
+        ("host=/var/run/postgresql password=x", None),  # a socket: nobody can stand in; trust/peer send none
+        ("password=x", None),  # no host: the default socket directory
+        ("host=/var/run/postgresql,db.internal password=x", "scram-sha-256"),  # any TCP host among them
+        ("host=db.internal", None),  # no password to give away
+        ("host=db.internal password=x require_auth=md5", "md5"),  # the user's own choice stands
+    ],
+)
+def test_scram_is_required_when_a_password_could_go_over_the_network(
+    dsn: str, required: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("PGHOST", "PGPASSWORD", "PGREQUIREAUTH", "PGPASSFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PGPASSFILE", "/nonexistent")
+    assert conninfo.conninfo_to_dict(parse_dsn(dsn).conninfo).get("require_auth") == required
+
+
+def test_a_socket_from_pghost_counts_as_a_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar's usual setup: PGHOST=/var/run/postgresql and PGPASSWORD from a Secret."""
+    monkeypatch.setenv("PGHOST", "/var/run/postgresql")
+    monkeypatch.setenv("PGPASSWORD", "x")
+    monkeypatch.delenv("PGREQUIREAUTH", raising=False)
+    assert "require_auth" not in conninfo.conninfo_to_dict(parse_dsn("").conninfo)

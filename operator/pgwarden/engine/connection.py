@@ -192,9 +192,25 @@ def _choose_require_auth(params: dict[str, Any], require_auth: str | None) -> No
         params.pop("require_auth", None)
         if methods is not None:
             params["require_auth"] = methods
-    elif "require_auth" not in params and not os.environ.get("PGREQUIREAUTH") and _has_password(params):
+    elif (
+        "require_auth" not in params
+        and not os.environ.get("PGREQUIREAUTH")
+        and _has_password(params)
+        and not _unix_socket_only(params)
+    ):
         params["require_auth"] = REQUIRE_AUTH_METHODS[REQUIRE_AUTH_DEFAULT]
     params.setdefault("channel_binding", "prefer")  # libpq's default when built with TLS, said explicitly
+
+
+def _unix_socket_only(params: dict[str, Any]) -> bool:
+    """Whether every host libpq would try is a Unix socket (a path, or none: the default socket directory).
+
+    Nobody can stand in for the server on a socket without write access to its directory (in a pod: the
+    pod's own shared volume), and local sockets are commonly `trust` or `peer`, which send no password at
+    all: requiring SCRAM there would only refuse the sidecar's own server.
+    """
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "")
+    return all(h == "" or h.startswith(("/", "@")) for h in hosts.split(","))
 
 
 def _has_password(params: dict[str, Any]) -> bool:
