@@ -69,6 +69,7 @@ from tests.harness.controlplane import (
 from tests.harness.controlplane_assets import K8S_VERSION, REPO_ROOT
 from tests.harness.paths import cache_root
 from tests.harness.postgres import wait_for
+from tests.harness.process_state import live_processes, read_state
 
 STATE_DIR = REPO_ROOT / ".cluster"
 KUBECONFIG = STATE_DIR / "kubeconfig"
@@ -402,29 +403,9 @@ def argv_for(name: str, bins: Bins, host: str) -> list[str]:
 # -- processes and state ------------------------------------------------------------------------------------------
 
 
-def read_state() -> dict[str, Any] | None:
-    try:
-        data = json.loads(STATE_FILE.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _is_ours(pid: int, executable: str) -> bool:
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
-    except OSError:
-        return False
-    return argv0 == executable and pid_alive(pid)
-
-
-def live_processes(state: dict[str, Any]) -> dict[str, int]:
-    return {name: pid for name, (pid, exe) in state.get("processes", {}).items() if _is_ours(pid, exe)}
-
-
 def running() -> bool:
     """Whether a cluster started from this checkout is up (every component alive)."""
-    state = read_state()
+    state = read_state(STATE_FILE)
     return state is not None and set(live_processes(state)) == set(ORDER)
 
 
@@ -546,7 +527,7 @@ def up() -> int:
     if running():
         log(f"already running; KUBECONFIG={KUBECONFIG}")
         return 0
-    if read_state() is not None:
+    if read_state(STATE_FILE) is not None:
         log("a previous cluster left state behind; taking it down first")
         down()
     started = time.monotonic()
@@ -663,7 +644,7 @@ def _stop_processes(state: dict[str, Any]) -> None:
 
 def down() -> int:
     """Stop everything, undo host changes, and compare with the snapshot taken before `up`."""
-    state = read_state() or {"processes": {}}
+    state = read_state(STATE_FILE) or {"processes": {}}
     baseline = Snapshot.load(BASELINE_FILE) if BASELINE_FILE.exists() else None
     bins: Bins | None = None
     with contextlib.suppress(subprocess.CalledProcessError, ValueError, OSError):
@@ -717,7 +698,7 @@ def down() -> int:
 
 
 def status() -> int:
-    state = read_state()
+    state = read_state(STATE_FILE)
     if state is None:
         print("no cluster")
         return 1

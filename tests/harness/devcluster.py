@@ -13,11 +13,11 @@ import argparse
 import json
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
-from tests.harness.controlplane import ControlPlane, pid_alive, terminate
+from tests.harness.controlplane import ControlPlane, terminate
 from tests.harness.controlplane_assets import ETCD_VERSION, K8S_VERSION, REPO_ROOT
+from tests.harness.process_state import live_processes, read_state
 
 STATE_DIR = REPO_ROOT / ".devcluster"
 STATE_FILE = STATE_DIR / "state.json"
@@ -26,30 +26,8 @@ KUBECTL = STATE_DIR / "bin" / "kubectl"
 STOP_ORDER = ("kube-apiserver", "etcd")  # the API server first, so it never runs without its store
 
 
-def read_state() -> dict[str, Any] | None:
-    try:
-        data = json.loads(STATE_FILE.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _is_ours(pid: int, executable: str) -> bool:
-    """Whether `pid` still runs `executable` (and is not a recycled pid of something else)."""
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
-    except OSError:
-        return False
-    return argv0 == executable and pid_alive(pid)
-
-
-def _live_processes(state: dict[str, Any]) -> dict[str, int]:
-    """The recorded processes that are still running."""
-    return {name: pid for name, (pid, exe) in state["processes"].items() if _is_ours(pid, exe)}
-
-
 def _stop(state: dict[str, Any]) -> None:
-    live = _live_processes(state)
+    live = live_processes(state)
     for name in STOP_ORDER:
         if name in live:
             terminate(live[name])
@@ -82,8 +60,8 @@ def _usage(state: dict[str, Any]) -> str:
 
 
 def up() -> int:
-    state = read_state()
-    if state is not None and len(_live_processes(state)) == len(STOP_ORDER):
+    state = read_state(STATE_FILE)
+    if state is not None and len(live_processes(state)) == len(STOP_ORDER):
         print("devcluster is already running.")
         print(_usage(state))
         return 0
@@ -107,11 +85,11 @@ def up() -> int:
 
 
 def status() -> int:
-    state = read_state()
+    state = read_state(STATE_FILE)
     if state is None:
         print("devcluster is not running.")
         return 1
-    live = _live_processes(state)
+    live = live_processes(state)
     for name in STOP_ORDER:
         print(f"{name:15} {'running, pid ' + str(live[name]) if name in live else 'not running'}")
     if len(live) != len(STOP_ORDER):
@@ -121,7 +99,7 @@ def status() -> int:
 
 
 def down() -> int:
-    state = read_state()
+    state = read_state(STATE_FILE)
     if state is None:
         print("devcluster is not running.")
     else:
