@@ -157,3 +157,44 @@ def test_the_last_cycles_skips_are_counted_by_reason_and_cleared_by_a_cycle_with
     quiet = next_status(first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())])
     assert "skipped" not in quiet["targets"][0]
     assert differs(first, quiet)  # the skips going away is news, not a heartbeat
+
+
+def test_a_target_missing_grants_is_failing_with_reason_insufficient_privileges() -> None:
+    """Evaluated, but unable to see or signal sessions: the target's error names the grant, Ready=False and
+    Degraded=True with reason InsufficientPrivileges (a GRANT fixes it)."""
+    blind = cycle_report(missing_privileges=("pg_signal_backend",))
+    status = next_status(
+        None,
+        generation=1,
+        updates=[
+            TargetUpdate("db-0", None, "controller", cycle_report()),
+            TargetUpdate("db-1", None, "controller", blind),
+        ],
+    )
+    entry = {t["pod"]: t for t in status["targets"]}["db-1"]
+    assert entry["error"].startswith("InsufficientPrivileges: ")
+    assert "pg_signal_backend" in entry["error"]
+    assert "error" not in {t["pod"]: t for t in status["targets"]}["db-0"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions[ConditionType.READY]["status"] == "False"
+    assert conditions[ConditionType.DEGRADED]["status"] == "True"
+    assert conditions[ConditionType.DEGRADED]["reason"] == ConditionReason.INSUFFICIENT_PRIVILEGES
+    assert conditions[ConditionType.READY]["reason"] == ConditionReason.INSUFFICIENT_PRIVILEGES
+    assert "db-1: InsufficientPrivileges: " in conditions[ConditionType.DEGRADED]["message"]
+    assert (status["targetCount"], status["readyTargets"]) == (2, 1)
+
+
+def test_an_unreachable_target_outranks_missing_grants_in_the_reason() -> None:
+    status = next_status(
+        None,
+        generation=1,
+        updates=[
+            TargetUpdate("db-0", None, "controller", cycle_report(missing_privileges=("pg_read_all_stats",))),
+            TargetUpdate("db-1", None, "controller", error="connection refused"),
+        ],
+    )
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions[ConditionType.DEGRADED]["reason"] == ConditionReason.TARGET_ERRORS
+    # Once the grant is given, the next cycle's report clears the target's error.
+    healed = next_status(status, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())])
+    assert "error" not in {t["pod"]: t for t in healed["targets"]}["db-0"]

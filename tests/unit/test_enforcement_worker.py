@@ -401,3 +401,34 @@ async def test_the_endpoint_carries_the_policys_require_auth(make_harness: Calla
     await h2.settle()
     assert [e.endpoint.require_auth for e in h.engine.made] == ["scram-sha-256"]
     assert [e.endpoint.require_auth for e in h2.engine.made] == ["md5"]
+
+
+async def test_missing_grants_post_one_warning_per_change_never_per_cycle(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+
+    async def cycle(*missing: str) -> None:
+        h.engine.outcomes["127.0.0.2"] = (cycle_report(missing_privileges=missing), None)
+        await h.starts([DB0])
+        h.clock.advance(INTERVAL)
+
+    def warnings() -> list[str]:
+        return [e.message for e in h.events if e.reason == EventReason.INSUFFICIENT_PRIVILEGES]
+
+    for _ in range(3):
+        await cycle("pg_signal_backend")
+    assert len(warnings()) == 1
+    assert all(e.type == "Warning" for e in h.events)
+    assert warnings()[0].startswith("pod db-0: missing pg_signal_backend: InsufficientPrivileges: role")
+    (update,) = h.statuses[-1].updates
+    assert update.entry(None)["error"].startswith("InsufficientPrivileges: ")
+    for _ in range(2):
+        await cycle("pg_read_all_stats", "pg_signal_backend")  # one more grant missing: a change
+    assert len(warnings()) == 2
+    assert "pg_read_all_stats, pg_signal_backend" in warnings()[1]
+    await cycle()  # granted: no Warning
+    await cycle()
+    assert len(warnings()) == 2
+    await cycle("pg_signal_backend")  # revoked again: a change
+    assert len(warnings()) == 3

@@ -28,6 +28,9 @@ TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
 COUNT_FIELDS = frozenset({"backends", "clientStates", "runningWorkers"})
 VOLATILE_FIELDS = TIMESTAMP_FIELDS | COUNT_FIELDS
 TOTAL_KEYS = ("actions", "terminated", "cancelled", "autovacuumCancelled")
+# Every engine `errors` entry about a missing grant starts with this (pgwarden.engine.cycle says so; this
+# pure module does not import the engine's I/O modules to learn it).
+INSUFFICIENT_PRIVILEGES_PREFIX = f"{ConditionReason.INSUFFICIENT_PRIVILEGES}: "
 
 
 def now_rfc3339() -> str:
@@ -54,8 +57,9 @@ class TargetUpdate:
         if self.skipped_reason:
             entry["skippedReason"] = self.skipped_reason
             return entry
-        if self.error:
-            entry["error"] = self.error
+        error = self.error or privilege_error(self.report)
+        if error:
+            entry["error"] = error
         for key in ("lastActions", "lastActionTime", "serverVersion", "backends", "clientStates", "autovacuum"):
             if previous and key in previous:
                 entry[key] = previous[key]
@@ -63,6 +67,7 @@ class TargetUpdate:
             entry.update(_report_fields(self.report, self.when))
             # Per-session problems in the report (e.g. PostgreSQL refusing to signal a superuser's session)
             # are logged and reported by the engine; the target itself was evaluated, so it is not failing.
+            # A missing grant is different: the target cannot do its job at all (privilege_error).
         return {k: v for k, v in entry.items() if v is not None}
 
     def totals(self) -> dict[str, int]:
@@ -80,6 +85,19 @@ class TargetUpdate:
             out["autovacuumCancelled"] += len(autovacuum.cancelled)
             out["actions"] += len(autovacuum.cancelled)
         return out
+
+
+def privilege_error(report: CycleReport | None) -> str | None:
+    """The target's error when the engine's role lacks a grant the policy needs, else None.
+
+    Such a target was evaluated, but it cannot see or signal the sessions its rules are about: it is not
+    doing its job, so it is reported like a failing target (error, Ready=False, Degraded=True), with the
+    reason InsufficientPrivileges rather than TargetErrors so that the fix (a GRANT) is obvious.
+    """
+    if report is None or not report.missing_privileges:
+        return None
+    messages = [e for e in report.errors if e.startswith(INSUFFICIENT_PRIVILEGES_PREFIX)]
+    return "; ".join(messages) or f"{INSUFFICIENT_PRIVILEGES_PREFIX}missing " + ", ".join(report.missing_privileges)
 
 
 def _report_fields(report: CycleReport, when: str) -> dict[str, Any]:
@@ -173,7 +191,11 @@ def _conditions(
     if failing:
         detail = "; ".join(f"{t['pod']}: {t['error']}" for t in failing[:5])
         message = f"{len(failing)} of {len(active)} targets failed: {detail}"
-        return _ready_and_degraded(False, ConditionReason.TARGET_ERRORS, message)
+        # InsufficientPrivileges only when that is all that is wrong: any other failure (unreachable,
+        # authentication) comes first, since a GRANT would not fix it.
+        only_grants = all(str(t["error"]).startswith(INSUFFICIENT_PRIVILEGES_PREFIX) for t in failing)
+        reason = ConditionReason.INSUFFICIENT_PRIVILEGES if only_grants else ConditionReason.TARGET_ERRORS
+        return _ready_and_degraded(False, reason, message)
     if not active:
         return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
     return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")
