@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pgwarden.enforcement.kube import StatusConflict
-from pgwarden.enforcement.status import TargetUpdate
+from pgwarden.enforcement.kube import StatusConflict, StatusRejected
+from pgwarden.enforcement.status import TargetUpdate, status_size
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.policy.api import EnforcerKind
 from tests.harness.reports import action, cycle_report
@@ -87,3 +87,38 @@ async def test_a_writer_that_always_loses_gives_up_and_a_gone_policy_is_not_writ
     assert policies.reads == 1 + writer_attempts  # the first read, and one after each conflict
     policies.obj = None
     assert not await _record(StatusWriter(policies), _update(7))
+
+
+class RefusingPolicies(FakePolicies):
+    """An API server that refuses (413/422) any status whose JSON is over `limit` bytes, like etcd's limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.refused = 0
+
+    async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
+        if status_size(status) > self.limit:
+            self.refused += 1
+            raise StatusRejected(f"{namespace}/{name}: status refused with HTTP 413: Request Entity Too Large")
+        return await super().write_status(namespace, name, status, resource_version)
+
+
+async def test_a_status_the_api_server_refuses_falls_back_to_its_compact_form() -> None:
+    policies = RefusingPolicies(limit=2000)
+    writer = StatusWriter(policies)
+    assert await _record(writer, _update(*range(1, 21)))
+    assert policies.refused == 1
+    (written,) = policies.writes
+    (entry,) = written["targets"]
+    assert "lastActions" not in entry
+    assert written["totals"]["terminated"] == 20  # the totals survive the fallback
+
+
+async def test_a_status_refused_even_compact_is_logged_and_never_raised() -> None:
+    policies = RefusingPolicies(limit=10)
+    writer = StatusWriter(policies)
+    assert not await _record(writer, _update(7))
+    assert policies.refused == 2  # the status, then its compact form
+    assert policies.writes == []
+    assert await _record(StatusWriter(FakePolicies()), _update(8))  # an ordinary API server is written to

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from pgwarden.enforcement.kube import StatusConflict
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.enforcement.kube import StatusConflict, StatusRejected
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, compact_status, differs, next_status
 from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
@@ -73,15 +73,32 @@ class StatusWriter:
             if not differs(current, new) and not (stale and updates):
                 return False
             try:
-                await self.policies.write_status(namespace, name, new, str(meta.get("resourceVersion")))
+                await self._write(namespace, name, new, str(meta.get("resourceVersion")))
             except StatusConflict:
                 obj = await self.policies.get(namespace, name)
                 continue
+            except StatusRejected as exc:
+                # Never a crash of the loop (issue: a status past etcd's limit crashed the daemon on every write):
+                # this step's report is lost from status, not from metrics, Events or the log.
+                log.warning(
+                    "status refused by the API server; not written", policy=name, namespace=namespace, error=str(exc)
+                )
+                return False
             self._last_write[key] = time.monotonic()
             self.writes += 1
             return True
         log.warning("status not written: too many concurrent writers", policy=name, namespace=namespace)
         return False
+
+    async def _write(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> None:
+        """Write `status`; if the API server refuses it (too large, invalid), write its compact form instead."""
+        try:
+            await self.policies.write_status(namespace, name, status, resource_version)
+        except StatusRejected as exc:
+            log.warning(
+                "status refused; writing it without lastActions", policy=name, namespace=namespace, error=str(exc)
+            )
+            await self.policies.write_status(namespace, name, compact_status(status), resource_version)
 
     @classmethod
     def configured(cls, policies: PolicyStore, settings: Settings) -> StatusWriter:
