@@ -202,7 +202,10 @@ class PolicyWorker:
                 log.warning("release failed; left as is", policy=self.name, pod=pod.name, error=str(result))
 
     async def close(self) -> None:
+        """Let go of every target, and forget the policy's metric series: the loop ends when the policy is
+        deleted (controller daemon exit, sidecar policy removal) or the process stops."""
         await self._close_all()
+        metrics.forget_policy(self.namespace, self.name)
 
     # -- internals ------------------------------------------------------------------------------------
     async def _spec_or_report_invalid(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec | None:

@@ -114,7 +114,8 @@ class Sidecar:
             )
         self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
         for gone in [n for n in self.workers if n not in self.bodies]:
-            await self.workers.pop(gone).close()
+            await self.workers.pop(gone).close()  # its connection share and metric series go with it
+            self.writer.forget(self.namespace, gone)
         self.healthy = True
 
     async def step(self) -> float:
