@@ -1,20 +1,23 @@
 """A role without a grant the policy needs: Degraded InsufficientPrivileges, and one Warning Event, not one per cycle.
 
-Real PostgreSQL, real API server, the operator as a process; the role really lacks pg_signal_backend, and the
-Events and status are read from the API server.
+Real PostgreSQL, real API server, the operator (or a sidecar) as a process; the role really lacks
+pg_signal_backend, and the Events and status are read from the API server.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
 from pgwarden.policy.api import ConditionReason, ConditionType, EventReason
+from tests.e2e.test_sidecar import SIDECAR, sidecar_identity
 from tests.fixtures.operator import OperatorFactory, OperatorProcess
 from tests.fixtures.postgres import PgFactory
+from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import create_running_pod
 from tests.harness.policies import (
     PASSWORD,
@@ -81,4 +84,44 @@ def test_a_role_without_pg_signal_backend_is_degraded_with_one_warning_event(
     (event,) = warnings()
     assert (event.count or 1) == 1
     # And nothing was signalled: the sessions the rule chose are still there.
+    assert all(server.alive(pid) for pid in sessions)
+
+
+def test_a_sidecar_whose_role_lacks_pg_signal_backend_reports_it_once(
+    control_plane: ControlPlane,
+    k8s_api: client.ApiClient,
+    namespace: str,
+    pg_factory: PgFactory,
+    run_sidecar: Any,
+    tmp_path: Path,
+) -> None:
+    """The same contract from a sidecar: the pod's entry carries the error, one Warning Event from the sidecar."""
+    server = pg_factory(host=next_host(), hba="password")
+    server.create_role("warden", password=PASSWORD, grants=("pg_read_all_stats",))
+    server.create_role("app", password=PASSWORD)
+    kubeconfig = sidecar_identity(control_plane, namespace, tmp_path)
+    create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host, annotations=SIDECAR)
+    sessions = open_app_sessions(server, 2)
+    create_policy(k8s_api, namespace, policy_body("blind", server.port, interval="1s"))
+    sidecar = run_sidecar(kubeconfig, namespace, "db-0", server.dsn("warden", password=PASSWORD))
+
+    def degraded() -> dict[str, Any] | None:
+        policy = get_policy(k8s_api, namespace, "blind")
+        cond = condition(policy, ConditionType.DEGRADED)
+        return policy if cond and cond["reason"] == ConditionReason.INSUFFICIENT_PRIVILEGES else None
+
+    policy = wait_for(degraded, timeout=30, message="Degraded InsufficientPrivileges")
+    (entry,) = policy["status"]["targets"]
+    assert entry["enforcer"] == "sidecar"
+    assert entry["error"].startswith("InsufficientPrivileges: ")
+
+    def warnings() -> list[Any]:
+        return [e for e in events(k8s_api, namespace, "blind") if e.reason == EventReason.INSUFFICIENT_PRIVILEGES]
+
+    (event,) = wait_for(warnings, timeout=30, message="the InsufficientPrivileges Warning Event")
+    assert (event.type, event.source.component) == ("Warning", "pgwarden-sidecar")
+    seen = _cycles(sidecar, namespace, "blind")
+    wait_for(lambda: _cycles(sidecar, namespace, "blind") >= seen + 5, timeout=30, message="5 more cycles")
+    (event,) = warnings()
+    assert (event.count or 1) == 1
     assert all(server.alive(pid) for pid in sessions)
