@@ -71,7 +71,8 @@ class Settings:
     )
     status_write_attempts: int = _knob(
         8,
-        "Attempts to write a status when other writers (sidecars, another policy pass) keep changing it first.",
+        "Status write conflicts (sidecars, another pass got there first) retried at once; beyond that the writer "
+        "backs off with jitter, up to 1 s, and keeps trying: it never gives up and drops the step's totals.",
         minimum=1,
         integer=True,
     )

@@ -168,3 +168,41 @@ def test_a_sidecar_never_fails_its_probe_for_the_api_servers_sake(
         assert body["apiReachable"] is False
         assert says in body["lastError"]
         assert holds_for(answering, 12)  # two polls at least
+
+
+def test_a_sidecar_with_two_policies_holds_one_connection_to_its_server(
+    control_plane: ControlPlane,
+    k8s_api: client.ApiClient,
+    namespace: str,
+    pg_factory: PgFactory,
+    run_sidecar: Any,
+    tmp_path: Path,
+) -> None:
+    """Both policies enforce through one engine connection (counted in pg_stat_activity), which stays the same
+    backend while both keep cycling: no second connection for an idle rule to reap."""
+    server = pg_factory(host=next_host(), hba="password")
+    prepare_server(server)
+    kubeconfig = sidecar_identity(control_plane, namespace, tmp_path)
+    create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host, annotations=SIDECAR)
+    for name in ("reaper", "sweeper"):
+        create_policy(k8s_api, namespace, policy_body(name, server.port, interval="1s"))
+    sessions = open_app_sessions(server, 2)
+    run_sidecar(kubeconfig, namespace, "db-0", server.dsn("warden", password=PASSWORD))
+    for pid in sessions:
+        server.wait_gone(pid, timeout=30)
+
+    def engine_backends() -> set[int]:
+        rows = server.execute(
+            "SELECT pid FROM pg_stat_activity WHERE usename = %s AND application_name LIKE %s", ("warden", "pgwarden%")
+        )
+        return {pid for (pid,) in rows}
+
+    def both_reported() -> bool:
+        return all(
+            sidecar_targets(k8s_api, namespace, name).get("db-0", {}).get("serverVersion")
+            for name in ("reaper", "sweeper")
+        )
+
+    wait_for(both_reported, timeout=30, message="both policies evaluated by the sidecar")
+    (backend,) = wait_for(engine_backends, timeout=10, message="the sidecar's engine connection")
+    assert holds_for(lambda: engine_backends() == {backend}, 6), "one engine connection for both policies"

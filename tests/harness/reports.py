@@ -7,6 +7,7 @@ never posted), so consumers' tests get their input from these constructors inste
 from __future__ import annotations
 
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.engine.cycle import _SESSION_GRANTS, privilege_errors
 from pgwarden.engine.report import ActionRecord, CycleReport, SkipRecord
 from pgwarden.policy.model import EnforcementAction, SessionAction
 
@@ -30,8 +31,9 @@ def cycle_report(
     skipped: tuple[SkipRecord, ...] = (),
     backends: dict[str, int] | None = None,
     next_deadline: float | None = None,
+    missing_privileges: tuple[str, ...] = (),
 ) -> CycleReport:
-    """One cycle's report as `run_cycle` builds it."""
+    """One cycle's report as `run_cycle` builds it (missing grants: typed list and `errors`, as the engine)."""
     return CycleReport(
         policy="ns/p",
         target="127.0.0.2:5432",
@@ -43,4 +45,6 @@ def cycle_report(
         skipped=list(skipped),
         autovacuum=autovacuum,
         next_deadline=next_deadline,
+        errors=privilege_errors('"warden"', [g for g in missing_privileges if g in _SESSION_GRANTS], []),
+        missing_privileges=missing_privileges,
     )

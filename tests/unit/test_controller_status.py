@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.enforcement.status import (
+    MAX_LAST_ACTIONS,
+    PolicyCondition,
+    TargetUpdate,
+    differs,
+    fit_status,
+    next_status,
+    status_size,
+)
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.report import SkipRecord
 from pgwarden.policy.api import ConditionReason, ConditionType, SkipReason
@@ -157,3 +166,92 @@ def test_the_last_cycles_skips_are_counted_by_reason_and_cleared_by_a_cycle_with
     quiet = next_status(first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())])
     assert "skipped" not in quiet["targets"][0]
     assert differs(first, quiet)  # the skips going away is news, not a heartbeat
+
+
+def test_a_target_missing_grants_is_failing_with_reason_insufficient_privileges() -> None:
+    """Evaluated, but unable to see or signal sessions: the target's error names the grant, Ready=False and
+    Degraded=True with reason InsufficientPrivileges (a GRANT fixes it)."""
+    blind = cycle_report(missing_privileges=("pg_signal_backend",))
+    status = next_status(
+        None,
+        generation=1,
+        updates=[
+            TargetUpdate("db-0", None, "controller", cycle_report()),
+            TargetUpdate("db-1", None, "controller", blind),
+        ],
+    )
+    entry = {t["pod"]: t for t in status["targets"]}["db-1"]
+    assert entry["error"].startswith("InsufficientPrivileges: ")
+    assert "pg_signal_backend" in entry["error"]
+    assert "error" not in {t["pod"]: t for t in status["targets"]}["db-0"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions[ConditionType.READY]["status"] == "False"
+    assert conditions[ConditionType.DEGRADED]["status"] == "True"
+    assert conditions[ConditionType.DEGRADED]["reason"] == ConditionReason.INSUFFICIENT_PRIVILEGES
+    assert conditions[ConditionType.READY]["reason"] == ConditionReason.INSUFFICIENT_PRIVILEGES
+    assert "db-1: InsufficientPrivileges: " in conditions[ConditionType.DEGRADED]["message"]
+    assert (status["targetCount"], status["readyTargets"]) == (2, 1)
+
+
+def test_an_unreachable_target_outranks_missing_grants_in_the_reason() -> None:
+    status = next_status(
+        None,
+        generation=1,
+        updates=[
+            TargetUpdate("db-0", None, "controller", cycle_report(missing_privileges=("pg_read_all_stats",))),
+            TargetUpdate("db-1", None, "controller", error="connection refused"),
+        ],
+    )
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions[ConditionType.DEGRADED]["reason"] == ConditionReason.TARGET_ERRORS
+    # Once the grant is given, the next cycle's report clears the target's error.
+    healed = next_status(status, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())])
+    assert "error" not in {t["pod"]: t for t in healed["targets"]}["db-0"]
+
+
+def test_last_actions_keep_the_newest_twenty() -> None:
+    status = next_status(
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(*map(action, range(1, 31))))]
+    )
+    (entry,) = status["targets"]
+    assert [a["pid"] for a in entry["lastActions"]] == list(range(11, 31))
+    assert status["totals"]["terminated"] == 30
+
+
+def test_a_thousand_acting_targets_with_long_errors_stay_under_256_kib() -> None:
+    """20 actions each, a 5,000-character error each (an interrupted cycle), pod names of a StatefulSet."""
+    long_error = "connection lost while signalling: " + "x" * 5000
+    updates = [
+        TargetUpdate(
+            f"postgres-cluster-{i:04d}",
+            f"10.1.{i // 250}.{i % 250}",
+            "controller",
+            cycle_report(*(action(1000 * i + n) for n in range(20)), skipped=_skips(3)),
+            error=long_error,
+        )
+        for i in range(1000)
+    ]
+    one = next_status(None, generation=1, updates=updates[:1])
+    print(f"one acting target: {status_size(one)} bytes of status")
+    status = next_status(None, generation=1, updates=updates)
+    size = status_size(status)
+    print(f"1,000 acting targets: {size} bytes of status ({size / 1024:.0f} KiB)")
+    assert size < 256 * 1024
+    assert len(status["targets"]) == 1000
+    assert all(t["error"].startswith("connection lost") for t in status["targets"])
+    assert status["totals"]["terminated"] == 20_000  # totals are never compacted
+    assert all(len(t.get("lastActions", [])) <= MAX_LAST_ACTIONS for t in status["targets"])
+    # Writing again over the compacted status changes nothing but timestamps: no write per cycle.
+    again = next_status(status, generation=1, updates=[dataclasses.replace(updates[0], report=cycle_report())])
+    assert status_size(again) < 256 * 1024
+
+
+def test_a_status_that_fits_is_not_compacted() -> None:
+    updates = [TargetUpdate(f"db-{i}", None, "controller", cycle_report(*map(action, range(20)))) for i in range(10)]
+    status = next_status(None, generation=1, updates=updates)
+    assert all(len(t["lastActions"]) == 20 for t in status["targets"])
+    assert fit_status(copy.deepcopy(status)) == status
+
+
+def _skips(count: int) -> tuple[SkipRecord, ...]:
+    return tuple(SkipRecord("idle", 900 + n, SkipReason.MAX_ACTIONS) for n in range(count))

@@ -82,3 +82,35 @@ def test_skipped_sessions_are_counted_by_rule_and_reason() -> None:
     assert skipped_total("idle", SkipReason.GONE) == 1
     assert skipped_total("slow", SkipReason.NOT_PERMITTED) == 1
     assert skipped_total("slow", SkipReason.MAX_ACTIONS) is None
+
+
+def _series_of(namespace: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Every labelled series of the namespace, in every pgwarden metric."""
+    return [
+        (metric._name, tuple(labels))
+        for metric in metrics._PER_POLICY
+        for labels in list(metric._metrics)
+        if labels[0] == namespace
+    ]
+
+
+def test_a_gone_pod_and_a_gone_policy_leave_no_series_behind() -> None:
+    namespace = _namespace()
+    skipped = (SkipRecord("idle", 9, SkipReason.MAX_ACTIONS),)
+    for policy in ("p", "q"):
+        for pod in ("db-0", "db-1"):
+            metrics.record_cycle(namespace, policy, pod, cycle_report(action(7), skipped=skipped), 0.1)
+            metrics.record_error(namespace, policy, pod)
+        metrics.record_pass(namespace, policy, 2, 0.2)
+        metrics.TARGETS.labels(namespace, policy).set(2)
+    metrics.forget_target(namespace, "p", "db-1")
+    assert not [s for s in _series_of(namespace) if "db-1" in s[1] and s[1][1] == "p"]
+    assert _value("pgwarden_target_errors_total", {"namespace": namespace, "policy": "p", "pod": "db-0"}) == 1
+    metrics.forget_policy(namespace, "p")
+    left = _series_of(namespace)
+    assert left
+    assert {labels[1] for _, labels in left} == {"q"}  # the other policy's series are untouched
+    assert {name for name, _ in left} == {m._name for m in metrics._PER_POLICY}
+    metrics.forget_policy(namespace, "q")
+    assert _series_of(namespace) == []
+    assert not [k for k in metrics._backends_seen if k[0] == namespace]

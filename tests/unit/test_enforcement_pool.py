@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgwarden.enforcement.pool import ConnectionPool
+from pgwarden.enforcement.pool import ConnectionPool, dsn_target
 from pgwarden.enforcement.worker import Endpoint
 from pgwarden.engine.session import EngineTarget
 
@@ -51,3 +51,14 @@ async def test_other_credentials_or_databases_get_their_own_connection(closed: l
     for handle in handles:
         await handle.close()
     assert len(closed) == 3
+
+
+async def test_a_sidecars_policies_share_the_one_connection_its_dsn_names(closed: list[EngineTarget]) -> None:
+    pool = ConnectionPool(connect=dsn_target("host=/run/postgresql user=warden dbname=postgres"))
+    local = Endpoint(host="local", port=0, dbname="", sslmode="", user=None)
+    first, second = pool.acquire(local), pool.acquire(local)
+    (shared,) = pool.connections.values()
+    assert shared.users == 2
+    await first.close()
+    await second.close()
+    assert closed == [shared.target]

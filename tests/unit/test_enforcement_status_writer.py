@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import random
 from typing import Any
 
-from pgwarden.enforcement.kube import StatusConflict
-from pgwarden.enforcement.status import TargetUpdate
+from pgwarden.enforcement.kube import StatusConflict, StatusRejected
+from pgwarden.enforcement.status import TargetUpdate, status_size
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.policy.api import EnforcerKind
 from tests.harness.reports import action, cycle_report
@@ -77,13 +79,105 @@ async def test_a_heartbeat_only_change_is_not_written_until_the_heartbeat_is_due
     assert len(policies.writes) == 3
 
 
-async def test_a_writer_that_always_loses_gives_up_and_a_gone_policy_is_not_written() -> None:
+async def test_a_writer_that_keeps_losing_never_gives_up_and_a_gone_policy_is_not_written() -> None:
     policies = FakePolicies()
-    writer_attempts = 3
-    policies.sneak_in.extend({"pod": f"db-{9 + i}", "enforcer": EnforcerKind.SIDECAR} for i in range(writer_attempts))
-    writer = StatusWriter(policies, max_attempts=writer_attempts)
-    assert not await _record(writer, _update(7))
-    assert policies.writes == []
-    assert policies.reads == 1 + writer_attempts  # the first read, and one after each conflict
+    conflicts = 5  # more than max_attempts: the writer backs off, and still writes its totals
+    policies.sneak_in.extend({"pod": f"db-{9 + i}", "enforcer": EnforcerKind.SIDECAR} for i in range(conflicts))
+    writer = StatusWriter(policies, max_attempts=2)
+    assert await _record(writer, _update(7))
+    (written,) = policies.writes
+    assert written["totals"]["terminated"] == 1
+    assert policies.reads == 1 + conflicts  # the first read, and one after each conflict
     policies.obj = None
     assert not await _record(StatusWriter(policies), _update(7))
+
+
+class RacyPolicies(FakePolicies):
+    """Every call yields to the other writers, and a write also conflicts at random (another writer's
+    write that the test does not model), as a busy API server does."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.random = random.Random(seed)  # noqa: S311 - a reproducible test schedule
+        self.conflicts = 0
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        await asyncio.sleep(0)
+        return await super().get(namespace, name)
+
+    async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
+        await asyncio.sleep(0)
+        if self.random.random() < 0.3:
+            self.conflicts += 1
+            raise StatusConflict(f"{namespace}/{name} changed")
+        try:
+            return await super().write_status(namespace, name, status, resource_version)
+        except StatusConflict:
+            self.conflicts += 1
+            raise
+
+
+async def test_twenty_concurrent_writers_lose_no_totals() -> None:
+    """20 writers (sidecars) each report 5 acting cycles on their own pod at once: every action counted once."""
+    policies = RacyPolicies(seed=11)
+
+    async def sidecar(index: int) -> None:
+        writer = StatusWriter(policies, max_attempts=2)
+        pod = f"db-{index}"
+
+        def own(name: str) -> bool:
+            return name == pod
+
+        for cycle in range(5):
+            update = TargetUpdate(pod, None, EnforcerKind.SIDECAR, cycle_report(*(action(p) for p in range(index + 1))))
+            assert await writer.record(
+                "ns",
+                "p",
+                latest=None,
+                writer=EnforcerKind.SIDECAR,
+                updates=[update],
+                owned_pods=[pod],
+                scope=own,
+            ), f"{pod} cycle {cycle}"
+
+    await asyncio.gather(*(sidecar(i) for i in range(20)))
+    assert policies.obj is not None
+    status = policies.obj["status"]
+    assert status["totals"]["terminated"] == 5 * sum(range(1, 21))
+    assert len(status["targets"]) == 20
+    assert policies.conflicts > 100  # the writers really collided
+
+
+class RefusingPolicies(FakePolicies):
+    """An API server that refuses (413/422) any status whose JSON is over `limit` bytes, like etcd's limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.refused = 0
+
+    async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
+        if status_size(status) > self.limit:
+            self.refused += 1
+            raise StatusRejected(f"{namespace}/{name}: status refused with HTTP 413: Request Entity Too Large")
+        return await super().write_status(namespace, name, status, resource_version)
+
+
+async def test_a_status_the_api_server_refuses_falls_back_to_its_compact_form() -> None:
+    policies = RefusingPolicies(limit=2000)
+    writer = StatusWriter(policies)
+    assert await _record(writer, _update(*range(1, 21)))
+    assert policies.refused == 1
+    (written,) = policies.writes
+    (entry,) = written["targets"]
+    assert "lastActions" not in entry
+    assert written["totals"]["terminated"] == 20  # the totals survive the fallback
+
+
+async def test_a_status_refused_even_compact_is_logged_and_never_raised() -> None:
+    policies = RefusingPolicies(limit=10)
+    writer = StatusWriter(policies)
+    assert not await _record(writer, _update(7))
+    assert policies.refused == 2  # the status, then its compact form
+    assert policies.writes == []
+    assert await _record(StatusWriter(FakePolicies()), _update(8))  # an ordinary API server is written to

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,9 +25,16 @@ from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
 from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.errors import CycleInterrupted, TargetUnreachable
-from pgwarden.engine.report import CycleReport
+from pgwarden.engine.report import CycleReport, SkipRecord
 from pgwarden.policy import CredentialsSecret, PolicySpec
-from pgwarden.policy.api import ENFORCER_ANNOTATION, ConditionReason, ConditionType, EnforcerKind, EventReason
+from pgwarden.policy.api import (
+    ENFORCER_ANNOTATION,
+    ConditionReason,
+    ConditionType,
+    EnforcerKind,
+    EventReason,
+    SkipReason,
+)
 from pgwarden.settings import DEFAULTS
 from tests.harness.reports import action, cycle_report
 
@@ -401,3 +409,91 @@ async def test_the_endpoint_carries_the_policys_require_auth(make_harness: Calla
     await h2.settle()
     assert [e.endpoint.require_auth for e in h.engine.made] == ["scram-sha-256"]
     assert [e.endpoint.require_auth for e in h2.engine.made] == ["md5"]
+
+
+async def test_missing_grants_post_one_warning_per_change_never_per_cycle(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+
+    async def cycle(*missing: str) -> None:
+        h.engine.outcomes["127.0.0.2"] = (cycle_report(missing_privileges=missing), None)
+        await h.starts([DB0])
+        h.clock.advance(INTERVAL)
+
+    def warnings() -> list[str]:
+        return [e.message for e in h.events if e.reason == EventReason.INSUFFICIENT_PRIVILEGES]
+
+    for _ in range(3):
+        await cycle("pg_signal_backend")
+    assert len(warnings()) == 1
+    assert all(e.type == "Warning" for e in h.events)
+    assert warnings()[0].startswith("pod db-0: missing pg_signal_backend: InsufficientPrivileges: role")
+    (update,) = h.statuses[-1].updates
+    assert update.entry(None)["error"].startswith("InsufficientPrivileges: ")
+    for _ in range(2):
+        await cycle("pg_read_all_stats", "pg_signal_backend")  # one more grant missing: a change
+    assert len(warnings()) == 2
+    assert "pg_read_all_stats, pg_signal_backend" in warnings()[1]
+    await cycle()  # granted: no Warning
+    await cycle()
+    assert len(warnings()) == 2
+    await cycle("pg_signal_backend")  # revoked again: a change
+    assert len(warnings()) == 3
+
+
+async def test_a_closed_worker_forgets_its_policys_series(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    h.engine.outcomes["127.0.0.2"] = TargetUnreachable("refused")
+    await h.starts([DB0, DB1])
+    namespace = h.worker.namespace
+    assert _policy_series(namespace)
+    await h.worker.close()
+    assert _policy_series(namespace) == []
+    assert sorted(h.engine.closed()) == ["127.0.0.2", "127.0.0.3"]
+
+
+def _policy_series(namespace: str) -> list[tuple[str, ...]]:
+    return [tuple(labels) for m in metrics._PER_POLICY for labels in list(m._metrics) if labels[0] == namespace]
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def test_five_thousand_pods_and_fifty_policies_come_and_go_without_growing_rss(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """Workers (with their engines, status sink and metric series) for 50 policies x 100 pods each, every pod
+    created, evaluated (actions, skips, errors, backend gauges) and deleted, every policy closed."""
+
+    namespaces: set[str] = set()
+
+    async def round_of_policies(first_pod: int) -> None:
+        h = make_harness()
+        namespaces.add(h.worker.namespace)
+        pods = [pod(f"db-{first_pod + i}", f"127.1.{i // 200}.{i % 200 + 1}") for i in range(100)]
+        for p in pods[::7]:
+            h.engine.outcomes[p.pod_ip or ""] = TargetUnreachable("refused")
+        report = cycle_report(action(7), skipped=(SkipRecord("idle", 8, SkipReason.MAX_ACTIONS),))
+        for p in pods[1::7]:
+            h.engine.outcomes[p.pod_ip or ""] = (report, None)
+        await h.starts(pods)
+        await h.step([])  # every pod deleted
+        await h.worker.close()  # the policy deleted
+
+    for i in range(5):  # warm up: allocator arenas, prometheus_client, structlog
+        await round_of_policies(100 * i)
+    gc.collect()
+    before = _rss_kib()
+    for i in range(50):
+        await round_of_policies(100_000 + 100 * i)
+    gc.collect()
+    after = _rss_kib()
+    print(
+        f"RSS before {before} KiB, after 5,000 pods and 50 policies created and deleted {after} KiB: "
+        f"{after - before:+d} KiB"
+    )
+    assert after - before < 10 * 1024
+    assert not [labels for m in metrics._PER_POLICY for labels in list(m._metrics) if labels[0] in namespaces]

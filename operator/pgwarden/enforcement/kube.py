@@ -149,6 +149,10 @@ class StatusConflict(Exception):
     """Someone else wrote the policy between our read and our write."""
 
 
+class StatusRejected(Exception):
+    """The API server refused the status itself (413 too large, 422 invalid), not the moment of the write."""
+
+
 class PolicyApi:
     """Reads and writes PostgresPolicy objects (status only: the spec belongs to the user)."""
 
@@ -187,6 +191,10 @@ class PolicyApi:
         except ApiException as exc:
             if exc.status == 409:
                 raise StatusConflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from None
+            if exc.status in (413, 422):
+                raise StatusRejected(
+                    f"{namespace}/{name}: status refused with HTTP {exc.status}: {exc.reason}"
+                ) from None
             raise
         return str(cast(dict[str, Any], obj)["metadata"]["resourceVersion"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -107,11 +108,39 @@ def record_error(namespace: str, policy: str, pod: str) -> None:
 
 
 def forget_target(namespace: str, policy: str, pod: str) -> None:
-    """Drop a departed pod's series so gauges never report a server that is gone."""
+    """Drop a departed pod's series so gauges never report a server that is gone, and no series (nor the
+    memory behind it) outlives its pod: 5,000 pods created and deleted must leave nothing behind."""
     _backends_seen.pop((namespace, policy, pod), None)
-    for labels in list(BACKENDS._metrics):
-        if labels[:3] == (namespace, policy, pod):
-            BACKENDS.remove(*labels)
+    _remove_series(BACKENDS, lambda labels: labels[:3] == (namespace, policy, pod))
+    _remove_series(TARGET_ERRORS, lambda labels: labels == (namespace, policy, pod))
+
+
+def forget_policy(namespace: str, policy: str) -> None:
+    """Drop every series of a policy that is gone (its loop ended): its counters would otherwise be exported,
+    and held in memory, for the life of the process."""
+    for key in [k for k in _backends_seen if k[:2] == (namespace, policy)]:
+        del _backends_seen[key]
+    for metric in _PER_POLICY:
+        _remove_series(metric, lambda labels: labels[:2] == (namespace, policy))
+
+
+def _remove_series(metric: Counter | Gauge | Histogram, match: Callable[[tuple[str, ...]], bool]) -> None:
+    # prometheus_client has no "remove by partial labels"; _metrics is its label-tuple -> child map.
+    for labels in [labels for labels in list(metric._metrics) if match(tuple(labels))]:
+        metric.remove(*labels)
+
+
+# Every metric labelled (namespace, policy, ...) in that order.
+_PER_POLICY: tuple[Counter | Gauge | Histogram, ...] = (
+    ACTIONS,
+    SKIPPED,
+    BACKENDS,
+    CYCLE_SECONDS,
+    PASS_SECONDS,
+    PASS_TARGETS,
+    TARGET_ERRORS,
+    TARGETS,
+)
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - metrics are scraped from other pods

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from pgwarden.enforcement.worker import Endpoint
@@ -81,26 +81,41 @@ class SharedEnforcer:
             await self._pool.release(self._endpoint, connection)
 
 
+def engine_target(endpoint: Endpoint) -> EngineTarget:
+    """The controller's connection to a pod: everything comes from the Endpoint (pod IP, Secret)."""
+    return EngineTarget(
+        host=endpoint.host,
+        port=endpoint.port,
+        dbname=endpoint.dbname,
+        user=endpoint.user,
+        password=endpoint.password,
+        sslmode=endpoint.sslmode,
+        credentials_source=endpoint.credentials_source,
+        require_auth=endpoint.require_auth,
+    )
+
+
+def dsn_target(dsn: str) -> Callable[[Endpoint], EngineTarget]:
+    """The sidecar's connection: its one server is named by a DSN, whatever the (fixed) Endpoint says.
+
+    With the sidecar's fixed Endpoint as the key, every policy the sidecar enforces shares this one
+    connection, as the controller's policies share one per pod (issue: the sidecar opened one per policy,
+    and an idle rule of one policy could reap another policy's connection).
+    """
+    return lambda _endpoint: EngineTarget.from_dsn(dsn)
+
+
 @dataclass
 class ConnectionPool:
     """Engine connections by endpoint (address, port, database, TLS mode, credentials), shared by policies."""
 
     connections: dict[Endpoint, _Connection] = field(default_factory=dict)
+    connect: Callable[[Endpoint], EngineTarget] = engine_target  # how a new endpoint's connection is made
 
     def acquire(self, endpoint: Endpoint) -> SharedEnforcer:
         connection = self.connections.get(endpoint)
         if connection is None:
-            target = EngineTarget(
-                host=endpoint.host,
-                port=endpoint.port,
-                dbname=endpoint.dbname,
-                user=endpoint.user,
-                password=endpoint.password,
-                sslmode=endpoint.sslmode,
-                credentials_source=endpoint.credentials_source,
-                require_auth=endpoint.require_auth,
-            )
-            connection = self.connections[endpoint] = _Connection(target)
+            connection = self.connections[endpoint] = _Connection(self.connect(endpoint))
         connection.users += 1
         return SharedEnforcer(self, endpoint, connection)
 

@@ -9,6 +9,7 @@ writer (status_writer.py) makes that read-modify-write safe with a resourceVersi
 from __future__ import annotations
 
 import copy
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,14 @@ from pgwarden.policy.api import ConditionReason, ConditionStatus, ConditionType
 from pgwarden.policy.model import SessionAction
 
 MAX_LAST_ACTIONS = 20
+"""lastActions keeps at most this many per target: the newest (the last the cycle signalled)."""
+MAX_ERROR_CHARS = 1000
+"""A target's `error` is cut to this many characters (server messages can be long; the log has them whole)."""
+MAX_STATUS_BYTES = 200 * 1024
+"""The status, as compact JSON, is kept under this: 256 KiB with room for the policy's spec and metadata
+(etcd refuses objects over ~1.5 MiB; a policy object is read on every cycle of every sidecar and watch).
+Measured: a target entry with 20 actions and a long error is ~5.5 KB, so 1,000 acting targets need the
+compaction steps of `fit_status`."""
 TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
 # Process counts move on any live server (sessions come and go, flip between idle and active; a server
 # shared by several policies or pods sees pgwarden's own connections flip). As gauges they are exported
@@ -28,6 +37,9 @@ TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
 COUNT_FIELDS = frozenset({"backends", "clientStates", "runningWorkers"})
 VOLATILE_FIELDS = TIMESTAMP_FIELDS | COUNT_FIELDS
 TOTAL_KEYS = ("actions", "terminated", "cancelled", "autovacuumCancelled")
+# Every engine `errors` entry about a missing grant starts with this (pgwarden.engine.cycle says so; this
+# pure module does not import the engine's I/O modules to learn it).
+INSUFFICIENT_PRIVILEGES_PREFIX = f"{ConditionReason.INSUFFICIENT_PRIVILEGES}: "
 
 
 def now_rfc3339() -> str:
@@ -54,8 +66,9 @@ class TargetUpdate:
         if self.skipped_reason:
             entry["skippedReason"] = self.skipped_reason
             return entry
-        if self.error:
-            entry["error"] = self.error
+        error = self.error or privilege_error(self.report)
+        if error:
+            entry["error"] = _cut(error, MAX_ERROR_CHARS)
         for key in ("lastActions", "lastActionTime", "serverVersion", "backends", "clientStates", "autovacuum"):
             if previous and key in previous:
                 entry[key] = previous[key]
@@ -63,6 +76,7 @@ class TargetUpdate:
             entry.update(_report_fields(self.report, self.when))
             # Per-session problems in the report (e.g. PostgreSQL refusing to signal a superuser's session)
             # are logged and reported by the engine; the target itself was evaluated, so it is not failing.
+            # A missing grant is different: the target cannot do its job at all (privilege_error).
         return {k: v for k, v in entry.items() if v is not None}
 
     def totals(self) -> dict[str, int]:
@@ -82,6 +96,19 @@ class TargetUpdate:
         return out
 
 
+def privilege_error(report: CycleReport | None) -> str | None:
+    """The target's error when the engine's role lacks a grant the policy needs, else None.
+
+    Such a target was evaluated, but it cannot see or signal the sessions its rules are about: it is not
+    doing its job, so it is reported like a failing target (error, Ready=False, Degraded=True), with the
+    reason InsufficientPrivileges rather than TargetErrors so that the fix (a GRANT) is obvious.
+    """
+    if report is None or not report.missing_privileges:
+        return None
+    messages = [e for e in report.errors if e.startswith(INSUFFICIENT_PRIVILEGES_PREFIX)]
+    return "; ".join(messages) or f"{INSUFFICIENT_PRIVILEGES_PREFIX}missing " + ", ".join(report.missing_privileges)
+
+
 def _report_fields(report: CycleReport, when: str) -> dict[str, Any]:
     """The report serialised into the fields of a `status.targets[]` item (the edge where JSON is written)."""
     fields: dict[str, Any] = {
@@ -95,7 +122,7 @@ def _report_fields(report: CycleReport, when: str) -> dict[str, Any]:
         # The last cycle's skips by reason; absent when it skipped nothing (limits, races, refusals).
         fields["skipped"] = dict(sorted(Counter(s.reason for s in report.skipped).items()))
     if report.actions:
-        fields["lastActions"] = [_action_entry(a) for a in report.actions[:MAX_LAST_ACTIONS]]
+        fields["lastActions"] = [_action_entry(a) for a in report.actions[-MAX_LAST_ACTIONS:]]  # the newest
         fields["lastActionTime"] = when
     return fields
 
@@ -161,7 +188,69 @@ def next_status(
         status["observedGeneration"] = generation
     conditions = _conditions(active, failing, policy_condition)
     status["conditions"] = _carry_transitions(status.get("conditions") or [], conditions, generation)
+    return fit_status(status)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def status_size(status: Mapping[str, Any]) -> int:
+    """Bytes of the status as the API server stores it (compact JSON; close enough for a budget)."""
+    return len(json.dumps(status, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+# Successively smaller target entries, applied to every target until the status fits: first fewer
+# lastActions and shorter errors, then no lastActions and no per-server counts (the metrics have them
+# exactly), then only what says which pod is enforced by whom, when, and why it fails. Totals, conditions
+# and the autovacuum report (release relies on what it says was written) are never dropped.
+_COMPACTION_STEPS: tuple[tuple[int | None, int, frozenset[str]], ...] = (
+    (5, 300, frozenset()),
+    (0, 200, frozenset({"backends", "clientStates", "skipped"})),
+    (0, 80, frozenset({"backends", "clientStates", "skipped", "serverVersion", "lastActionTime"})),
+)
+
+
+def fit_status(status: dict[str, Any], limit: int = MAX_STATUS_BYTES) -> dict[str, Any]:
+    """`status`, its target entries compacted step by step until it is under `limit` bytes.
+
+    A status over the limit is what made a policy with ~280 acting targets pass etcd's object limit, after
+    which every write failed and the loop crashed. The last step leaves ~210 bytes a target (measured with
+    StatefulSet pod names and failing targets), so 1,000 targets take ~208 KiB, under 256 KiB; a status
+    still too large (tens of thousands of targets) is written as is, and a refusal
+    by the API server is handled by the writer (StatusWriter falls back to `compact_status`).
+    """
+    if status_size(status) <= limit:
+        return status
+    for actions, error_chars, dropped in _COMPACTION_STEPS:
+        status["targets"] = [_compact_entry(t, actions, error_chars, dropped) for t in status.get("targets") or []]
+        if status_size(status) <= limit:
+            break
     return status
+
+
+def compact_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The smallest form of `status` (the last compaction step on every target): what the writer falls
+    back to when the API server refuses a write as too large."""
+    actions, error_chars, dropped = _COMPACTION_STEPS[-1]
+    out = dict(status)
+    out["targets"] = [_compact_entry(t, actions, error_chars, dropped) for t in status.get("targets") or []]
+    return out
+
+
+def _compact_entry(entry: Mapping[str, Any], actions: int | None, error_chars: int, dropped: frozenset[str]) -> Any:
+    if not isinstance(entry, Mapping):
+        return entry
+    out = {k: v for k, v in entry.items() if k not in dropped}
+    if actions is not None and "lastActions" in out:
+        kept = list(out["lastActions"])[-actions:] if actions else []
+        if kept:
+            out["lastActions"] = kept
+        else:
+            del out["lastActions"]
+    if isinstance(out.get("error"), str):
+        out["error"] = _cut(out["error"], error_chars)
+    return out
 
 
 def _conditions(
@@ -173,7 +262,11 @@ def _conditions(
     if failing:
         detail = "; ".join(f"{t['pod']}: {t['error']}" for t in failing[:5])
         message = f"{len(failing)} of {len(active)} targets failed: {detail}"
-        return _ready_and_degraded(False, ConditionReason.TARGET_ERRORS, message)
+        # InsufficientPrivileges only when that is all that is wrong: any other failure (unreachable,
+        # authentication) comes first, since a GRANT would not fix it.
+        only_grants = all(str(t["error"]).startswith(INSUFFICIENT_PRIVILEGES_PREFIX) for t in failing)
+        reason = ConditionReason.INSUFFICIENT_PRIVILEGES if only_grants else ConditionReason.TARGET_ERRORS
+        return _ready_and_degraded(False, reason, message)
     if not active:
         return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
     return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")

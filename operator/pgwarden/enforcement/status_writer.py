@@ -8,6 +8,8 @@ handlers ignore status, and this writer never touches the spec).
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,8 +17,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from pgwarden.enforcement.kube import StatusConflict
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.enforcement.kube import StatusConflict, StatusRejected
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, compact_status, differs, next_status
 from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
@@ -55,7 +57,8 @@ class StatusWriter:
         """Apply one step's outcome to the policy's status; True if a write happened."""
         key = (namespace, name)
         obj = dict(latest) if latest is not None else await self.policies.get(namespace, name)
-        for _ in range(self.max_attempts):
+        conflicts = 0
+        while True:  # a conflict means another writer made progress: retry until ours lands (or the policy goes)
             if obj is None:
                 return False  # the policy is gone; nothing to report on
             meta = obj.get("metadata") or {}
@@ -73,15 +76,38 @@ class StatusWriter:
             if not differs(current, new) and not (stale and updates):
                 return False
             try:
-                await self.policies.write_status(namespace, name, new, str(meta.get("resourceVersion")))
+                await self._write(namespace, name, new, str(meta.get("resourceVersion")))
             except StatusConflict:
+                conflicts += 1
+                await self._pause(conflicts)
                 obj = await self.policies.get(namespace, name)
                 continue
+            except StatusRejected as exc:
+                # Never a crash of the loop (issue: a status past etcd's limit crashed the daemon on every write):
+                # this step's report is lost from status, not from metrics, Events or the log.
+                log.warning(
+                    "status refused by the API server; not written", policy=name, namespace=namespace, error=str(exc)
+                )
+                return False
             self._last_write[key] = time.monotonic()
             self.writes += 1
             return True
-        log.warning("status not written: too many concurrent writers", policy=name, namespace=namespace)
-        return False
+
+    async def _pause(self, conflicts: int) -> None:
+        """Nothing for the first `max_attempts` conflicts; then full jitter up to 1 s, so 20 writers that keep
+        colliding spread out. (Giving up instead lost the step's totals: issue 12 item 8.)"""
+        if conflicts >= self.max_attempts:
+            await asyncio.sleep(random.uniform(0.0, min(1.0, 0.01 * 2 ** min(conflicts - self.max_attempts, 10))))  # noqa: S311 - jitter
+
+    async def _write(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> None:
+        """Write `status`; if the API server refuses it (too large, invalid), write its compact form instead."""
+        try:
+            await self.policies.write_status(namespace, name, status, resource_version)
+        except StatusRejected as exc:
+            log.warning(
+                "status refused; writing it without lastActions", policy=name, namespace=namespace, error=str(exc)
+            )
+            await self.policies.write_status(namespace, name, compact_status(status), resource_version)
 
     @classmethod
     def configured(cls, policies: PolicyStore, settings: Settings) -> StatusWriter:

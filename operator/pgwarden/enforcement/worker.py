@@ -20,13 +20,13 @@ import structlog
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
 from pgwarden.enforcement.kube import Credentials, CredentialsError
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, privilege_error
 from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.engine.autovacuum_plan import ReleaseReport
 from pgwarden.engine.errors import CycleInterrupted
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, EnforcementAction, PolicyError, PolicySpec, parse_spec
-from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind
+from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind, EventReason
 from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
@@ -100,6 +100,7 @@ class TargetState:
     failures: int = 0
     task: asyncio.Task[TargetUpdate] | None = None  # the evaluation in flight, if any
     batch: Pass | None = None  # the pass that evaluation belongs to
+    missing_privileges: tuple[str, ...] = ()  # the grants the last report said were missing (Event per change)
 
     async def drop_connection(self) -> None:
         if self.enforcer is not None:
@@ -201,7 +202,10 @@ class PolicyWorker:
                 log.warning("release failed; left as is", policy=self.name, pod=pod.name, error=str(result))
 
     async def close(self) -> None:
+        """Let go of every target, and forget the policy's metric series: the loop ends when the policy is
+        deleted (controller daemon exit, sidecar policy removal) or the process stops."""
         await self._close_all()
+        metrics.forget_policy(self.namespace, self.name)
 
     # -- internals ------------------------------------------------------------------------------------
     async def _spec_or_report_invalid(self, generation: int | None, body: Mapping[str, Any]) -> PolicySpec | None:
@@ -354,6 +358,7 @@ class PolicyWorker:
         except CycleInterrupted as exc:  # failed part way: what PostgreSQL accepted until then is still reported
             await self._failed(state, interval, exc)
             self._report_actions(pod, exc.report, self.clock() - started)
+            self._note_privileges(state, exc.report)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=exc.report, error=str(exc)[:1000])
         except Exception as exc:  # every engine failure is a per-target report, never a crash
             await self._failed(state, interval, exc)
@@ -366,7 +371,26 @@ class PolicyWorker:
         else:
             state.next_due = started + min(interval, max(self.settings.min_delay, next_in))
         self._report_actions(pod, report, self.clock() - started)
+        self._note_privileges(state, report)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
+
+    def _note_privileges(self, state: TargetState, report: CycleReport) -> None:
+        """One Warning Event when the set of missing grants on a target changes to a non-empty one.
+
+        Never one per cycle: a role without pg_signal_backend would otherwise post an Event every interval
+        on every target, forever. The target's error and the Degraded condition carry it meanwhile (status).
+        """
+        missing = tuple(sorted(report.missing_privileges))
+        if missing == state.missing_privileges:
+            return
+        state.missing_privileges = missing
+        message = privilege_error(report)
+        if message is None:
+            log.info("grants now sufficient", policy=self.name, namespace=self.namespace, pod=state.pod.name)
+            return
+        log.warning("insufficient privileges", policy=self.name, pod=state.pod.name, missing=list(missing))
+        text = f"pod {state.pod.name}: missing {', '.join(missing)}: {message}"
+        self.post_event(PolicyEvent("Warning", EventReason.INSUFFICIENT_PRIVILEGES, text[:1000]))
 
     async def _failed(self, state: TargetState, interval: float, exc: Exception) -> None:
         """Back off, drop the connection (the next attempt reconnects), count and log the failure."""

@@ -78,7 +78,8 @@ _TARGET = obj(
         "lastCycleTime": string("When the last cycle on this server finished.", format="date-time"),
         "lastActionTime": string("When a cycle last cancelled or terminated something here.", format="date-time"),
         "lastActions": array(
-            "The backends the last acting cycle cancelled or terminated (or would have, in dryRun).",
+            "The backends the last acting cycle cancelled or terminated (or would have, in dryRun): at most 20, "
+            "the newest. Dropped first when the status nears its size budget (totals and metrics keep the counts).",
             _ACTION,
             max_items=LAST_ACTIONS_MAX_ITEMS,
         ),
@@ -92,7 +93,11 @@ _TARGET = obj(
             values=integer(None, format="int64"),
         ),
         "skippedReason": string("Why this enforcer leaves the pod alone (another enforcer owns it)."),
-        "error": string("Why the last cycle failed on this server (unreachable, authentication, timeout)."),
+        "error": string(
+            "Why the last cycle failed on this server (unreachable, authentication, timeout), or the grant the "
+            "engine's role lacks (starting with 'InsufficientPrivileges: '). Cut to 1,000 characters, fewer when "
+            "the status nears its size budget."
+        ),
     },
     required=["pod"],
 )

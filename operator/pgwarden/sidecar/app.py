@@ -20,11 +20,11 @@ from aiohttp import web
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.events import PolicyEvent
 from pgwarden.enforcement.kube import EventPoster, PodApi, PolicyApi, PolicyLister, load_api_client
+from pgwarden.enforcement.pool import ConnectionPool, dsn_target
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer, wait_for_work
-from pgwarden.engine.session import EngineTarget
 from pgwarden.policy.api import EnforcerKind
 from pgwarden.settings import DEFAULTS, Settings
 
@@ -54,9 +54,12 @@ class Sidecar:
         self.loop_tick = time.monotonic()
         """When the loop last went round: liveness is the loop turning, not the API server answering."""
         self._pending_events: set[asyncio.Task[None]] = set()
+        # One connection to the pod's server for every policy (keyed by the fixed LOCAL endpoint), taking
+        # turns, as the controller's policies share one per pod: fewer connections, none to reap by mistake.
+        self.pool = ConnectionPool(connect=dsn_target(dsn))
 
-    def make_enforcer(self, _endpoint: Endpoint) -> TargetEnforcer:
-        return EngineTarget.from_dsn(self.dsn)
+    def make_enforcer(self, endpoint: Endpoint) -> TargetEnforcer:
+        return self.pool.acquire(endpoint)
 
     def _worker(self, name: str) -> PolicyWorker:
         worker = self.workers.get(name)
@@ -115,7 +118,8 @@ class Sidecar:
             )
         self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
         for gone in [n for n in self.workers if n not in self.bodies]:
-            await self.workers.pop(gone).close()
+            await self.workers.pop(gone).close()  # its connection share and metric series go with it
+            self.writer.forget(self.namespace, gone)
         self.api_reachable = True
         self.last_error = ""
 
