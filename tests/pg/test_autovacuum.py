@@ -338,3 +338,29 @@ async def test_excess_workers_are_stopped_newest_first(pg_factory: PgFactory, pg
     assert settled.running_workers is not None
     assert settled.running_workers <= 2
     assert len(workers(server)) <= 2
+
+
+async def test_the_write_is_recorded_before_it_is_made_and_never_made_unrecorded(pg_factory: PgFactory) -> None:
+    """The write-ahead hook runs before ALTER SYSTEM (the file does not hold the value yet), once; a hook that
+    fails (status not written) means no write at all; a value already in the file is not written again."""
+    server = pg_factory()
+    seen: list[tuple[int, list[str]]] = []
+
+    async def record(value: int) -> None:
+        seen.append((value, in_auto_conf(server)))
+
+    async def refuse(value: int) -> None:
+        raise RuntimeError("status not written")
+
+    before = auto_conf_stamp(server)
+    async with warden(server) as conn:
+        refused = await enforce_autovacuum(conn, CAP_2, dry_run=False, before_write=refuse)
+        assert (refused.written, in_auto_conf(server), auto_conf_stamp(server)) == (False, [], before)
+        assert any("recording the write first failed" in e for e in refused.errors)
+        report = await enforce_autovacuum(conn, CAP_2, dry_run=False, before_write=record)
+        assert report.written
+        assert seen == [(2, [])]
+        assert in_auto_conf(server) == ["2"]
+        again = await enforce_autovacuum(conn, CAP_2, dry_run=False, before_write=record)
+    assert not again.written
+    assert seen == [(2, [])]

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs, next_status
+from pgwarden.enforcement.status import (
+    PolicyCondition,
+    TargetUpdate,
+    WrittenRecord,
+    differs,
+    next_status,
+    written_records,
+)
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.report import SkipRecord
 from pgwarden.policy.api import ConditionReason, ConditionType, SkipReason
@@ -129,10 +137,13 @@ def test_only_timestamps_changing_is_not_a_difference() -> None:
 
 def test_autovacuum_is_serialised_into_the_entry_and_only_real_stops_are_counted() -> None:
     capped = AutovacuumReport(desired=2, in_force=3, written=True, cancelled=[11, 12])
+    when = "2026-01-01T00:00:00Z"
     status = next_status(
-        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=capped))]
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=capped), when=when)],
     )
-    assert status["targets"][0]["autovacuum"] == capped.to_json()
+    assert status["targets"][0]["autovacuum"] == {**capped.to_json(), "written": {"value": 2, "time": when}}
     assert status["totals"] == {"actions": 2, "terminated": 0, "cancelled": 0, "autovacuumCancelled": 2}
     would = AutovacuumReport(desired=2, dry_run=True, in_force=3, would_write=True, would_cancel=[11, 12])
     dry = next_status(
@@ -157,3 +168,37 @@ def test_the_last_cycles_skips_are_counted_by_reason_and_cleared_by_a_cycle_with
     quiet = next_status(first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())])
     assert "skipped" not in quiet["targets"][0]
     assert differs(first, quiet)  # the skips going away is news, not a heartbeat
+
+
+def test_what_pgwarden_wrote_is_recorded_kept_across_cycles_and_dropped_only_when_released() -> None:
+    wrote = AutovacuumReport(desired=2, in_force=3, written=True)
+    first = next_status(
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=wrote), when="2026-01-01T00:00:00Z")],
+    )
+    record: dict[str, Any] = {"value": 2, "time": "2026-01-01T00:00:00Z"}
+    assert first["targets"][0]["autovacuum"]["written"] == record
+    quiet = AutovacuumReport(desired=2, in_force=2)  # the next cycle writes nothing: the record stays
+    second = next_status(
+        first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=quiet))]
+    )
+    assert second["targets"][0]["autovacuum"]["written"] == record
+    assert written_records(second, "controller") == {"db-0": WrittenRecord("db-0", 2, record["time"])}
+    assert written_records(second, "sidecar") == {}
+    failed = next_status(second, generation=1, updates=[TargetUpdate("db-0", None, "controller", error="gone")])
+    assert failed["targets"][0]["autovacuum"]["written"] == record
+    released = next_status(failed, generation=2, updates=[TargetUpdate("db-0", None, "controller", released=True)])
+    assert "autovacuum" not in released["targets"][0]
+    assert written_records(released, "controller") == {}
+
+
+def test_a_dry_run_never_records_a_write() -> None:
+    would = AutovacuumReport(desired=2, dry_run=True, in_force=3, would_write=True)
+    status = next_status(
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=would, dry_run=True))],
+    )
+    assert "written" not in status["targets"][0]["autovacuum"]
+    assert written_records(status, "controller") == {}

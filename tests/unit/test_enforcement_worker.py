@@ -22,7 +22,7 @@ from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
-from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.errors import CycleInterrupted, TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, PolicySpec
@@ -59,7 +59,9 @@ class FakeEnforcer:
         self.endpoint = endpoint
         self.closed = False
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+    async def evaluate(
+        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+    ) -> tuple[CycleReport, float | None]:
         self.engine.evaluated.append(self.endpoint.host)
         outcome = self.engine.outcomes.get(self.endpoint.host, (cycle_report(), None))
         if isinstance(outcome, Exception):

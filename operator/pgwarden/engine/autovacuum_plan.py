@@ -7,7 +7,7 @@ vacuuming to prevent wraparound, a value set on the command line, a stale `pendi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -15,6 +15,11 @@ from typing import Any
 SETTING = "autovacuum_max_workers"
 WRAPAROUND_MARK = "(to prevent wraparound)"
 """What `pg_stat_activity.query` of an anti-wraparound autovacuum worker contains."""
+
+WriteAhead = Callable[[int], Awaitable[None]]
+"""Called with the value just before `ALTER SYSTEM SET` writes it: the caller records, durably, that pgwarden
+is writing it (the operator: status `autovacuum.written`), so a crash right after the write still leaves a
+record for the release. If it raises, nothing is written."""
 
 MAX_BACKENDS = 262143
 """PostgreSQL's MAX_BACKENDS (2^18 - 1): the server refuses to start if its process slots add up to more."""

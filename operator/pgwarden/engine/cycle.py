@@ -18,7 +18,7 @@ import structlog
 
 from pgwarden.engine import act as acting
 from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
-from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.engine.autovacuum_plan import AutovacuumReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
 from pgwarden.engine.errors import CycleInterrupted
@@ -111,11 +111,16 @@ def _spend(
 
 
 async def _autovacuum(
-    conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
+    conn: psycopg.AsyncConnection[Any],
+    spec: Autovacuum,
+    *,
+    dry_run: bool,
+    target: str,
+    before_write: WriteAhead | None = None,
 ) -> tuple[AutovacuumReport | None, list[str], list[str], str | None]:
     """The autovacuum report, its errors, the grants it lacks, and why the connection broke (if it did)."""
     try:
-        result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
+        result = await enforce_autovacuum(conn, spec, dry_run=dry_run, before_write=before_write)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
             return None, [], [], f"connection to {target} lost during autovacuum: {str(exc).strip()}"
@@ -156,11 +161,13 @@ async def run_cycle(
     dry_run_override: bool = False,
     protected_pids: Collection[int] = (),
     budget: ActionBudget | None = None,
+    before_write: WriteAhead | None = None,
 ) -> CycleReport:
     """Evaluate `spec` once on the server behind `conn` and return what was seen and done.
 
     `budget`: the caller's record of actions per policy on this target; with it the blast-radius limits
     bound any window of length `spec.interval`, not just this cycle (without it: this cycle only).
+    `before_write`: see `WriteAhead` (the autovacuum cap records what it writes before writing it).
 
     Raises TargetUnreachable (connection failed or lost) or QueryFailed (the observation failed);
     per-session problems are reported in the result instead. A connection lost after acting began raises
@@ -209,7 +216,7 @@ async def run_cycle(
     lost = outcome.lost
     if spec.autovacuum.max_workers is not None and jump is None and lost is None:
         report.autovacuum, errors, autovacuum_missing, lost = await _autovacuum(
-            conn, spec.autovacuum, dry_run=dry_run, target=target
+            conn, spec.autovacuum, dry_run=dry_run, target=target, before_write=before_write
         )
         report.errors.extend(errors)
     # Missing grants first in `errors`: they explain the rest. Checked every cycle at no cost: the session
