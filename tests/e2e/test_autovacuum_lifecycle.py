@@ -6,17 +6,21 @@ Ground truth is the server's own postgresql.auto.conf (pg_file_settings) and the
 
 from __future__ import annotations
 
+import os
+import signal
+from functools import partial
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from pgwarden.policy.api import GROUP, PLURAL, VERSION, EventReason
+from pgwarden.policy.api import GROUP, PLURAL, VERSION, ConditionReason, ConditionType, EventReason
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod, delete_pod, set_pod_labels
 from tests.harness.policies import (
     PASSWORD,
+    condition,
     create_policy,
     create_secret,
     custom,
@@ -120,3 +124,53 @@ def test_what_cannot_be_released_is_named_in_an_autovacuum_left_behind_event(
     custom(k8s_api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "capper")
     wait_for(lambda: policy_gone(k8s_api, namespace, "capper"), timeout=30, message="the policy to go")
     assert auto_conf(server) == ["2"]
+
+
+def auto_conf_stamp(server: PgServer) -> tuple[int, int]:
+    """ALTER SYSTEM replaces postgresql.auto.conf by rename: a new inode and mtime show any write at all."""
+    st = (server.datadir / "postgresql.auto.conf").stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_two_policies_with_different_caps_on_one_pod_write_once_and_both_report_the_conflict(
+    k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
+) -> None:
+    server = capped_server(pg_factory)
+    start(k8s_api, namespace, server, run_operator)  # "capper" wants 2 and writes it, once
+    stamp = auto_conf_stamp(server)
+    create_policy(k8s_api, namespace, policy_body("other", server.port, sessions=[], autovacuum={"maxWorkers": 3}))
+
+    def conflicted(name: str) -> dict[str, Any] | None:
+        cond = condition(get_policy(k8s_api, namespace, name), ConditionType.DEGRADED)
+        ok = cond and cond["status"] == "True" and cond["reason"] == ConditionReason.AUTOVACUUM_CONFLICT
+        return cond if ok else None
+
+    for name, other in (("capper", "other"), ("other", "capper")):
+        cond = wait_for(partial(conflicted, name), timeout=30, message=f"{name}: Degraded AutovacuumConflict")
+        assert f"{namespace}/{other}" in cond["message"]
+    # Neither writes again: the file keeps the first write, through several intervals (5 s) of both.
+    assert holds_for(lambda: (auto_conf_stamp(server), auto_conf(server)) == (stamp, ["2"]), 12)
+    assert conflicted("capper")
+    assert conflicted("other")
+
+
+def test_an_operator_killed_right_after_alter_system_still_releases_on_deletion(
+    k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
+) -> None:
+    """SIGKILL the operator the moment the value is in postgresql.auto.conf: the record written ahead of the
+    ALTER SYSTEM is in status, and the next operator's finalizer resets the value."""
+    server = capped_server(pg_factory)
+    create_secret(k8s_api, namespace)
+    create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
+    first = run_operator([namespace])
+    create_policy(k8s_api, namespace, policy_body("capper", server.port, sessions=[], autovacuum={"maxWorkers": 2}))
+    wait_for(lambda: auto_conf(server) == ["2"], timeout=30, interval=0.01, message="the cap in postgresql.auto.conf")
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    record = written(k8s_api, namespace, "capper", "db-0")
+    assert record is not None
+    assert record["value"] == 2
+    run_operator([namespace])
+    custom(k8s_api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "capper")
+    wait_for(lambda: auto_conf(server) == [], timeout=30, message="the new operator's finalizer to reset the cap")
+    wait_for(lambda: policy_gone(k8s_api, namespace, "capper"), timeout=30, message="the policy to go")

@@ -202,3 +202,14 @@ def test_a_dry_run_never_records_a_write() -> None:
     )
     assert "written" not in status["targets"][0]["autovacuum"]
     assert written_records(status, "controller") == {}
+
+
+def test_a_cap_conflict_is_degraded_autovacuum_conflict_naming_the_other_policy() -> None:
+    conflict = AutovacuumReport(desired=2, conflicts_with=["ns/cap-b"], errors=["autovacuum: conflict"])
+    status = next_status(
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=conflict))]
+    )
+    degraded = next(c for c in status["conditions"] if c["type"] == ConditionType.DEGRADED)
+    assert (degraded["status"], degraded["reason"]) == ("True", ConditionReason.AUTOVACUUM_CONFLICT)
+    assert "ns/cap-b" in degraded["message"]
+    assert "db-0" in degraded["message"]

@@ -227,6 +227,14 @@ def _conditions(
         detail = "; ".join(f"{t['pod']}: {t['error']}" for t in failing[:5])
         message = f"{len(failing)} of {len(active)} targets failed: {detail}"
         return _ready_and_degraded(False, ConditionReason.TARGET_ERRORS, message)
+    conflicts = [t for t in active if (t.get("autovacuum") or {}).get("conflictsWith")]
+    if conflicts:
+        detail = "; ".join(
+            f"{t['pod']}: another policy wants a different autovacuum_max_workers "
+            f"({', '.join(map(str, t['autovacuum']['conflictsWith']))})"
+            for t in conflicts[:5]
+        )
+        return _ready_and_degraded(False, ConditionReason.AUTOVACUUM_CONFLICT, f"neither policy writes it: {detail}")
     if not active:
         return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
     return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")

@@ -213,6 +213,8 @@ class AutovacuumReport:
     warnings: list[str] = field(default_factory=list)
     lost: str | None = None
     """The connection broke part way (not in the JSON): what was done until then is still in the report."""
+    conflicts_with: list[str] = field(default_factory=list)
+    """Other policies that want another value on this server: this cycle wrote and stopped nothing."""
     missing_privileges: list[str] = field(default_factory=list)
     """Grants the cap needs that the connecting role lacks (the README's list), named as GRANT would name
     them; not in the JSON (the cycle report carries them, typed, and in its `errors`)."""
@@ -233,6 +235,7 @@ class AutovacuumReport:
             "skipped": [s.to_json() for s in self.skipped],
             "wouldCancel": list(self.would_cancel),
             "dryRun": self.dry_run,
+            "conflictsWith": list(self.conflicts_with),
             "errors": list(self.errors),
             "warnings": list(self.warnings),
         }

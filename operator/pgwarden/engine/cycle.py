@@ -18,6 +18,7 @@ import structlog
 
 from pgwarden.engine import act as acting
 from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
+from pgwarden.engine.autovacuum_claims import CLAIMS, conflict_message
 from pgwarden.engine.autovacuum_plan import AutovacuumReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
@@ -152,6 +153,21 @@ def compiled_observation(spec: PolicySpec, protected_pids: Collection[int] = ())
     return query
 
 
+def _claim_cap(spec: PolicySpec, policy: str, target: str, *, dry_run: bool) -> AutovacuumReport | None:
+    """Claim this policy's cap on `target` (see autovacuum_claims); a report of the conflict if another
+    policy of this process claims a different value there, else None (go on)."""
+    desired = spec.autovacuum.max_workers
+    if desired is None or dry_run:
+        CLAIMS.drop(target, policy)  # a dry run never writes: it conflicts with nobody
+        return None
+    others = CLAIMS.claim(target, policy, desired, spec.interval.total_seconds())
+    if not others:
+        return None
+    message = conflict_message(policy, desired, others)
+    log.warning("autovacuum cap conflict", policy=policy, target=target, others=others)
+    return AutovacuumReport(desired=desired, conflicts_with=sorted(others), errors=[f"autovacuum: {message}"])
+
+
 async def run_cycle(
     conn: psycopg.AsyncConnection[Any],
     spec: PolicySpec,
@@ -214,7 +230,11 @@ async def run_cycle(
     sessions_missing = session_privileges(observation, spec)
     autovacuum_missing: list[str] = []
     lost = outcome.lost
-    if spec.autovacuum.max_workers is not None and jump is None and lost is None:
+    conflict = _claim_cap(spec, policy, target, dry_run=dry_run)
+    if conflict is not None:
+        report.autovacuum = conflict
+        report.errors.extend(conflict.errors)
+    elif spec.autovacuum.max_workers is not None and jump is None and lost is None:
         report.autovacuum, errors, autovacuum_missing, lost = await _autovacuum(
             conn, spec.autovacuum, dry_run=dry_run, target=target, before_write=before_write
         )
