@@ -119,7 +119,8 @@ def writes_on_targets(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
 
     (Every policy still carries kopf's finalizer: its daemons always ask for one.)"""
     try:
-        return needs_release(parse_spec(dict(spec)), dict(status))
+        parse_spec(dict(spec))  # an invalid spec has no handler to run it
+        return needs_release(dict(status))
     except PolicyError:
         return False
 

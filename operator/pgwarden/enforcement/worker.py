@@ -56,15 +56,11 @@ class CredentialSource(Protocol):
         """The username and password the Secret holds; raises CredentialsError saying why not."""
 
 
-def needs_release(spec: PolicySpec, status: Mapping[str, Any] | None = None) -> bool:
-    """Whether deleting the policy must undo something on its targets.
-
-    Only an enforcing autovacuum cap writes (ALTER SYSTEM), and status records where (`autovacuum.written`);
-    a dry-run policy never writes, at deletion included (the value in postgresql.auto.conf may be a DBA's
-    own, equal to the one the policy names).
-    """
-    if spec.enforcement_action is not EnforcementAction.ENFORCE:
-        return False
+def needs_release(status: Mapping[str, Any] | None) -> bool:
+    """Whether deleting the policy has something to undo on its targets: what status records pgwarden wrote
+    (`autovacuum.written`), and nothing else (the value in postgresql.auto.conf may be a DBA's own, equal to
+    the one the policy names). A dry-run policy never writes, at deletion included: it only names the records
+    an earlier enforcing spec left (see PolicyWorker.release)."""
     return any(written_records(status, kind) for kind in EnforcerKind)
 
 
@@ -192,9 +188,13 @@ class PolicyWorker:
     ) -> None:
         """At deletion: reset what status records this enforcer wrote (autovacuum_max_workers) on every target,
         each within a bound; what cannot be reset is named in an AutovacuumLeftBehind Event."""
-        if not needs_release(spec, status):
+        if not needs_release(status):
             return
         records = list(written_records(status, self.enforcer_kind).values())
+        if spec.enforcement_action is not EnforcementAction.ENFORCE:
+            for record in records:  # written while the policy enforced; a dry run never writes, not even this
+                self._left_behind(record, "the policy is in dryRun now, which never writes")
+            return
         by_name = {p.name: p for p in pods}
         await asyncio.gather(*(self._release_one(spec, by_name.get(r.pod), r, per_target_seconds) for r in records))
 
@@ -236,6 +236,9 @@ class PolicyWorker:
                 if result.outcome in RELEASED_OUTCOMES:
                     return
                 reason = "; ".join([result.message, *result.errors]).strip("; ")
+        self._left_behind(record, reason)
+
+    def _left_behind(self, record: WrittenRecord, reason: str) -> None:
         log.warning("autovacuum_max_workers left behind", policy=self.name, pod=record.pod, reason=reason)
         self.post_event(
             PolicyEvent(
