@@ -18,8 +18,10 @@ import psycopg
 import pytest
 
 from pgwarden.engine.autovacuum import enforce_autovacuum, release_autovacuum
+from pgwarden.engine.cycle import run_cycle
 from pgwarden.policy.model import Autovacuum
 from tests.fixtures.postgres import PgFactory
+from tests.harness.engine import spec_of
 from tests.harness.postgres import PgServer
 
 pytestmark = pytest.mark.pg
@@ -338,3 +340,59 @@ async def test_excess_workers_are_stopped_newest_first(pg_factory: PgFactory, pg
     assert settled.running_workers is not None
     assert settled.running_workers <= 2
     assert len(workers(server)) <= 2
+
+
+async def test_the_write_is_recorded_before_it_is_made_and_never_made_unrecorded(pg_factory: PgFactory) -> None:
+    """The write-ahead hook runs before ALTER SYSTEM (the file does not hold the value yet), once; a hook that
+    fails (status not written) means no write at all; a value already in the file is not written again."""
+    server = pg_factory()
+    seen: list[tuple[int, list[str]]] = []
+
+    async def record(value: int) -> None:
+        seen.append((value, in_auto_conf(server)))
+
+    async def refuse(value: int) -> None:
+        raise RuntimeError("status not written")
+
+    before = auto_conf_stamp(server)
+    async with warden(server) as conn:
+        refused = await enforce_autovacuum(conn, CAP_2, dry_run=False, before_write=refuse)
+        assert (refused.written, in_auto_conf(server), auto_conf_stamp(server)) == (False, [], before)
+        assert any("recording the write first failed" in e for e in refused.errors)
+        report = await enforce_autovacuum(conn, CAP_2, dry_run=False, before_write=record)
+        assert report.written
+        assert seen == [(2, [])]
+        assert in_auto_conf(server) == ["2"]
+        again = await enforce_autovacuum(conn, CAP_2, dry_run=False, before_write=record)
+    assert not again.written
+    assert seen == [(2, [])]
+
+
+async def test_two_policies_with_different_caps_on_one_server_write_once_then_both_report_the_conflict(
+    pg_factory: PgFactory,
+) -> None:
+    """The first policy writes; the second, and from then on the first too, write nothing and name each other;
+    postgresql.auto.conf is written exactly once. Once the second gives up its cap, the first goes on alone."""
+    server = pg_factory()
+    target = f"{server.host}:{server.port}"  # both cycles name the server as the controller does
+    first = spec_of(sessions=[], autovacuum={"maxWorkers": 2})
+    second = spec_of(sessions=[], autovacuum={"maxWorkers": 3})
+    async with warden(server) as conn:
+        a1 = await run_cycle(conn, first, policy="ns/cap-a", target=target)
+        assert a1.autovacuum is not None
+        assert a1.autovacuum.written
+        stamp = auto_conf_stamp(server)
+        b1 = await run_cycle(conn, second, policy="ns/cap-b", target=target)
+        a2 = await run_cycle(conn, first, policy="ns/cap-a", target=target)
+        b2 = await run_cycle(conn, second, policy="ns/cap-b", target=target)
+        for report, other in ((b1, "ns/cap-a"), (a2, "ns/cap-b"), (b2, "ns/cap-a")):
+            assert report.autovacuum is not None
+            assert report.autovacuum.conflicts_with == [other]
+            assert not report.autovacuum.written
+            assert any(other in e and "conflict" in e for e in report.errors)
+        assert (auto_conf_stamp(server), in_auto_conf(server)) == (stamp, ["2"])
+        await run_cycle(conn, spec_of(sessions=[]), policy="ns/cap-b", target=target)  # cap-b drops its cap
+        a3 = await run_cycle(conn, first, policy="ns/cap-a", target=target)
+    assert a3.autovacuum is not None
+    assert a3.autovacuum.conflicts_with == []
+    assert in_auto_conf(server) == ["2"]

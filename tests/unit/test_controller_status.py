@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 from pgwarden.enforcement.status import (
     MAX_LAST_ACTIONS,
     PolicyCondition,
     TargetUpdate,
+    WrittenRecord,
     differs,
     fit_status,
     next_status,
     status_size,
+    written_records,
 )
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.engine.report import SkipRecord
@@ -138,10 +141,13 @@ def test_only_timestamps_changing_is_not_a_difference() -> None:
 
 def test_autovacuum_is_serialised_into_the_entry_and_only_real_stops_are_counted() -> None:
     capped = AutovacuumReport(desired=2, in_force=3, written=True, cancelled=[11, 12])
+    when = "2026-01-01T00:00:00Z"
     status = next_status(
-        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=capped))]
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=capped), when=when)],
     )
-    assert status["targets"][0]["autovacuum"] == capped.to_json()
+    assert status["targets"][0]["autovacuum"] == {**capped.to_json(), "written": {"value": 2, "time": when}}
     assert status["totals"] == {"actions": 2, "terminated": 0, "cancelled": 0, "autovacuumCancelled": 2}
     would = AutovacuumReport(desired=2, dry_run=True, in_force=3, would_write=True, would_cancel=[11, 12])
     dry = next_status(
@@ -255,3 +261,48 @@ def test_a_status_that_fits_is_not_compacted() -> None:
 
 def _skips(count: int) -> tuple[SkipRecord, ...]:
     return tuple(SkipRecord("idle", 900 + n, SkipReason.MAX_ACTIONS) for n in range(count))
+
+
+def test_what_pgwarden_wrote_is_recorded_kept_across_cycles_and_dropped_only_when_released() -> None:
+    wrote = AutovacuumReport(desired=2, in_force=3, written=True)
+    first = next_status(
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=wrote), when="2026-01-01T00:00:00Z")],
+    )
+    record: dict[str, Any] = {"value": 2, "time": "2026-01-01T00:00:00Z"}
+    assert first["targets"][0]["autovacuum"]["written"] == record
+    quiet = AutovacuumReport(desired=2, in_force=2)  # the next cycle writes nothing: the record stays
+    second = next_status(
+        first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=quiet))]
+    )
+    assert second["targets"][0]["autovacuum"]["written"] == record
+    assert written_records(second, "controller") == {"db-0": WrittenRecord("db-0", 2, record["time"])}
+    assert written_records(second, "sidecar") == {}
+    failed = next_status(second, generation=1, updates=[TargetUpdate("db-0", None, "controller", error="gone")])
+    assert failed["targets"][0]["autovacuum"]["written"] == record
+    released = next_status(failed, generation=2, updates=[TargetUpdate("db-0", None, "controller", released=True)])
+    assert "autovacuum" not in released["targets"][0]
+    assert written_records(released, "controller") == {}
+
+
+def test_a_dry_run_never_records_a_write() -> None:
+    would = AutovacuumReport(desired=2, dry_run=True, in_force=3, would_write=True)
+    status = next_status(
+        None,
+        generation=1,
+        updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=would, dry_run=True))],
+    )
+    assert "written" not in status["targets"][0]["autovacuum"]
+    assert written_records(status, "controller") == {}
+
+
+def test_a_cap_conflict_is_degraded_autovacuum_conflict_naming_the_other_policy() -> None:
+    conflict = AutovacuumReport(desired=2, conflicts_with=["ns/cap-b"], errors=["autovacuum: conflict"])
+    status = next_status(
+        None, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report(autovacuum=conflict))]
+    )
+    degraded = next(c for c in status["conditions"] if c["type"] == ConditionType.DEGRADED)
+    assert (degraded["status"], degraded["reason"]) == ("True", ConditionReason.AUTOVACUUM_CONFLICT)
+    assert "ns/cap-b" in degraded["message"]
+    assert "db-0" in degraded["message"]

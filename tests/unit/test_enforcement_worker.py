@@ -23,10 +23,10 @@ from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
-from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.errors import CycleInterrupted, TargetUnreachable
 from pgwarden.engine.report import CycleReport, SkipRecord
-from pgwarden.policy import CredentialsSecret, PolicySpec
+from pgwarden.policy import CredentialsSecret, PolicySpec, parse_spec
 from pgwarden.policy.api import (
     ENFORCER_ANNOTATION,
     ConditionReason,
@@ -67,7 +67,9 @@ class FakeEnforcer:
         self.endpoint = endpoint
         self.closed = False
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+    async def evaluate(
+        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+    ) -> tuple[CycleReport, float | None]:
         self.engine.evaluated.append(self.endpoint.host)
         outcome = self.engine.outcomes.get(self.endpoint.host, (cycle_report(), None))
         if isinstance(outcome, Exception):
@@ -75,7 +77,8 @@ class FakeEnforcer:
         return outcome
 
     async def release_autovacuum(self, written: int) -> ReleaseReport:
-        return ReleaseReport(written=written, outcome="absent")
+        self.engine.releases.append((self.endpoint.host, written))
+        return ReleaseReport(written=written, outcome=self.engine.release_outcome)
 
     @contextlib.asynccontextmanager
     async def connected(self) -> AsyncIterator[None]:
@@ -90,6 +93,8 @@ class FakeEngine:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     evaluated: list[str] = field(default_factory=list)
     made: list[FakeEnforcer] = field(default_factory=list)
+    releases: list[tuple[str, int]] = field(default_factory=list)
+    release_outcome: str = "reset"
 
     def make(self, endpoint: Endpoint) -> TargetEnforcer:
         enforcer = FakeEnforcer(self, endpoint)
@@ -497,3 +502,59 @@ async def test_five_thousand_pods_and_fifty_policies_come_and_go_without_growing
     )
     assert after - before < 10 * 1024
     assert not [labels for m in metrics._PER_POLICY for labels in list(m._metrics) if labels[0] in namespaces]
+
+
+def with_records(spec_body: dict[str, Any], *records: tuple[str, int]) -> dict[str, Any]:
+    """A policy body whose status says the controller wrote autovacuum_max_workers on these pods."""
+    targets = [
+        {"pod": pod, "enforcer": "controller", "autovacuum": {"written": {"value": v, "time": "2026-01-01T00:00:00Z"}}}
+        for pod, v in records
+    ]
+    return {**spec_body, "status": {"targets": targets}}
+
+
+async def test_removing_the_cap_releases_each_record_once_and_drops_it(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    policy = with_records(body(sessions=[]), ("db-0", 2), ("db-1", 3))
+    await h.worker.step(policy, [DB0, DB1])
+    assert sorted(h.engine.releases) == [("127.0.0.2", 2), ("127.0.0.3", 3)]
+    released = [u for call in h.statuses for u in call.updates if u.released]
+    assert sorted(u.pod for u in released) == ["db-0", "db-1"]
+    await h.settle()
+    await h.worker.step(policy, [DB0, DB1])  # the status the worker sees may lag its own write
+    assert len(h.engine.releases) == 2
+    assert h.events == []
+
+
+async def test_a_deselected_pod_is_released_and_a_gone_one_named(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    policy = with_records(body(sessions=[], autovacuum={"maxWorkers": 2}), ("db-0", 2), ("db-1", 2), ("db-9", 2))
+    elsewhere = PodInfo("db-1", "ns", "Running", "127.0.0.3", {"app": "other"}, {})
+    await h.worker.step(policy, [DB0, elsewhere])
+    assert h.engine.releases == [("127.0.0.3", 2)]  # db-0 still wants its cap; db-9 is gone
+    left = [e for e in h.events if e.reason == EventReason.AUTOVACUUM_LEFT_BEHIND]
+    assert len(left) == 1
+    assert left[0].type == "Warning"
+    assert "db-9" in left[0].message
+    assert "autovacuum_max_workers = 2" in left[0].message
+
+
+async def test_a_value_someone_changed_is_named_not_reset(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+    h.engine.release_outcome = "changed"
+    await h.worker.release(parse_spec(body(sessions=[])["spec"]), [DB0], 5.0, with_records({}, ("db-0", 2))["status"])
+    assert h.engine.releases == [("127.0.0.2", 2)]
+    assert [e.reason for e in h.events] == [EventReason.AUTOVACUUM_LEFT_BEHIND]
+
+
+async def test_a_dry_run_policy_never_writes_at_deletion_and_names_what_it_left(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+    dry = parse_spec(body(sessions=[], enforcementAction="dryRun", autovacuum={"maxWorkers": 2})["spec"])
+    await h.worker.release(dry, [DB0], 5.0, with_records({}, ("db-0", 2))["status"])
+    assert h.engine.releases == []
+    assert [e.reason for e in h.events] == [EventReason.AUTOVACUUM_LEFT_BEHIND]
+    assert "dryRun" in h.events[0].message
+    await h.worker.release(dry, [DB0], 5.0, {})  # nothing recorded: nothing to do, nothing to say
+    assert len(h.events) == 1

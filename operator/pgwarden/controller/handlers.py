@@ -114,12 +114,13 @@ async def enforce(
         runtime.writer.forget(namespace, name)
 
 
-def writes_on_targets(spec: kopf.Spec, **_: Any) -> bool:
+def writes_on_targets(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
     """The release handler runs only for policies whose deletion has something to undo (see needs_release).
 
     (Every policy still carries kopf's finalizer: its daemons always ask for one.)"""
     try:
-        return needs_release(parse_spec(dict(spec)))
+        parse_spec(dict(spec))  # an invalid spec has no handler to run it
+        return needs_release(dict(status))
     except PolicyError:
         return False
 
@@ -129,11 +130,14 @@ async def release(
     name: str,
     namespace: str,
     spec: kopf.Spec,
+    status: kopf.Status,
+    body: kopf.Body,
     memo: kopf.Memo,
     pods_by_namespace: kopf.Index[str, PodInfo],
     **_: Any,
 ) -> None:
-    """Undo autovacuum_max_workers on the targets; never blocks deletion for long or on a gone target."""
+    """Undo what status records pgwarden wrote (autovacuum_max_workers) on the targets; never blocks deletion
+    for long or on a gone target, and names what it leaves behind in a Warning Event."""
     runtime: Runtime = memo["runtime"]
     try:
         parsed = parse_spec(dict(spec))
@@ -145,14 +149,14 @@ async def release(
         secrets=runtime.secrets,
         make_enforcer=runtime.make_enforcer,
         write_status=_no_status,
-        post_event=lambda _event: None,
+        post_event=lambda event: kopf.event(body, type=event.type, reason=event.reason, message=event.message),
         concurrency=runtime.concurrency,
         settings=runtime.settings,
     )
     timeout = runtime.settings.release_timeout
     try:
         await asyncio.wait_for(
-            worker.release(parsed, list(pods_by_namespace.get(namespace, [])), timeout),
+            worker.release(parsed, list(pods_by_namespace.get(namespace, [])), timeout, dict(status)),
             timeout + 5,  # each target is bounded by `timeout`; this bounds the whole, gathering included
         )
     except Exception as exc:  # a gone or broken target never blocks deletion

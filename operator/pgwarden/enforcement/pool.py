@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from pgwarden.enforcement.worker import Endpoint
-from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.session import EngineTarget
 from pgwarden.policy import PolicySpec
@@ -61,12 +61,14 @@ class SharedEnforcer:
             raise RuntimeError("enforcer used after close()")
         return self._connection
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+    async def evaluate(
+        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+    ) -> tuple[CycleReport, float | None]:
         connection = self._use()
         if self._turn:
-            return await connection.target.evaluate(spec, policy=policy, target=target)
+            return await connection.target.evaluate(spec, policy=policy, target=target, before_write=before_write)
         async with connection.lock:  # one statement at a time on a connection; policies take turns
-            return await connection.target.evaluate(spec, policy=policy, target=target)
+            return await connection.target.evaluate(spec, policy=policy, target=target, before_write=before_write)
 
     async def release_autovacuum(self, written: int) -> ReleaseReport:
         connection = self._use()

@@ -56,6 +56,10 @@ class TargetUpdate:
     report: CycleReport | None = None
     error: str | None = None
     skipped_reason: str | None = None
+    released: bool = False
+    """The autovacuum value pgwarden wrote here was released (reset, or found gone): its record is dropped."""
+    writing: int | None = None
+    """The autovacuum value pgwarden is about to write here: recorded before the write (see WriteAhead)."""
     when: str = field(default_factory=now_rfc3339)
 
     def entry(self, previous: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -77,7 +81,27 @@ class TargetUpdate:
             # Per-session problems in the report (e.g. PostgreSQL refusing to signal a superuser's session)
             # are logged and reported by the engine; the target itself was evaluated, so it is not failing.
             # A missing grant is different: the target cannot do its job at all (privilege_error).
+        self._carry_written(entry, previous)
         return {k: v for k, v in entry.items() if v is not None}
+
+    def _carry_written(self, entry: dict[str, Any], previous: Mapping[str, Any] | None) -> None:
+        """Keep `autovacuum.written` ({value, time}: what pgwarden last wrote with ALTER SYSTEM here) across
+        cycles until it is released: it is the only record of what the finalizer, the removal of
+        spec.autovacuum or the deselection of the pod must reset. Each cycle's report replaces the rest."""
+        record = written_record(previous)
+        autovacuum = self.report.autovacuum if self.report is not None else None
+        if autovacuum is not None and autovacuum.written and not autovacuum.dry_run:
+            record = {"value": autovacuum.desired, "time": self.when}
+        if self.writing is not None:
+            record = {"value": self.writing, "time": self.when}
+        if self.released:
+            record = None
+            if autovacuum is None:
+                entry.pop("autovacuum", None)  # spec.autovacuum is gone: so is its last report
+        if record is not None:
+            entry["autovacuum"] = {**(entry.get("autovacuum") or {}), "written": record}
+        elif isinstance(entry.get("autovacuum"), dict):
+            entry["autovacuum"] = {k: v for k, v in entry["autovacuum"].items() if k != "written"}
 
     def totals(self) -> dict[str, int]:
         """Actions really taken in this cycle (dry-run actions are not counted)."""
@@ -107,6 +131,35 @@ def privilege_error(report: CycleReport | None) -> str | None:
         return None
     messages = [e for e in report.errors if e.startswith(INSUFFICIENT_PRIVILEGES_PREFIX)]
     return "; ".join(messages) or f"{INSUFFICIENT_PRIVILEGES_PREFIX}missing " + ", ".join(report.missing_privileges)
+
+
+def written_record(target: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A `status.targets[]` item's `autovacuum.written`, if it is a well-formed record."""
+    autovacuum = (target or {}).get("autovacuum")
+    record = autovacuum.get("written") if isinstance(autovacuum, Mapping) else None
+    if isinstance(record, Mapping) and isinstance(record.get("value"), int) and not isinstance(record["value"], bool):
+        return dict(record)
+    return None
+
+
+@dataclass(frozen=True)
+class WrittenRecord:
+    """What one enforcer wrote on one pod: `autovacuum_max_workers = value`, at `time`."""
+
+    pod: str
+    value: int
+    time: str
+
+
+def written_records(status: Mapping[str, Any] | None, enforcer: str) -> dict[str, WrittenRecord]:
+    """Pod -> what this kind of enforcer wrote there (autovacuum_max_workers), from a policy's status."""
+    out: dict[str, WrittenRecord] = {}
+    for target in (status or {}).get("targets") or []:
+        record = written_record(target) if isinstance(target, Mapping) else None
+        if record is not None and target.get("enforcer", enforcer) == enforcer and "pod" in target:
+            pod = str(target["pod"])
+            out[pod] = WrittenRecord(pod, int(record["value"]), str(record.get("time", "")))
+    return out
 
 
 def _report_fields(report: CycleReport, when: str) -> dict[str, Any]:
@@ -267,6 +320,14 @@ def _conditions(
         only_grants = all(str(t["error"]).startswith(INSUFFICIENT_PRIVILEGES_PREFIX) for t in failing)
         reason = ConditionReason.INSUFFICIENT_PRIVILEGES if only_grants else ConditionReason.TARGET_ERRORS
         return _ready_and_degraded(False, reason, message)
+    conflicts = [t for t in active if (t.get("autovacuum") or {}).get("conflictsWith")]
+    if conflicts:
+        detail = "; ".join(
+            f"{t['pod']}: another policy wants a different autovacuum_max_workers "
+            f"({', '.join(map(str, t['autovacuum']['conflictsWith']))})"
+            for t in conflicts[:5]
+        )
+        return _ready_and_degraded(False, ConditionReason.AUTOVACUUM_CONFLICT, f"neither policy writes it: {detail}")
     if not active:
         return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
     return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")

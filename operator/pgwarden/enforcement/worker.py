@@ -20,9 +20,9 @@ import structlog
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
 from pgwarden.enforcement.kube import Credentials, CredentialsError
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, privilege_error
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, WrittenRecord, privilege_error, written_records
 from pgwarden.enforcement.targets import PodInfo, select_targets
-from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.errors import CycleInterrupted
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, EnforcementAction, PolicyError, PolicySpec, parse_spec
@@ -35,8 +35,11 @@ log = structlog.get_logger("pgwarden.controller")
 class TargetEnforcer(Protocol):
     """What the worker needs from the engine for one PostgreSQL server (see pgwarden.engine.session)."""
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
-        """Run one cycle; return its report and seconds until the next threshold (None: none seen)."""
+    async def evaluate(
+        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+    ) -> tuple[CycleReport, float | None]:
+        """Run one cycle; return its report and seconds until the next threshold (None: none seen).
+        `before_write` records an autovacuum value in status before the engine writes it."""
 
     async def release_autovacuum(self, written: int) -> ReleaseReport: ...
 
@@ -53,13 +56,16 @@ class CredentialSource(Protocol):
         """The username and password the Secret holds; raises CredentialsError saying why not."""
 
 
-def needs_release(spec: PolicySpec) -> bool:
-    """Whether deleting the policy must undo something on its targets.
+def needs_release(status: Mapping[str, Any] | None) -> bool:
+    """Whether deleting the policy has something to undo on its targets: what status records pgwarden wrote
+    (`autovacuum.written`), and nothing else (the value in postgresql.auto.conf may be a DBA's own, equal to
+    the one the policy names). A dry-run policy never writes, at deletion included: it only names the records
+    an earlier enforcing spec left (see PolicyWorker.release)."""
+    return any(written_records(status, kind) for kind in EnforcerKind)
 
-    Only an enforcing autovacuum cap writes (ALTER SYSTEM); a dry-run policy never writes, at deletion
-    included (the value in postgresql.auto.conf may be a DBA's own, equal to the one the policy names).
-    """
-    return spec.autovacuum.max_workers is not None and spec.enforcement_action is EnforcementAction.ENFORCE
+
+RELEASED_OUTCOMES = frozenset({"reset", "absent"})
+"""Release outcomes after which nothing pgwarden wrote is left in postgresql.auto.conf."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,7 @@ class PolicyWorker:
     _generation: int | None = None
     _parsed: tuple[int | None, PolicySpec] | None = None
     _reported: tuple[list[str], int | None] | None = None  # (owned pods, generation) last given to write_status
+    _released: set[WrittenRecord] = field(default_factory=set)  # records already released (the body may lag)
     settings: Settings = DEFAULTS
     clock: Callable[[], float] = time.monotonic  # tests step time by hand
 
@@ -146,10 +153,13 @@ class PolicyWorker:
         if spec is None:
             return self.settings.invalid_spec_poll
         self._note_generation(generation)
+        pods = list(pods)
         ours, skipped = self._choose_targets(spec, pods)
+        released = await self._release_lapsed(spec, body.get("status"), pods, ours)
         await self._track(ours)
         credentials_condition = await self._start_due(spec, self.clock())
         updates, finished = self._harvest()
+        updates.extend(released)
         updates.extend(self._skip_notices(skipped))
         await self._report(updates, generation, credentials_condition)
         for done in finished:
@@ -174,32 +184,78 @@ class PolicyWorker:
                         finished.append(batch)
         return updates, finished
 
-    async def release(self, spec: PolicySpec, pods: Iterable[PodInfo], per_target_seconds: float) -> None:
-        """Undo what the policy set (autovacuum_max_workers) on every reachable target, each within a bound."""
-        if not needs_release(spec):
+    async def release(
+        self, spec: PolicySpec, pods: Iterable[PodInfo], per_target_seconds: float, status: Mapping[str, Any] | None
+    ) -> None:
+        """At deletion: reset what status records this enforcer wrote (autovacuum_max_workers) on every target,
+        each within a bound; what cannot be reset is named in an AutovacuumLeftBehind Event."""
+        if not needs_release(status):
             return
-        written = spec.autovacuum.max_workers
-        assert written is not None  # needs_release says so
-        chosen = [
-            p
-            for p in select_targets(spec.selector, pods)
-            if p.sidecar_enforced == (self.enforcer_kind == EnforcerKind.SIDECAR)
+        records = list(written_records(status, self.enforcer_kind).values())
+        if spec.enforcement_action is not EnforcementAction.ENFORCE:
+            for record in records:  # written while the policy enforced; a dry run never writes, not even this
+                self._left_behind(record, "the policy is in dryRun now, which never writes")
+            return
+        by_name = {p.name: p for p in pods}
+        await asyncio.gather(*(self._release_one(spec, by_name.get(r.pod), r, per_target_seconds) for r in records))
+
+    async def _release_lapsed(
+        self, spec: PolicySpec, status: Mapping[str, Any] | None, pods: list[PodInfo], ours: list[PodInfo]
+    ) -> list[TargetUpdate]:
+        """Reset what this policy wrote where it no longer wants a cap: spec.autovacuum (or its maxWorkers)
+        removed, or the pod deselected. Once per record; the updates drop the records of targets kept."""
+        if spec.enforcement_action is not EnforcementAction.ENFORCE:
+            return []  # a dry-run policy never writes; what an earlier enforcing spec wrote waits for it
+        keep = {p.name: p for p in ours} if spec.autovacuum.max_workers is not None else {}
+        records = written_records(status, self.enforcer_kind)
+        lapsed = [r for pod, r in records.items() if pod not in keep and r not in self._released]
+        if not lapsed:
+            return []
+        self._released.update(lapsed)
+        by_name = {p.name: p for p in pods}
+        timeout = self.settings.release_timeout
+        await asyncio.gather(*(self._release_one(spec, by_name.get(r.pod), r, timeout) for r in lapsed))
+        ours_by_name = {p.name: p for p in ours}
+        return [
+            TargetUpdate(r.pod, ours_by_name[r.pod].pod_ip, self.enforcer_kind, released=True)
+            for r in lapsed
+            if r.pod in ours_by_name  # a deselected pod's entry goes anyway
         ]
 
-        async def one(pod: PodInfo) -> None:
-            enforcer = self.make_enforcer(await self._endpoint(spec, pod))
+    async def _release_one(self, spec: PolicySpec, pod: PodInfo | None, record: WrittenRecord, seconds: float) -> None:
+        """Reset one record's value if postgresql.auto.conf still holds it; otherwise say what is left behind."""
+        reason: str
+        if pod is None or (self.fixed_endpoint is None and not pod.pod_ip):
+            reason = "the pod is gone or has no address"
+        else:
             try:
-                result = await enforcer.release_autovacuum(written)
+                result = await asyncio.wait_for(self._reset(spec, pod, record.value), seconds)
+            except Exception as exc:  # unreachable, credentials gone, timeout: named in the Event, never raised
+                reason = str(exc)[:500] or type(exc).__name__
+            else:
                 log.info("released autovacuum_max_workers", policy=self.name, pod=pod.name, result=result.to_json())
-            finally:
-                await enforcer.close()
+                if result.outcome in RELEASED_OUTCOMES:
+                    return
+                reason = "; ".join([result.message, *result.errors]).strip("; ")
+        self._left_behind(record, reason)
 
-        results = await asyncio.gather(
-            *(asyncio.wait_for(one(p), per_target_seconds) for p in chosen), return_exceptions=True
+    def _left_behind(self, record: WrittenRecord, reason: str) -> None:
+        log.warning("autovacuum_max_workers left behind", policy=self.name, pod=record.pod, reason=reason)
+        self.post_event(
+            PolicyEvent(
+                "Warning",
+                EventReason.AUTOVACUUM_LEFT_BEHIND,
+                f"{record.pod}: autovacuum_max_workers = {record.value} written by pgwarden at {record.time} "
+                f"not reset: {reason}",
+            )
         )
-        for pod, result in zip(chosen, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("release failed; left as is", policy=self.name, pod=pod.name, error=str(result))
+
+    async def _reset(self, spec: PolicySpec, pod: PodInfo, value: int) -> ReleaseReport:
+        enforcer = self.make_enforcer(await self._endpoint(spec, pod))
+        try:
+            return await enforcer.release_autovacuum(value)
+        finally:
+            await enforcer.close()
 
     async def close(self) -> None:
         """Let go of every target, and forget the policy's metric series: the loop ends when the policy is
@@ -353,7 +409,10 @@ class PolicyWorker:
                 # Its own connection first, then a shared slot: a wedged server never holds slots others need.
                 async with state.enforcer.connected(), self.concurrency:
                     report, next_in = await state.enforcer.evaluate(
-                        spec, policy=self.policy_key, target=f"{endpoint.host}:{endpoint.port}"
+                        spec,
+                        policy=self.policy_key,
+                        target=f"{endpoint.host}:{endpoint.port}",
+                        before_write=self._write_ahead(pod),
                     )
         except CycleInterrupted as exc:  # failed part way: what PostgreSQL accepted until then is still reported
             await self._failed(state, interval, exc)
@@ -391,6 +450,17 @@ class PolicyWorker:
         log.warning("insufficient privileges", policy=self.name, pod=state.pod.name, missing=list(missing))
         text = f"pod {state.pod.name}: missing {', '.join(missing)}: {message}"
         self.post_event(PolicyEvent("Warning", EventReason.INSUFFICIENT_PRIVILEGES, text[:1000]))
+
+    def _write_ahead(self, pod: PodInfo) -> WriteAhead:
+        """Status records `autovacuum.written` before the engine's ALTER SYSTEM, not after: an operator killed
+        in between still leaves the record its successor releases (a record whose value the file does not
+        hold is released as 'absent': nothing is reset)."""
+
+        async def record(value: int) -> None:
+            update = TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, writing=value)
+            await self.write_status([update], sorted(self.states), None, True)
+
+        return record
 
     async def _failed(self, state: TargetState, interval: float, exc: Exception) -> None:
         """Back off, drop the connection (the next attempt reconnects), count and log the failure."""

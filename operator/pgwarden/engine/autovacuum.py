@@ -29,6 +29,7 @@ from pgwarden.engine.autovacuum_plan import (
     SettingState,
     SkippedWorker,
     Worker,
+    WriteAhead,
     choose_workers_to_stop,
     is_pending_restart,
     pending_value,
@@ -157,7 +158,7 @@ class _Privileges:
 
 
 async def enforce_autovacuum(
-    conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool
+    conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, before_write: WriteAhead | None = None
 ) -> AutovacuumReport:
     """Bring autovacuum_max_workers to `spec.max_workers` and, if asked, stop the workers above it.
 
@@ -175,7 +176,7 @@ async def enforce_autovacuum(
         return report
     report.missing_privileges = privileges.missing_grants(stop_workers=spec.cancel_excess_workers)
     try:
-        await _enforce_setting(conn, desired, privileges, report, dry_run=dry_run)
+        await _enforce_setting(conn, desired, privileges, report, dry_run=dry_run, before_write=before_write)
         await _enforce_workers(conn, desired, privileges, report, stop=spec.cancel_excess_workers, dry_run=dry_run)
     except psycopg.Error as exc:  # only a broken connection gets here (see _record)
         # Keep what was written and which workers were stopped before the break: the cycle reports them.
@@ -251,6 +252,7 @@ async def _enforce_setting(
     report: AutovacuumReport,
     *,
     dry_run: bool,
+    before_write: WriteAhead | None = None,
 ) -> None:
     try:
         state = await _read_setting_state(conn, read_files=privileges.read_files)
@@ -272,6 +274,12 @@ async def _enforce_setting(
     if dry_run:
         report.would_write = True
         return
+    if before_write is not None:
+        try:
+            await before_write(desired)
+        except Exception as exc:  # no record, no write: a release must never miss what pgwarden wrote
+            report.errors.append(f"not writing {SETTING} = {desired}: recording the write first failed: {exc}")
+            return
     try:
         await conn.execute(_alter_system_set(desired))
     except psycopg.Error as exc:

@@ -7,7 +7,7 @@ vacuuming to prevent wraparound, a value set on the command line, a stale `pendi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -15,6 +15,11 @@ from typing import Any
 SETTING = "autovacuum_max_workers"
 WRAPAROUND_MARK = "(to prevent wraparound)"
 """What `pg_stat_activity.query` of an anti-wraparound autovacuum worker contains."""
+
+WriteAhead = Callable[[int], Awaitable[None]]
+"""Called with the value just before `ALTER SYSTEM SET` writes it: the caller records, durably, that pgwarden
+is writing it (the operator: status `autovacuum.written`), so a crash right after the write still leaves a
+record for the release. If it raises, nothing is written."""
 
 MAX_BACKENDS = 262143
 """PostgreSQL's MAX_BACKENDS (2^18 - 1): the server refuses to start if its process slots add up to more."""
@@ -208,6 +213,8 @@ class AutovacuumReport:
     warnings: list[str] = field(default_factory=list)
     lost: str | None = None
     """The connection broke part way (not in the JSON): what was done until then is still in the report."""
+    conflicts_with: list[str] = field(default_factory=list)
+    """Other policies that want another value on this server: this cycle wrote and stopped nothing."""
     missing_privileges: list[str] = field(default_factory=list)
     """Grants the cap needs that the connecting role lacks (the README's list), named as GRANT would name
     them; not in the JSON (the cycle report carries them, typed, and in its `errors`)."""
@@ -228,6 +235,7 @@ class AutovacuumReport:
             "skipped": [s.to_json() for s in self.skipped],
             "wouldCancel": list(self.would_cancel),
             "dryRun": self.dry_run,
+            "conflictsWith": list(self.conflicts_with),
             "errors": list(self.errors),
             "warnings": list(self.warnings),
         }

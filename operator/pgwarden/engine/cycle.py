@@ -18,7 +18,8 @@ import structlog
 
 from pgwarden.engine import act as acting
 from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
-from pgwarden.engine.autovacuum_plan import AutovacuumReport
+from pgwarden.engine.autovacuum_claims import CLAIMS, conflict_message
+from pgwarden.engine.autovacuum_plan import AutovacuumReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
 from pgwarden.engine.errors import CycleInterrupted
@@ -111,11 +112,16 @@ def _spend(
 
 
 async def _autovacuum(
-    conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, target: str
+    conn: psycopg.AsyncConnection[Any],
+    spec: Autovacuum,
+    *,
+    dry_run: bool,
+    target: str,
+    before_write: WriteAhead | None = None,
 ) -> tuple[AutovacuumReport | None, list[str], list[str], str | None]:
     """The autovacuum report, its errors, the grants it lacks, and why the connection broke (if it did)."""
     try:
-        result = await enforce_autovacuum(conn, spec, dry_run=dry_run)
+        result = await enforce_autovacuum(conn, spec, dry_run=dry_run, before_write=before_write)
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
             return None, [], [], f"connection to {target} lost during autovacuum: {str(exc).strip()}"
@@ -147,6 +153,21 @@ def compiled_observation(spec: PolicySpec, protected_pids: Collection[int] = ())
     return query
 
 
+def _claim_cap(spec: PolicySpec, policy: str, target: str, *, dry_run: bool) -> AutovacuumReport | None:
+    """Claim this policy's cap on `target` (see autovacuum_claims); a report of the conflict if another
+    policy of this process claims a different value there, else None (go on)."""
+    desired = spec.autovacuum.max_workers
+    if desired is None or dry_run:
+        CLAIMS.drop(target, policy)  # a dry run never writes: it conflicts with nobody
+        return None
+    others = CLAIMS.claim(target, policy, desired, spec.interval.total_seconds())
+    if not others:
+        return None
+    message = conflict_message(policy, desired, others)
+    log.warning("autovacuum cap conflict", policy=policy, target=target, others=others)
+    return AutovacuumReport(desired=desired, conflicts_with=sorted(others), errors=[f"autovacuum: {message}"])
+
+
 async def run_cycle(
     conn: psycopg.AsyncConnection[Any],
     spec: PolicySpec,
@@ -156,11 +177,13 @@ async def run_cycle(
     dry_run_override: bool = False,
     protected_pids: Collection[int] = (),
     budget: ActionBudget | None = None,
+    before_write: WriteAhead | None = None,
 ) -> CycleReport:
     """Evaluate `spec` once on the server behind `conn` and return what was seen and done.
 
     `budget`: the caller's record of actions per policy on this target; with it the blast-radius limits
     bound any window of length `spec.interval`, not just this cycle (without it: this cycle only).
+    `before_write`: see `WriteAhead` (the autovacuum cap records what it writes before writing it).
 
     Raises TargetUnreachable (connection failed or lost) or QueryFailed (the observation failed);
     per-session problems are reported in the result instead. A connection lost after acting began raises
@@ -207,9 +230,13 @@ async def run_cycle(
     sessions_missing = session_privileges(observation, spec)
     autovacuum_missing: list[str] = []
     lost = outcome.lost
-    if spec.autovacuum.max_workers is not None and jump is None and lost is None:
+    conflict = _claim_cap(spec, policy, target, dry_run=dry_run)
+    if conflict is not None:
+        report.autovacuum = conflict
+        report.errors.extend(conflict.errors)
+    elif spec.autovacuum.max_workers is not None and jump is None and lost is None:
         report.autovacuum, errors, autovacuum_missing, lost = await _autovacuum(
-            conn, spec.autovacuum, dry_run=dry_run, target=target
+            conn, spec.autovacuum, dry_run=dry_run, target=target, before_write=before_write
         )
         report.errors.extend(errors)
     # Missing grants first in `errors`: they explain the rest. Checked every cycle at no cost: the session

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from pgwarden.engine.autovacuum import release_autovacuum
-from pgwarden.engine.autovacuum_plan import ReleaseReport
+from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.connection import REQUIRE_AUTH_DEFAULT, EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
@@ -100,7 +100,13 @@ class TargetSession:
             ) from None
 
     async def run(
-        self, spec: PolicySpec, *, policy: str, dry_run_override: bool = False, target: str | None = None
+        self,
+        spec: PolicySpec,
+        *,
+        policy: str,
+        dry_run_override: bool = False,
+        target: str | None = None,
+        before_write: WriteAhead | None = None,
     ) -> CycleReport:
         """One cycle, within `evaluation_timeout`; a lost connection is closed so the next call reconnects."""
         started = time.monotonic()
@@ -122,6 +128,7 @@ class TargetSession:
                         dry_run_override=dry_run_override,
                         protected_pids=self.protected_pids,
                         budget=self.budget,
+                        before_write=before_write,
                     )
             except Exception as exc:
                 if isinstance(exc, CycleInterrupted) or time.monotonic() - started < self.evaluation_timeout:
@@ -218,10 +225,12 @@ class EngineTarget:
         await self.ensure_connected()
         yield
 
-    async def evaluate(self, spec: PolicySpec, *, policy: str, target: str) -> tuple[CycleReport, float | None]:
+    async def evaluate(
+        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+    ) -> tuple[CycleReport, float | None]:
         """Run one cycle; the report and seconds from this call's start until a new cycle is worthwhile."""
         called = time.monotonic()
-        report = await self._session.run(spec, policy=policy, target=target)
+        report = await self._session.run(spec, policy=policy, target=target, before_write=before_write)
         if report.next_deadline is None:
             return report, None
         return report, (report.observed_at - called) + report.next_deadline + DEADLINE_MARGIN

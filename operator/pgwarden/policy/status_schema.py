@@ -84,7 +84,19 @@ _TARGET = obj(
             max_items=LAST_ACTIONS_MAX_ITEMS,
         ),
         "autovacuum": obj(
-            "The autovacuum cap as the engine reports it (setting, workers, cancellations).",
+            "The autovacuum cap as the engine reports it (setting, workers, cancellations), and what pgwarden wrote.",
+            {
+                "written": obj(
+                    "The autovacuum_max_workers value pgwarden wrote here with ALTER SYSTEM (recorded just before "
+                    "the write), kept until released: the deletion of the policy, the removal of spec.autovacuum "
+                    "or the deselection of the pod resets exactly this value, if postgresql.auto.conf still holds it.",
+                    {
+                        "value": integer("The value written.", format="int32"),
+                        "time": string("When it was written.", format="date-time"),
+                    },
+                    required=["value"],
+                ),
+            },
             preserve_unknown_fields=True,
         ),
         "skipped": obj(
