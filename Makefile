@@ -23,6 +23,8 @@ venv: $(BIN)/pgwarden ## create .venv and install pgwarden with the test tools
 
 # PostgreSQL binaries and the control plane are fetched/built once and cached outside the checkout.
 assets: venv ## fetch/build PostgreSQL and control-plane binaries once (cached in the PGWARDEN_CACHE directory)
+	@echo ">>> Debian packages the tests need (hack/test-deps.sh: only the missing ones)"
+	bash hack/test-deps.sh
 	@echo ">>> PostgreSQL binaries ($${PGWARDEN_PG_VERSIONS:-15 18})"
 	$(BIN)/python -m tests.harness.pgbinaries
 	@echo ">>> control plane binaries (etcd, kube-apiserver, kubectl)"
