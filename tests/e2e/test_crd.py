@@ -20,6 +20,7 @@ from pgwarden.policy import parse_spec
 from pgwarden.policy.api import CRD_NAME, GROUP, KIND, PLURAL, SHORT_NAME, VERSION
 from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import MERGE_PATCH, as_dict, new_namespace
+from tests.harness.manifests import policies_served
 from tests.harness.policy_corpus import (
     INVALID,
     MODEL_REFUSES,
@@ -39,17 +40,6 @@ APPLY_PATCH = "application/apply-patch+yaml"
 def _established(ext: client.ApiextensionsV1Api) -> bool:
     conditions = as_dict(ext.read_custom_resource_definition(CRD_NAME)).get("status", {}).get("conditions", [])
     return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
-
-
-def _served(api: client.ApiClient, namespace: str) -> bool:
-    """True once the new resource answers (Established comes a moment before the handler is installed)."""
-    try:
-        client.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-    except client.ApiException as error:
-        if error.status == 404:
-            return False
-        raise
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +64,7 @@ def served_crd(k8s_api: client.ApiClient, crd_namespace: str) -> dict[str, Any]:
         body = {**crd, "metadata": {**crd["metadata"], "resourceVersion": version}}
         ext.replace_custom_resource_definition(CRD_NAME, client.V1CustomResourceDefinition.model_validate(body))
     wait_for(lambda: _established(ext), timeout=30, message=f"CRD {CRD_NAME} to be Established")
-    wait_for(lambda: _served(k8s_api, crd_namespace), timeout=30, message=f"{PLURAL} to be served")
+    wait_for(lambda: policies_served(k8s_api, crd_namespace), timeout=30, message=f"{PLURAL} to be served")
     return crd
 
 
