@@ -85,6 +85,30 @@ class Settings:
     secret_cache_ttl: float = _knob(
         30.0, "Seconds a credentials Secret is cached: a rotated password is used within this time.", minimum=0.0
     )
+    api_timeout: float = _knob(
+        10.0,
+        "Seconds any one Kubernetes API request of pgwarden's own (status, Secrets, pods, Events) may take before it "
+        "is abandoned; kopf's watches have their own bounds.",
+        minimum=0.1,
+    )
+    status_retry_max: float = _knob(
+        30.0,
+        "Seconds at most between two attempts to write a policy's status while the API server fails; attempts "
+        "back off from min_delay with full jitter. Enforcement never waits for them.",
+        minimum=0.1,
+    )
+    secret_stale_max: float = _knob(
+        900.0,
+        "Seconds a credentials Secret read earlier may still be used while the API server cannot be asked again "
+        "(stalled, restarting): enforcement goes on with the last good credentials for this long.",
+        minimum=0.0,
+    )
+    loop_stall: float = _knob(
+        120.0,
+        "Seconds without a completed step after which a policy's loop counts as stalled: /healthz then fails, "
+        "so the kubelet restarts the replica.",
+        minimum=1.0,
+    )
     event_max_pids: int = _knob(
         20, "Process ids listed in one Event's message at most (the rest are counted).", minimum=1, integer=True
     )

@@ -6,6 +6,7 @@ system user. Servers listen on one 127.0.0.0/8 address each, so several can pose
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -45,6 +46,21 @@ def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+async def wait_for_async(
+    predicate: Callable[[], Any], *, within: float = 10.0, interval: float = 0.01, message: str = "condition"
+) -> Any:
+    """`wait_for` inside an event loop: polls without blocking the tasks the predicate waits on."""
+    timeout = within
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)
 
 
 def holds_for(predicate: Callable[[], Any], duration: float, interval: float = 0.2) -> bool:

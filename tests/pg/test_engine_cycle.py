@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from pgwarden.engine.errors import TargetNotConfirmed
 from pgwarden.engine.session import EngineTarget
 from tests.harness.engine import enforce, spec_of, unique
-from tests.harness.postgres import PgServer
+from tests.harness.postgres import PgServer, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -82,3 +83,53 @@ async def test_engine_target_for_the_controller(pg: PgServer, request: pytest.Fi
         assert report.server_version.split(".")[0] == pg.major
     finally:
         await from_dsn.close()
+
+
+async def test_a_new_connection_is_checked_before_anything_is_done_on_it(
+    pg: PgServer, request: pytest.FixtureRequest
+) -> None:
+    """The controller's address check runs once per connection, before the first signal or write; a refusal
+    leaves every session alone, and a silent reconnect (the engine's own backend terminated) is checked anew."""
+    app = unique(request)
+    spec = spec_of(sessions=[{"name": "now", "action": "terminate", "connectionAge": "0s", "applicationNames": [app]}])
+    checks: list[str] = []
+    verdict = ["refuse"]
+
+    async def check() -> None:
+        checks.append(verdict[0])
+        if verdict[0] == "refuse":
+            raise RuntimeError("pod db-0 now has address 10.0.0.9")
+
+    target = EngineTarget(
+        host=pg.host,
+        port=pg.port,
+        dbname="postgres",
+        user="postgres",
+        password=None,
+        sslmode="disable",
+        require_auth="any",
+    )
+    victim = pg.open_session("idle", application_name=app)
+    try:
+        with pytest.raises(TargetNotConfirmed, match="nothing done on a new connection: pod db-0 now has address"):
+            await target.evaluate(spec, policy="ns/p", target="pod-0", check=check)
+        assert pg.alive(victim.pid)
+        with pytest.raises(TargetNotConfirmed):  # still unchecked: asked again, refused again
+            await target.release_autovacuum(3, check)
+        verdict[0] = "pass"
+        report, _ = await target.evaluate(spec, policy="ns/p", target="pod-0", check=check)
+        assert [a.pid for a in report.actions] == [victim.pid]
+        await target.evaluate(spec, policy="ns/p", target="pod-0", check=check)
+        assert checks == ["refuse", "refuse", "pass"]  # once per connection, not per cycle
+        pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgwarden'"
+            " AND pid <> pg_backend_pid()"
+        )
+        wait_for(
+            lambda: not pg.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgwarden'"),
+            message="the engine's own backend gone",
+        )
+        await target.evaluate(spec, policy="ns/p", target="pod-0", check=check)
+        assert checks == ["refuse", "refuse", "pass", "pass"]  # the reconnect was checked before acting
+    finally:
+        await target.close()

@@ -19,13 +19,14 @@ import pytest
 
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.events import PolicyEvent
-from pgwarden.enforcement.kube import Credentials, CredentialsError
+from pgwarden.enforcement.kube import Credentials, CredentialsError, PodMoved
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.errors import CycleInterrupted, TargetUnreachable
 from pgwarden.engine.report import CycleReport, SkipRecord
+from pgwarden.engine.types import ServerCheck
 from pgwarden.policy import CredentialsSecret, PolicySpec, parse_spec
 from pgwarden.policy.api import (
     ENFORCER_ANNOTATION,
@@ -68,15 +69,25 @@ class FakeEnforcer:
         self.closed = False
 
     async def evaluate(
-        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+        self,
+        spec: PolicySpec,
+        *,
+        policy: str,
+        target: str,
+        before_write: WriteAhead | None = None,
+        check: ServerCheck | None = None,
     ) -> tuple[CycleReport, float | None]:
+        if check is not None:
+            await check()  # raises to refuse: then nothing is evaluated, as the engine does
         self.engine.evaluated.append(self.endpoint.host)
         outcome = self.engine.outcomes.get(self.endpoint.host, (cycle_report(), None))
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    async def release_autovacuum(self, written: int) -> ReleaseReport:
+    async def release_autovacuum(self, written: int, check: ServerCheck | None = None) -> ReleaseReport:
+        if check is not None:
+            await check()
         self.engine.releases.append((self.endpoint.host, written))
         return ReleaseReport(written=written, outcome=self.engine.release_outcome)
 
@@ -376,7 +387,7 @@ async def test_an_invalid_spec_is_reported_and_lets_go_of_every_target(make_harn
     assert h.worker.states == {}
     assert h.engine.closed() == ["127.0.0.2"]
     call = h.statuses[-1]
-    assert (call.updates, call.owned, call.force) == ([], [], True)
+    assert (call.updates, call.owned, call.force) == ([], [], False)  # written in the background, as any step
     assert call.condition is not None
     assert (call.condition.type, call.condition.reason) == (ConditionType.READY, ConditionReason.INVALID_SPEC)
     assert "spec.interval" in call.condition.message
@@ -558,3 +569,42 @@ async def test_a_dry_run_policy_never_writes_at_deletion_and_names_what_it_left(
     assert "dryRun" in h.events[0].message
     await h.worker.release(dry, [DB0], 5.0, {})  # nothing recorded: nothing to do, nothing to say
     assert len(h.events) == 1
+
+
+async def test_a_pod_whose_address_cannot_be_confirmed_is_not_acted_on(make_harness: Callable[..., Harness]) -> None:
+    """A stale pods index plus a reused IP: the check refuses, nothing is evaluated, the target says why."""
+    h = make_harness()
+    refused = ["db-0"]
+
+    async def check(pod: PodInfo) -> None:
+        if pod.name in refused:
+            raise PodMoved(f"pod {pod.name} now has address 10.0.0.9, not {pod.pod_ip}")
+
+    h.worker.check_pod = check
+    h.engine.outcomes["127.0.0.2"] = (cycle_report(action(41)), None)
+    await h.step([DB0, DB1])
+    await h.settle()
+    await h.step([DB0, DB1])
+    assert h.engine.evaluated == ["127.0.0.3"]  # db-1 only
+    errors = {u.pod: u.error for u in h.statuses[-1].updates}
+    assert "now has address 10.0.0.9" in (errors["db-0"] or "")
+    assert errors["db-1"] is None
+    assert not h.events  # nothing was done, so nothing is evented
+    refused.clear()
+    h.clock.advance(INTERVAL)
+    await h.step([DB0, DB1])
+    await h.settle()
+    assert "127.0.0.2" in h.engine.evaluated
+
+
+async def test_the_sidecar_checks_no_address_its_server_is_its_own(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness()
+
+    async def check(pod: PodInfo) -> None:
+        raise AssertionError("the controller's address check ran for a fixed endpoint")
+
+    h.worker.check_pod = check
+    h.worker.fixed_endpoint = Endpoint("local", 0, "", "", None)
+    await h.step([DB0])
+    await h.settle()
+    assert h.engine.evaluated == ["local"]

@@ -16,7 +16,7 @@ from pgwarden.controller.constants import PEERING_NAME
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement.events import PolicyEvent
 from pgwarden.enforcement.kube import ensure_cluster_peering, load_api_client
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
+from pgwarden.enforcement.status_queue import StatusQueue
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
 from pgwarden.enforcement.worker import PolicyWorker, needs_release, wait_for_work
 from pgwarden.policy import PolicyError, parse_spec
@@ -78,19 +78,9 @@ async def enforce(
 ) -> None:
     """The policy's loop: lives as long as the policy does (stopped at once when it is deleted)."""
     runtime: Runtime = memo["runtime"]
-
-    async def write_status(
-        updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, force: bool
-    ) -> None:
-        await runtime.writer.record(
-            namespace,
-            name,
-            latest=dict(body),
-            writer=EnforcerKind.CONTROLLER,
-            updates=updates,
-            owned_pods=owned,
-            condition=condition,
-        )
+    status = StatusQueue(
+        runtime.writer, namespace, name, EnforcerKind.CONTROLLER, latest=lambda: dict(body), settings=runtime.settings
+    )
 
     def post_event(event: PolicyEvent) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -100,18 +90,47 @@ async def enforce(
         name=name,
         secrets=runtime.secrets,
         make_enforcer=runtime.make_enforcer,
-        write_status=write_status,
+        write_status=status.submit,
         post_event=post_event,
         concurrency=runtime.concurrency,
+        check_pod=runtime.check_pod,
         settings=runtime.settings,
     )
+    failures = 0
     try:
         while not stopped:
-            delay = await worker.step(body, list(pods_by_namespace.get(namespace, [])))
+            try:
+                delay = await worker.step(body, list(pods_by_namespace.get(namespace, [])))
+                failures = 0
+            except Exception as exc:  # no exception but cancellation ends a policy's loop (kopf would back off 60 s)
+                failures += 1
+                delay = runtime.settings.retry_delay(failures, runtime.settings.max_backoff)
+                log.warning(
+                    "policy step failed; retrying",
+                    policy=name,
+                    namespace=namespace,
+                    retry_in=delay,
+                    error=f"{type(exc).__name__}: {str(exc)[:300]}",
+                )
+            runtime.tick(namespace, name)
             await wait_for_work(delay, worker.inflight(), stopped.wait())
     finally:
+        runtime.loops.pop((namespace, name), None)
         await asyncio.shield(worker.close())
+        await asyncio.shield(status.close(flush_within=runtime.settings.api_timeout if not stopped else None))
         runtime.writer.forget(namespace, name)
+
+
+@kopf.on.probe(id="enforcement")
+def enforcement_health(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    """/healthz fails when a policy's loop has stopped completing steps (a bug, not a slow database: every
+    evaluation and API call is bounded); then the kubelet restarts the replica. A slow or failing target or
+    API server is in status and metrics, not here: restarting would not fix it."""
+    runtime: Runtime = memo["runtime"]
+    stalled = runtime.stalled_loops()
+    if stalled:
+        raise kopf.PermanentError(f"policy loops stalled: {', '.join(stalled[:20])}")
+    return {"policies": len(runtime.loops)}
 
 
 def writes_on_targets(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:

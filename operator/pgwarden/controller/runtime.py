@@ -6,11 +6,12 @@ Kept in kopf's memo so handlers stay thin and tests can swap any part.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from kubernetes import client
 
-from pgwarden.enforcement.kube import PolicyApi, SecretReader
+from pgwarden.enforcement.kube import PodAddressCheck, PodApi, PolicyApi, SecretReader
 from pgwarden.enforcement.pool import ConnectionPool
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.enforcement.worker import Endpoint, TargetEnforcer
@@ -22,7 +23,10 @@ class Runtime:
     settings: Settings = DEFAULTS
     api: client.ApiClient | None = None
     secrets: SecretReader | None = None
+    check_pod: PodAddressCheck | None = None
     _writer: StatusWriter | None = None
+    loops: dict[tuple[str, str], float] = field(default_factory=dict)
+    """When each policy's loop last completed a step (monotonic): /healthz reads it."""
     concurrency: asyncio.Semaphore = field(init=False)
     pool: ConnectionPool = field(default_factory=ConnectionPool)
 
@@ -37,8 +41,20 @@ class Runtime:
     def bind_clients(self, api: client.ApiClient) -> None:
         """The Secret reader and the status writer over `api`, tuned by the settings."""
         self.api = api
-        self.secrets = SecretReader(api, ttl=self.settings.secret_cache_ttl)
-        self._writer = StatusWriter.configured(PolicyApi(api), self.settings)
+        timeout = self.settings.api_timeout
+        self.secrets = SecretReader(
+            api, ttl=self.settings.secret_cache_ttl, timeout=timeout, stale_max=self.settings.secret_stale_max
+        )
+        self.check_pod = PodAddressCheck(PodApi(api, timeout))
+        self._writer = StatusWriter.configured(PolicyApi(api, timeout), self.settings)
+
+    def tick(self, namespace: str, name: str) -> None:
+        self.loops[(namespace, name)] = time.monotonic()
+
+    def stalled_loops(self) -> list[str]:
+        """Policies whose loop has not completed a step within `loop_stall` seconds."""
+        now = time.monotonic()
+        return sorted(f"{ns}/{n}" for (ns, n), at in self.loops.items() if now - at > self.settings.loop_stall)
 
     def make_enforcer(self, endpoint: Endpoint) -> TargetEnforcer:
         return self.pool.acquire(endpoint)

@@ -17,9 +17,13 @@ import structlog
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from pgwarden.enforcement.targets import PodInfo
 from pgwarden.policy import CredentialsSecret
 from pgwarden.policy.api import API_VERSION, CREDENTIALS_LABEL, GROUP, KIND, PLURAL, VERSION
 from pgwarden.policy.api import ConditionReason as Reason
+
+DEFAULT_API_TIMEOUT = 10.0
+"""Seconds one API request may take (Settings.api_timeout); the official client otherwise waits forever."""
 
 
 def load_api_client() -> client.ApiClient:
@@ -28,7 +32,11 @@ def load_api_client() -> client.ApiClient:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # No silent retries: urllib3's three would make each call's bound four times Settings.api_timeout, and
+    # every caller already retries on its own schedule (status writer backoff, next step, Secret fallback).
+    configuration.retries = 0
+    return client.ApiClient(configuration)
 
 
 class CredentialsError(Exception):
@@ -59,11 +67,27 @@ class SecretReader:
     The short cache bounds API traffic while a rotated password is picked up within `ttl` seconds.
     """
 
-    def __init__(self, api: client.ApiClient, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        timeout: float = DEFAULT_API_TIMEOUT,
+        stale_max: float = 900.0,
+        revalidate_wait: float = 1.0,
+    ) -> None:
+        """`stale_max`: how long the last good values stay usable while the API server cannot be asked (an API
+        stall must not stop enforcement on servers that are fine); `revalidate_wait`: how long a call waits for
+        a refresh it started before it settles for those values."""
         self._core = client.CoreV1Api(api)
         self._ttl = ttl
         self._clock = clock
+        self._timeout = timeout
+        self._stale_max = stale_max
+        self._revalidate_wait = revalidate_wait
         self._cache: dict[tuple[str, str], tuple[float, dict[str, str] | CredentialsError]] = {}
+        self._refreshing: dict[tuple[str, str], asyncio.Task[dict[str, str]]] = {}
         self._swept = clock()
 
     def __len__(self) -> int:
@@ -71,12 +95,13 @@ class SecretReader:
         return len(self._cache)
 
     def _sweep(self, now: float) -> None:
-        """Drop expired entries, at most once per `ttl`: Secrets of deleted policies (and their values)
-        would otherwise stay in memory for the life of the process."""
+        """Drop entries too old to be used even as a fallback, at most once per `ttl`: Secrets of deleted
+        policies (and their values) would otherwise stay in memory for the life of the process."""
         if now - self._swept < self._ttl:
             return
         self._swept = now
-        for key in [k for k, (at, _) in self._cache.items() if now - at >= self._ttl]:
+        keep = max(self._ttl, self._stale_max)
+        for key in [k for k, (at, _) in self._cache.items() if now - at >= keep]:
             del self._cache[key]
 
     def invalidate(self, namespace: str, name: str) -> None:
@@ -93,27 +118,54 @@ class SecretReader:
         return Credentials(data[ref.username_key], data[ref.password_key])
 
     async def _secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        """Fresh values from the cache; else a read. When the read cannot finish now (the API server stalls or
+        restarts) and earlier values are at most `stale_max` old, those are used and the read goes on in the
+        background: an answer the server does give (not found, unlabelled, forbidden) always wins."""
         key = (namespace, name)
         now = self._clock()
         self._sweep(now)
         cached = self._cache.get(key)
         if cached and now - cached[0] < self._ttl:
-            if isinstance(cached[1], CredentialsError):
-                raise cached[1]
-            return cached[1]
+            return _unwrap(cached[1])
+        fallback: dict[str, str] | None = None
+        if cached is not None and not isinstance(cached[1], CredentialsError) and now - cached[0] < self._stale_max:
+            fallback = cached[1]
+        started = key not in self._refreshing
+        task = self._refreshing.get(key) or self._start_refresh(key)
+        if fallback is None:
+            return await asyncio.shield(task)
+        if started:
+            await asyncio.wait({task}, timeout=self._revalidate_wait)
+        if task.done() and not task.cancelled() and not isinstance(task.exception(), _Unavailable):
+            return task.result()  # the server answered: its values, or why they cannot be used (raised)
+        return fallback
+
+    def _start_refresh(self, key: tuple[str, str]) -> asyncio.Task[dict[str, str]]:
+        task = asyncio.create_task(self._read(*key), name=f"pgwarden secret {key[0]}/{key[1]}")
+        self._refreshing[key] = task
+        task.add_done_callback(lambda t: self._refreshing.pop(key, None) if self._refreshing.get(key) is t else None)
+        # A refresh nobody awaits any more (the caller used the fallback) must not log "never retrieved".
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _read(self, namespace: str, name: str) -> dict[str, str]:
+        """One read of the Secret, cached: its values, or the reason it cannot be used (also cached)."""
+        key = (namespace, name)
         try:
-            secret = await asyncio.to_thread(self._core.read_namespaced_secret, name, namespace)
+            secret = await asyncio.to_thread(
+                self._core.read_namespaced_secret, name, namespace, _request_timeout=self._timeout
+            )
         except ApiException as exc:
             if exc.status == 404:
                 error = CredentialsError(Reason.CREDENTIALS_SECRET_NOT_FOUND, f"Secret {namespace}/{name} not found")
             elif exc.status == 403:
                 error = CredentialsError(Reason.CREDENTIALS_FORBIDDEN, f"not allowed to read Secret {namespace}/{name}")
             else:
-                raise CredentialsError(
-                    Reason.CREDENTIALS_UNAVAILABLE, f"reading Secret {namespace}/{name} failed: HTTP {exc.status}"
-                ) from None
+                raise _Unavailable(f"reading Secret {namespace}/{name} failed: HTTP {exc.status}") from None
             self._cache[key] = (self._clock(), error)
             raise error from None
+        except Exception as exc:  # timeout, connection refused or reset: the server gave no answer
+            raise _Unavailable(f"reading Secret {namespace}/{name} failed: {type(exc).__name__}") from None
         try:
             data = _credentials_data(namespace, name, secret)
         except CredentialsError as error:
@@ -121,6 +173,19 @@ class SecretReader:
             raise
         self._cache[key] = (self._clock(), data)
         return data
+
+
+class _Unavailable(CredentialsError):
+    """The API server gave no usable answer (timeout, 5xx, connection lost): say so, keep nothing."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.CREDENTIALS_UNAVAILABLE, message)
+
+
+def _unwrap(value: dict[str, str] | CredentialsError) -> dict[str, str]:
+    if isinstance(value, CredentialsError):
+        raise value
+    return value
 
 
 def _credentials_data(namespace: str, name: str, secret: Any) -> dict[str, str]:
@@ -156,13 +221,20 @@ class StatusRejected(Exception):
 class PolicyApi:
     """Reads and writes PostgresPolicy objects (status only: the spec belongs to the user)."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, timeout: float = DEFAULT_API_TIMEOUT) -> None:
         self._custom = client.CustomObjectsApi(api)
+        self._timeout = timeout
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             obj = await asyncio.to_thread(
-                self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+                self._custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                _request_timeout=self._timeout,
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -187,6 +259,7 @@ class PolicyApi:
                 name,
                 body,
                 _content_type="application/merge-patch+json",
+                _request_timeout=self._timeout,
             )
         except ApiException as exc:
             if exc.status == 409:
@@ -200,14 +273,17 @@ class PolicyApi:
 
 
 class PodApi:
-    """Reads one pod by name: all the sidecar needs to learn its own labels and annotations."""
+    """Reads one pod by name: the sidecar's own labels and annotations, the controller's check of an address."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, timeout: float = DEFAULT_API_TIMEOUT) -> None:
         self._core = client.CoreV1Api(api)
+        self._timeout = timeout
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            pod = await asyncio.to_thread(self._core.read_namespaced_pod, name, namespace)
+            pod = await asyncio.to_thread(
+                self._core.read_namespaced_pod, name, namespace, _request_timeout=self._timeout
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -215,22 +291,63 @@ class PodApi:
         return dict(self._core.api_client.sanitize_for_serialization(pod))
 
 
+class PodMoved(Exception):
+    """The pod the index named is gone, leaving, or has another address now: its old IP may be someone else's."""
+
+
+class PodAddressCheck:
+    """The controller's `PodCheck`: one read of the pod before the first action on a new connection.
+
+    The pods index is kopf's watch cache; when the watch stalls it keeps a deleted pod, and the pod's IP may
+    already belong to another pod (another team's PostgreSQL). Reading the pod itself costs one request per
+    new connection, not per cycle; when it cannot be read, nothing is done on that connection.
+    """
+
+    def __init__(self, pods: PodApi) -> None:
+        self._pods = pods
+
+    async def __call__(self, pod: PodInfo) -> None:
+        try:
+            live = await self._pods.get(pod.namespace, pod.name)
+        except Exception as exc:
+            status = exc.status if isinstance(exc, ApiException) else type(exc).__name__
+            raise PodMoved(f"pod {pod.name} could not be read to confirm its address ({status})") from None
+        if live is None:
+            raise PodMoved(f"pod {pod.name} no longer exists; its address {pod.pod_ip} is not used")
+        meta, status = live.get("metadata") or {}, live.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            raise PodMoved(f"pod {pod.name} is being deleted")
+        if status.get("podIP") != pod.pod_ip:
+            raise PodMoved(f"pod {pod.name} now has address {status.get('podIP')}, not {pod.pod_ip}")
+
+
 class PolicyLister:
     """Lists the policies of one namespace (the sidecar's view; the controller uses kopf's watch)."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, timeout: float = DEFAULT_API_TIMEOUT) -> None:
         self._custom = client.CustomObjectsApi(api)
+        self._timeout = timeout
 
     async def list(self, namespace: str) -> list[dict[str, Any]]:
-        result = await asyncio.to_thread(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+        result = await asyncio.to_thread(
+            self._custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            _request_timeout=self._timeout,
+        )
         return [dict(item) for item in cast(dict[str, Any], result).get("items", [])]
 
 
 class EventPoster:
     """Posts core/v1 Events about a policy without kopf (the sidecar runs no kopf)."""
 
-    def __init__(self, api: client.ApiClient, component: str, instance: str) -> None:
+    def __init__(
+        self, api: client.ApiClient, component: str, instance: str, timeout: float = DEFAULT_API_TIMEOUT
+    ) -> None:
         self._core = client.CoreV1Api(api)
+        self._timeout = timeout
         self._component = component
         self._instance = instance
 
@@ -257,12 +374,18 @@ class EventPoster:
             "count": 1,
         }
         try:
-            await asyncio.to_thread(self._core.create_namespaced_event, str(meta.get("namespace")), body)  # type: ignore[arg-type]
-        except ApiException as exc:  # an Event is best effort; the action is already logged
-            structlog.get_logger("pgwarden.sidecar").warning("event not posted", reason=reason, status=exc.status)
+            await asyncio.to_thread(
+                self._core.create_namespaced_event,
+                str(meta.get("namespace")),
+                body,  # type: ignore[arg-type]
+                _request_timeout=self._timeout,
+            )
+        except Exception as exc:  # an Event is best effort (refused, timed out); the action is already logged
+            status = exc.status if isinstance(exc, ApiException) else type(exc).__name__
+            structlog.get_logger("pgwarden.sidecar").warning("event not posted", reason=reason, status=status)
 
 
-async def ensure_cluster_peering(api: client.ApiClient, name: str) -> str:
+async def ensure_cluster_peering(api: client.ApiClient, name: str, request_timeout: float = DEFAULT_API_TIMEOUT) -> str:
     """Create kopf's ClusterKopfPeering `name` if missing, before kopf's peering starts.
 
     Without the object kopf's keep-alives find nothing and every replica would enforce; with it the
@@ -271,7 +394,14 @@ async def ensure_cluster_peering(api: client.ApiClient, name: str) -> str:
     custom = client.CustomObjectsApi(api)
     body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
     try:
-        await asyncio.to_thread(custom.create_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", body)
+        await asyncio.to_thread(
+            custom.create_cluster_custom_object,
+            "kopf.dev",
+            "v1",
+            "clusterkopfpeerings",
+            body,
+            _request_timeout=request_timeout,
+        )
     except ApiException as exc:
         if exc.status == 409:
             return "exists"

@@ -16,6 +16,7 @@ from pgwarden.enforcement.worker import Endpoint
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.session import EngineTarget
+from pgwarden.engine.types import ServerCheck
 from pgwarden.policy import PolicySpec
 
 
@@ -62,18 +63,28 @@ class SharedEnforcer:
         return self._connection
 
     async def evaluate(
-        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+        self,
+        spec: PolicySpec,
+        *,
+        policy: str,
+        target: str,
+        before_write: WriteAhead | None = None,
+        check: ServerCheck | None = None,
     ) -> tuple[CycleReport, float | None]:
         connection = self._use()
         if self._turn:
-            return await connection.target.evaluate(spec, policy=policy, target=target, before_write=before_write)
+            return await connection.target.evaluate(
+                spec, policy=policy, target=target, before_write=before_write, check=check
+            )
         async with connection.lock:  # one statement at a time on a connection; policies take turns
-            return await connection.target.evaluate(spec, policy=policy, target=target, before_write=before_write)
+            return await connection.target.evaluate(
+                spec, policy=policy, target=target, before_write=before_write, check=check
+            )
 
-    async def release_autovacuum(self, written: int) -> ReleaseReport:
+    async def release_autovacuum(self, written: int, check: ServerCheck | None = None) -> ReleaseReport:
         connection = self._use()
         async with connection.lock:
-            return await connection.target.release_autovacuum(written)
+            return await connection.target.release_autovacuum(written, check)
 
     async def close(self) -> None:
         """Let go of the connection; the last policy to let go closes it. (A broken one is reopened by

@@ -35,7 +35,7 @@ TIMESTAMP_FIELDS = frozenset({"lastCycleTime", "lastTransitionTime"})
 # exactly (pgwarden_backends); in the status they are a snapshot refreshed with the heartbeat, or with the
 # next write that says something new, never a reason to write by themselves: that would be a write per cycle.
 COUNT_FIELDS = frozenset({"backends", "clientStates", "runningWorkers"})
-VOLATILE_FIELDS = TIMESTAMP_FIELDS | COUNT_FIELDS
+VOLATILE_FIELDS = TIMESTAMP_FIELDS | COUNT_FIELDS | {"writes"}  # a write id alone is no news
 TOTAL_KEYS = ("actions", "terminated", "cancelled", "autovacuumCancelled")
 # Every engine `errors` entry about a missing grant starts with this (pgwarden.engine.cycle says so; this
 # pure module does not import the engine's I/O modules to learn it).
@@ -205,6 +205,8 @@ def next_status(
     owned_pods: Iterable[str] | None = None,
     scope: Callable[[str], bool] | None = None,
     policy_condition: PolicyCondition | None = None,
+    carried_totals: Mapping[str, int] | None = None,
+    write: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """The status after applying this writer's updates to `current`.
 
@@ -212,6 +214,9 @@ def next_status(
     for other pods within its `scope` (gone, relabelled) are dropped. A sidecar's scope is its own pod,
     so it never drops a sibling's entry; the controller's scope is every pod.
     `policy_condition` overrides the computed Ready/Degraded (an invalid spec, missing credentials).
+    `carried_totals` are the actions of updates folded away while the API server could not be written
+    (see StatusQueue): they count in `totals` though their entries were superseded.
+    `write` is (writer key, write id): recorded in `writes`, so a write whose answer was lost can be recognised.
     """
     status: dict[str, Any] = copy.deepcopy(dict(current or {}))
     updates = list(updates)
@@ -222,7 +227,8 @@ def next_status(
             in_scope = scope is None or scope(pod)
             if in_scope and entry.get("enforcer") in (writer, None) and pod not in keep:
                 del by_pod[pod]
-    totals = {k: int((status.get("totals") or {}).get(k, 0)) for k in TOTAL_KEYS}
+    carried = carried_totals or {}
+    totals = {k: int((status.get("totals") or {}).get(k, 0)) + int(carried.get(k, 0)) for k in TOTAL_KEYS}
     for update in updates:
         previous = by_pod.get(update.pod)
         if update.skipped_reason and previous and previous.get("enforcer") not in (None, update.enforcer):
@@ -232,6 +238,7 @@ def next_status(
             totals[key] += value
     targets = [by_pod[pod] for pod in sorted(by_pod)]
     status["targets"] = targets
+    _record_write(status, write, set(by_pod))
     status["totals"] = totals
     active = [t for t in targets if not t.get("skippedReason")]
     failing = [t for t in active if t.get("error")]
@@ -242,6 +249,30 @@ def next_status(
     conditions = _conditions(active, failing, policy_condition)
     status["conditions"] = _carry_transitions(status.get("conditions") or [], conditions, generation)
     return fit_status(status)
+
+
+def write_key(writer: str, scope_pod: str | None = None) -> str:
+    """The key of a writer in `status.writes`: the controller, or one pod's sidecar."""
+    return f"{writer}/{scope_pod}" if scope_pod else writer
+
+
+def last_write(status: Mapping[str, Any] | None, key: str) -> str | None:
+    writes = (status or {}).get("writes")
+    return str(writes[key]) if isinstance(writes, dict) and key in writes else None
+
+
+def _record_write(status: dict[str, Any], write: tuple[str, str] | None, pods: set[str]) -> None:
+    """Set this writer's id, and drop those of sidecars whose pod has no entry any more (bounded map)."""
+    writes = dict(status.get("writes") or {})
+    if write is not None:
+        writes[write[0]] = write[1]
+    for key in [k for k in writes if "/" in k and k.split("/", 1)[1] not in pods]:
+        if write is None or key != write[0]:
+            del writes[key]
+    if writes:
+        status["writes"] = writes
+    else:
+        status.pop("writes", None)
 
 
 def _cut(text: str, limit: int) -> str:

@@ -18,10 +18,37 @@ from typing import Any, Protocol
 import structlog
 
 from pgwarden.enforcement.kube import StatusConflict, StatusRejected
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, compact_status, differs, next_status
+from pgwarden.enforcement.status import (
+    PolicyCondition,
+    TargetUpdate,
+    compact_status,
+    differs,
+    last_write,
+    next_status,
+)
 from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
+
+
+class WriteOutcomeUnknown(Exception):
+    """The status write was sent but no answer came (timeout, connection lost, 5xx): it may land later, once.
+
+    `write_id` is in the status if it did; `base` is the resourceVersion it was conditioned on (it can land
+    only while the policy is still at that version)."""
+
+    def __init__(self, message: str, write_id: str, base: str) -> None:
+        super().__init__(message)
+        self.write_id = write_id
+        self.base = base
+
+
+class GhostLanded(Exception):
+    """A write reported as WriteOutcomeUnknown did land: `write_id` is the one found in the status."""
+
+    def __init__(self, write_id: str) -> None:
+        super().__init__(f"status write {write_id} landed after all")
+        self.write_id = write_id
 
 
 class PolicyStore(Protocol):
@@ -53,8 +80,17 @@ class StatusWriter:
         owned_pods: list[str] | None,
         scope: Callable[[str], bool] | None = None,
         condition: PolicyCondition | None = None,
+        carried_totals: Mapping[str, int] | None = None,
+        write: tuple[str, str] | None = None,
+        ghosts: dict[str, str] | None = None,
     ) -> bool:
-        """Apply one step's outcome to the policy's status; True if a write happened."""
+        """Apply one step's outcome to the policy's status; True if a write happened.
+
+        `write` is (writer key, write id), recorded in the status. `ghosts` maps ids of earlier writes whose
+        outcome is unknown to the resourceVersion each was conditioned on: if the status read here carries
+        one, it landed (GhostLanded: the caller drops what it held); those that can no longer land (the
+        policy moved past their version without them) are removed from the dict.
+        """
         key = (namespace, name)
         obj = dict(latest) if latest is not None else await self.policies.get(namespace, name)
         conflicts = 0
@@ -63,6 +99,8 @@ class StatusWriter:
                 return False  # the policy is gone; nothing to report on
             meta = obj.get("metadata") or {}
             current = obj.get("status") or {}
+            if ghosts and write is not None:
+                _settle_ghosts(ghosts, current, write[0], str(meta.get("resourceVersion")))
             new = next_status(
                 current,
                 writer=writer,
@@ -71,12 +109,15 @@ class StatusWriter:
                 owned_pods=owned_pods,
                 scope=scope,
                 policy_condition=condition,
+                carried_totals=carried_totals,
+                write=write,
             )
             stale = time.monotonic() - self._last_write.get(key, 0.0) >= self.heartbeat
             if not differs(current, new) and not (stale and updates):
                 return False
+            base = str(meta.get("resourceVersion"))
             try:
-                await self._write(namespace, name, new, str(meta.get("resourceVersion")))
+                await self._write(namespace, name, new, base)
             except StatusConflict:
                 conflicts += 1
                 await self._pause(conflicts)
@@ -89,6 +130,10 @@ class StatusWriter:
                     "status refused by the API server; not written", policy=name, namespace=namespace, error=str(exc)
                 )
                 return False
+            except Exception as exc:  # sent, unanswered: it may still land (see WriteOutcomeUnknown)
+                if write is None:
+                    raise
+                raise WriteOutcomeUnknown(f"{type(exc).__name__}: {str(exc)[:300]}", write[1], base) from None
             self._last_write[key] = time.monotonic()
             self.writes += 1
             return True
@@ -115,3 +160,12 @@ class StatusWriter:
 
     def forget(self, namespace: str, name: str) -> None:
         self._last_write.pop((namespace, name), None)
+
+
+def _settle_ghosts(ghosts: dict[str, str], status: Mapping[str, Any], key: str, version: str) -> None:
+    """Raise GhostLanded if `status` carries one of `ghosts`; forget those that can no longer land."""
+    landed = last_write(status, key)
+    if landed is not None and landed in ghosts:
+        raise GhostLanded(landed)
+    for write_id in [w for w, base in ghosts.items() if base != version]:
+        del ghosts[write_id]  # conditioned on an older version, and not in the status: it never will be

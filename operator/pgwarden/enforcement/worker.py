@@ -25,6 +25,7 @@ from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.errors import CycleInterrupted
 from pgwarden.engine.report import CycleReport
+from pgwarden.engine.types import ServerCheck
 from pgwarden.policy import CredentialsSecret, EnforcementAction, PolicyError, PolicySpec, parse_spec
 from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind, EventReason
 from pgwarden.settings import DEFAULTS, Settings
@@ -36,12 +37,19 @@ class TargetEnforcer(Protocol):
     """What the worker needs from the engine for one PostgreSQL server (see pgwarden.engine.session)."""
 
     async def evaluate(
-        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+        self,
+        spec: PolicySpec,
+        *,
+        policy: str,
+        target: str,
+        before_write: WriteAhead | None = None,
+        check: ServerCheck | None = None,
     ) -> tuple[CycleReport, float | None]:
         """Run one cycle; return its report and seconds until the next threshold (None: none seen).
-        `before_write` records an autovacuum value in status before the engine writes it."""
+        `before_write` records an autovacuum value in status before the engine writes it; `check` confirms a
+        new connection's server before anything is done there."""
 
-    async def release_autovacuum(self, written: int) -> ReleaseReport: ...
+    async def release_autovacuum(self, written: int, check: ServerCheck | None = None) -> ReleaseReport: ...
 
     async def close(self) -> None: ...
 
@@ -83,6 +91,10 @@ class Endpoint:
 
 
 EnforcerFactory = Callable[[Endpoint], TargetEnforcer]
+PodCheck = Callable[[PodInfo], Awaitable[None]]
+"""Confirms, before the first action on a new connection, that the pod still exists with the address the
+(possibly stale) pods index gave; raises to refuse. A stale index plus a reused IP would otherwise point
+pgwarden at another team's server."""
 StatusSink = Callable[[list[TargetUpdate], list[str], PolicyCondition | None, bool], Awaitable[None]]
 EventSink = Callable[[PolicyEvent], None]
 
@@ -134,6 +146,7 @@ class PolicyWorker:
     concurrency: asyncio.Semaphore
     enforcer_kind: str = EnforcerKind.CONTROLLER
     fixed_endpoint: Endpoint | None = None  # the sidecar's own server: no pod IPs, no Secrets
+    check_pod: PodCheck | None = None  # the controller's address check (the sidecar's server is its own)
     states: dict[str, TargetState] = field(default_factory=dict)
     _generation: int | None = None
     _parsed: tuple[int | None, PolicySpec] | None = None
@@ -253,7 +266,7 @@ class PolicyWorker:
     async def _reset(self, spec: PolicySpec, pod: PodInfo, value: int) -> ReleaseReport:
         enforcer = self.make_enforcer(await self._endpoint(spec, pod))
         try:
-            return await enforcer.release_autovacuum(value)
+            return await enforcer.release_autovacuum(value, self._server_check(pod))
         finally:
             await enforcer.close()
 
@@ -271,7 +284,7 @@ class PolicyWorker:
         except PolicyError as exc:
             await self._close_all()
             condition = PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, str(exc))
-            await self.write_status([], [], condition, True)
+            await self.write_status([], [], condition, False)
             log.warning("policy invalid; nothing enforced", policy=self.name, namespace=self.namespace, error=str(exc))
             return None
 
@@ -413,6 +426,7 @@ class PolicyWorker:
                         policy=self.policy_key,
                         target=f"{endpoint.host}:{endpoint.port}",
                         before_write=self._write_ahead(pod),
+                        check=self._server_check(pod),
                     )
         except CycleInterrupted as exc:  # failed part way: what PostgreSQL accepted until then is still reported
             await self._failed(state, interval, exc)
@@ -432,6 +446,16 @@ class PolicyWorker:
         self._report_actions(pod, report, self.clock() - started)
         self._note_privileges(state, report)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
+
+    def _server_check(self, pod: PodInfo) -> ServerCheck | None:
+        check = self.check_pod
+        if check is None or self.fixed_endpoint is not None:
+            return None
+
+        async def confirm() -> None:
+            await check(pod)
+
+        return confirm
 
     def _note_privileges(self, state: TargetState, report: CycleReport) -> None:
         """One Warning Event when the set of missing grants on a target changes to a non-empty one.

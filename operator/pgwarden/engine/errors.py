@@ -24,6 +24,10 @@ class TargetUnreachable(EngineError):
     """The server could not be reached, refused us, or the connection broke."""
 
 
+class TargetNotConfirmed(EngineError):
+    """The caller's check of a new connection's server failed (see `ServerCheck`): nothing was done there."""
+
+
 class QueryFailed(EngineError):
     """The server was reached but a statement the engine needs failed."""
 

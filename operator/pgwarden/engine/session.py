@@ -23,9 +23,10 @@ from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.connection import REQUIRE_AUTH_DEFAULT, EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
-from pgwarden.engine.errors import CycleInterrupted, EngineError, TargetUnreachable
+from pgwarden.engine.errors import CycleInterrupted, EngineError, TargetNotConfirmed, TargetUnreachable
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.scheduler import DEADLINE_MARGIN
+from pgwarden.engine.types import ServerCheck
 from pgwarden.policy.model import PolicySpec
 
 EVALUATION_TIMEOUT_SECONDS = 15.0
@@ -64,6 +65,7 @@ class TargetSession:
         self.evaluation_timeout = evaluation_timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._target = dsn.target
+        self._checked: psycopg.AsyncConnection[Any] | None = None  # the connection `ServerCheck` last passed
         self.budget = ActionBudget()
         """Actions per policy in the current window; outlives reconnections (the server remembers nothing)."""
 
@@ -107,12 +109,14 @@ class TargetSession:
         dry_run_override: bool = False,
         target: str | None = None,
         before_write: WriteAhead | None = None,
+        check: ServerCheck | None = None,
     ) -> CycleReport:
         """One cycle, within `evaluation_timeout`; a lost connection is closed so the next call reconnects."""
         started = time.monotonic()
         try:
             await self.ensure_connected()
             conn = await self.connection()
+            await self.checked(conn, check, self.evaluation_timeout - (time.monotonic() - started))
             # Past the deadline the socket is shut down under the statement that waits: psycopg sees EOF and
             # fails at once. (Cancelling the task instead makes psycopg send a cancel request and wait for
             # its effect first: up to 10 s more on a server that does not answer.)
@@ -149,6 +153,22 @@ class TargetSession:
             raise TargetUnreachable(self.dsn.redact(str(exc))) from None
         except EngineError as exc:  # a server message may quote a credential; never pass one on
             raise type(exc)(self.dsn.redact(str(exc))) from None
+
+    async def checked(
+        self, conn: psycopg.AsyncConnection[Any], check: ServerCheck | None, within: float
+    ) -> psycopg.AsyncConnection[Any]:
+        """`conn`, once `check` has passed for it: before the first action on every new connection (a
+        reconnect here is silent, so the caller cannot do it beforehand). Raises TargetNotConfirmed."""
+        if check is None or self._checked is conn:
+            return conn
+        try:
+            async with asyncio.timeout(max(0.0, within)):
+                await check()
+        except Exception as exc:
+            detail = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__)
+            raise TargetNotConfirmed(f"{self._target}: nothing done on a new connection: {detail}") from None
+        self._checked = conn
+        return conn
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -226,18 +246,24 @@ class EngineTarget:
         yield
 
     async def evaluate(
-        self, spec: PolicySpec, *, policy: str, target: str, before_write: WriteAhead | None = None
+        self,
+        spec: PolicySpec,
+        *,
+        policy: str,
+        target: str,
+        before_write: WriteAhead | None = None,
+        check: ServerCheck | None = None,
     ) -> tuple[CycleReport, float | None]:
         """Run one cycle; the report and seconds from this call's start until a new cycle is worthwhile."""
         called = time.monotonic()
-        report = await self._session.run(spec, policy=policy, target=target, before_write=before_write)
+        report = await self._session.run(spec, policy=policy, target=target, before_write=before_write, check=check)
         if report.next_deadline is None:
             return report, None
         return report, (report.observed_at - called) + report.next_deadline + DEADLINE_MARGIN
 
-    async def release_autovacuum(self, written: int) -> ReleaseReport:
+    async def release_autovacuum(self, written: int, check: ServerCheck | None = None) -> ReleaseReport:
         """Undo the policy's autovacuum_max_workers (see `pgwarden.engine.autovacuum.release_autovacuum`)."""
-        conn = await self._session.connection()
+        conn = await self._session.checked(await self._session.connection(), check, self._session.evaluation_timeout)
         try:
             report = await release_autovacuum(conn, written)
         except psycopg.Error as exc:

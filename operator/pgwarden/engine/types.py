@@ -6,6 +6,7 @@ nothing that talks to a server.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -83,3 +84,9 @@ class Observation:
     @property
     def client_backends(self) -> int:
         return self.backends.get(CLIENT_BACKEND, 0)
+
+
+ServerCheck = Callable[[], Awaitable[None]]
+"""The caller's proof that a new connection reached the server it means (the controller: the pod still has
+that address), awaited once per connection before the engine acts on it; it raises to refuse. The engine
+cannot know what a right server is; it only makes sure nothing is signalled or written before the check."""

@@ -146,6 +146,11 @@ def status_schema() -> JsonDict:
                 list_map_keys=["pod"],
             ),
             "totals": _TOTALS,
+            "writes": obj(
+                "The id of each pgwarden writer's last status write (key `controller`, or `sidecar/POD`): a write "
+                "whose answer was lost in an API outage is recognised when it landed anyway, never applied twice.",
+                values=string("An opaque write id.", max_length=64),
+            ),
             "kopf": obj("Bookkeeping of the kopf framework the controller runs on.", preserve_unknown_fields=True),
         },
     )

@@ -16,12 +16,13 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from kubernetes.client.exceptions import ApiException
 
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.events import PolicyEvent
 from pgwarden.enforcement.kube import EventPoster, PodApi, PolicyApi, PolicyLister, load_api_client
 from pgwarden.enforcement.pool import ConnectionPool, dsn_target
-from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
+from pgwarden.enforcement.status_queue import StatusQueue
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer, wait_for_work
@@ -40,11 +41,13 @@ class Sidecar:
         self.namespace = namespace
         self.dsn = dsn
         api = load_api_client()
-        self.pods = PodApi(api)
-        self.policies = PolicyLister(api)
-        self.writer = StatusWriter.configured(PolicyApi(api), settings)
-        self.events = EventPoster(api, "pgwarden-sidecar", pod_name)
+        timeout = settings.api_timeout
+        self.pods = PodApi(api, timeout)
+        self.policies = PolicyLister(api, timeout)
+        self.writer = StatusWriter.configured(PolicyApi(api, timeout), settings)
+        self.events = EventPoster(api, "pgwarden-sidecar", pod_name, timeout)
         self.workers: dict[str, PolicyWorker] = {}
+        self.statuses: dict[str, StatusQueue] = {}  # each policy's background status writes
         self.bodies: dict[str, dict[str, Any]] = {}  # the latest listed body of each policy
         self.pod: PodInfo | None = None
         self.concurrency = asyncio.Semaphore(settings.sidecar_concurrency)
@@ -66,19 +69,17 @@ class Sidecar:
         if worker is not None:
             return worker
 
-        async def write_status(
-            updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, _force: bool
-        ) -> None:
-            await self.writer.record(
-                self.namespace,
-                name,
-                latest=self.bodies.get(name),
-                writer=EnforcerKind.SIDECAR,
-                updates=updates,
-                owned_pods=owned,
-                scope=lambda pod: pod == self.pod_name,
-                condition=condition,
-            )
+        status = StatusQueue(
+            self.writer,
+            self.namespace,
+            name,
+            EnforcerKind.SIDECAR,
+            latest=lambda: self.bodies.get(name),
+            scope=lambda pod: pod == self.pod_name,
+            scope_pod=self.pod_name,
+            settings=self.settings,
+        )
+        self.statuses[name] = status
 
         def post_event(event: PolicyEvent) -> None:
             task = asyncio.create_task(self.events.post(self.bodies[name], event.type, event.reason, event.message))
@@ -90,7 +91,7 @@ class Sidecar:
             name=name,
             secrets=None,
             make_enforcer=self.make_enforcer,
-            write_status=write_status,
+            write_status=status.submit,
             post_event=post_event,
             concurrency=self.concurrency,
             enforcer_kind=EnforcerKind.SIDECAR,
@@ -119,6 +120,7 @@ class Sidecar:
         self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
         for gone in [n for n in self.workers if n not in self.bodies]:
             await self.workers.pop(gone).close()  # its connection share and metric series go with it
+            await self.statuses.pop(gone).close()
             self.writer.forget(self.namespace, gone)
         self.api_reachable = True
         self.last_error = ""
@@ -135,20 +137,27 @@ class Sidecar:
         poll = self.settings.sidecar_poll
         refreshed = float("-inf")
         while not stop.is_set():
-            try:
-                if time.monotonic() - refreshed >= poll:
+            if time.monotonic() - refreshed >= poll:
+                refreshed = time.monotonic()
+                try:
                     await self.refresh()
-                    refreshed = time.monotonic()
+                except Exception as exc:  # the API server blinked (or RBAC is missing): report, keep enforcing
+                    status = exc.status if isinstance(exc, ApiException) else type(exc).__name__
+                    log.warning("reading the pod and policies failed; enforcing the last ones read", error=status)
+                    self.api_reachable, self.last_error = False, f"reading the pod and policies failed: {status}"
+            try:
                 delay = min(await self.step(), max(0.05, refreshed + poll - time.monotonic()))
-            except Exception as exc:  # the API server blinked (or RBAC is missing): report, keep going
-                log.warning("sidecar step failed", error=str(exc))
-                self.api_reachable, self.last_error = False, str(exc)[:500]
+            except Exception as exc:  # never ends the loop; the next step retries
+                log.warning("sidecar step failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                self.last_error = f"step failed: {type(exc).__name__}"
                 delay = poll
             self.loop_tick = time.monotonic()
             inflight = [t for w in self.workers.values() for t in w.inflight()]
             await wait_for_work(delay, inflight, stop.wait())
         for worker in self.workers.values():
             await worker.close()
+        for status in self.statuses.values():
+            await status.close(flush_within=self.settings.api_timeout)
 
 
 async def _serve_health(sidecar: Sidecar, port: int) -> web.AppRunner:
