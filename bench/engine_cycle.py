@@ -44,6 +44,16 @@ NOTHING = parse_spec(
         "exclude": {"applicationNames": ["pgwarden*"]},
     }
 )
+BLOCKERS = parse_spec(  # NOTHING plus a blocker-aware rule that matches nothing (its wait is far off)
+    {
+        **NOTHING.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "sessions": [
+            *NOTHING.model_dump(by_alias=True, exclude_none=True, mode="json")["sessions"],
+            {"name": "blockers", "action": "terminate", "blocking": {"minBlocked": 1, "minWait": "1h"}},
+        ],
+    }
+)
+WAITERS = 50
 EVERYTHING = parse_spec(
     {
         "limits": {"maxActionsPerCycle": 50, "maxFractionPerCycle": 1.0},
@@ -141,9 +151,47 @@ async def measure(server: PgServer, sizes: list[int], iterations: int) -> None:
                 f"(terminated {statistics.median(acted):.0f}, skipped ~{size - 50} per cycle)"
             )
             await pool.refill(size)
+            if size == sizes[0]:
+                await measure_blocking(server, engine, target, iterations)
     finally:
         await engine.close()
         await pool.close()
+
+
+async def measure_blocking(server: PgServer, engine: Any, target: str, iterations: int) -> None:
+    """The observation with a `blocking` rule: with no waiter (the common case) and with WAITERS sessions
+    queued on one row lock (pg_blocking_pids and pg_locks are evaluated for waiting sessions only)."""
+
+    async def cycle() -> None:
+        report = await run_cycle(engine, BLOCKERS, policy="bench", target=target)
+        assert not report.actions, report.actions[:3]
+
+    async def median() -> float:
+        for _ in range(5):
+            await cycle()
+        return statistics.median([await timed(cycle) for _ in range(iterations)])
+
+    print(f"  blocking rule, 0 waiters                     median {await median() * 1000:8.2f} ms")
+    dsn = server.dsn(via_socket=True, application_name="bench-lock")
+    holder = await psycopg.AsyncConnection.connect(dsn)
+    await holder.execute("CREATE TABLE IF NOT EXISTS bench_lock (id int PRIMARY KEY)")
+    await holder.execute("INSERT INTO bench_lock VALUES (1) ON CONFLICT DO NOTHING")
+    await holder.commit()
+    await holder.execute("UPDATE bench_lock SET id = 1 WHERE id = 1")  # holds the row lock, transaction open
+    waiters = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(WAITERS)]
+    queued = [asyncio.create_task(w.execute("UPDATE bench_lock SET id = 1 WHERE id = 1")) for w in waiters]
+    try:
+        while True:  # every waiter is queued before anything is measured
+            cur = await engine.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            row = await cur.fetchone()
+            if row is not None and row[0] >= WAITERS:
+                break
+            await asyncio.sleep(0.05)
+        print(f"  blocking rule, {WAITERS} waiters on one lock        median {await median() * 1000:8.2f} ms")
+    finally:
+        await holder.rollback()
+        await asyncio.gather(*queued, return_exceptions=True)
+        await asyncio.gather(*(w.close() for w in waiters), holder.close())
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pgwarden.enforcement.events import events_for_cycle
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
 from pgwarden.policy.api import EventReason
@@ -57,3 +59,13 @@ def test_dry_run_autovacuum_cap_posts_what_it_would_do() -> None:
 def test_many_pids_are_truncated_in_the_message() -> None:
     (event,) = events_for_cycle("db-0", cycle_report(*(action(p, rule="r") for p in range(30))))
     assert "and 10 more" in event.message
+
+
+def test_a_blocker_event_says_whom_it_held_up_and_for_how_long() -> None:
+    blocker = dataclasses.replace(action(7, rule="idle-blockers"), blocked=(11, 12, 13), longest_wait_seconds=12.4)
+    (event,) = events_for_cycle("db-0", cycle_report(blocker))
+    assert event.message == (
+        "pod db-0: rule idle-blockers terminated 1 session (pids 7) that blocked 3 sessions for 12s"
+    )
+    assert blocker.to_json()["blocked"] == [11, 12, 13]
+    assert "blocked" not in action(8).to_json()  # the enforce JSON of other rules is unchanged

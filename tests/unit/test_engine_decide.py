@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
 from pgwarden.engine.decide import (
     ClockMark,
+    RuleMatcher,
     allowed_actions,
     clock_step,
     in_scope,
@@ -241,3 +243,17 @@ def test_clock_step_is_the_server_clock_against_the_monotonic_one() -> None:
     assert clock_step(first, ClockMark(server=1_000_030.0, local=80.0)) == pytest.approx(0.0)  # 30 s passed
     assert clock_step(first, ClockMark(server=1_000_070.0, local=60.0)) == pytest.approx(60.0)  # stepped ahead
     assert clock_step(first, ClockMark(server=999_990.0, local=60.0)) == pytest.approx(-20.0)  # stepped back
+
+
+def test_a_blocking_rule_matches_root_blockers_with_enough_long_waiters_only() -> None:
+    rule = SessionRule.model_validate(
+        {"name": "b", "action": "terminate", "blocking": {"minBlocked": 2, "minWait": "10s"}}
+    )
+    matcher = RuleMatcher.of(rule)
+    base = session("idle in transaction")
+    assert not matcher(base)  # blocks nobody
+    assert matcher(dataclasses.replace(base, blocked=(2, 3), blocked_waits=(15.0, 11.0)))
+    assert not matcher(dataclasses.replace(base, blocked=(2, 3), blocked_waits=(15.0, 9.0)))  # 2nd waited too little
+    assert not matcher(dataclasses.replace(base, blocked=(2,), blocked_waits=(15.0,)))  # too few
+    assert not matcher(dataclasses.replace(base, blocked=(2, 3), blocked_waits=(15.0, 11.0), waiting=True))  # not root
+    assert matcher.overshoot(dataclasses.replace(base, blocked=(2, 3), blocked_waits=(15.0, 9.0))) == -1.0

@@ -32,11 +32,16 @@ def _pids(pids: list[int], cap: int) -> str:
 def events_for_cycle(pod: str, report: CycleReport, *, max_pids: int = DEFAULTS.event_max_pids) -> list[PolicyEvent]:
     """Events summarising one cycle on one pod: who (pod, rule), what (count, pids), why (the rule)."""
     grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
+    blocked: dict[tuple[str, str], tuple[set[int], float]] = {}
     for action in report.actions:
         if report.dry_run or action.done:
-            grouped[(action.action, action.rule)].append(action.pid)
+            key = (action.action, action.rule)
+            grouped[key].append(action.pid)
+            if action.blocked:
+                pids, longest = blocked.get(key, (set(), 0.0))
+                blocked[key] = (pids | set(action.blocked), max(longest, action.longest_wait_seconds or 0.0))
     events = [
-        _session_event(pod, action, rule, pids, report.dry_run, max_pids)
+        _session_event(pod, action, rule, pids, report.dry_run, max_pids, blocked.get((action, rule)))
         for (action, rule), pids in sorted(grouped.items())
     ]
     if report.autovacuum is not None:
@@ -44,8 +49,18 @@ def events_for_cycle(pod: str, report: CycleReport, *, max_pids: int = DEFAULTS.
     return events
 
 
-def _session_event(pod: str, action: str, rule: str, pids: list[int], dry_run: bool, cap: int) -> PolicyEvent:
+def _session_event(
+    pod: str,
+    action: str,
+    rule: str,
+    pids: list[int],
+    dry_run: bool,
+    cap: int,
+    blocked: tuple[set[int], float] | None = None,
+) -> PolicyEvent:
     sessions = f"{_sessions(len(pids))} (pids {_pids(pids, cap)})"
+    if blocked is not None:  # why a blocker was chosen: who it held up, and for how long at most
+        sessions += f" that blocked {_sessions(len(blocked[0]))} for {blocked[1]:.0f}s"
     if dry_run:
         verb = "would terminate" if action == SessionAction.TERMINATE else "would cancel queries of"
         return PolicyEvent("Normal", EventReason.DRY_RUN, f"pod {pod}: rule {rule} {verb} {sessions}")

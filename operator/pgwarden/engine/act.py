@@ -36,6 +36,19 @@ _SIGNAL: dict[SessionAction, LiteralString] = {
     SessionAction.TERMINATE: "SELECT pg_catalog.pg_terminate_backend(a.pid)" + _GUARD,
     SessionAction.CANCEL: "SELECT pg_catalog.pg_cancel_backend(a.pid)" + _GUARD,
 }
+# A blocker chosen by a `blocking` rule is signalled only while it still blocks one of the sessions observed
+# waiting for it (it may have committed, or the waiters given up, since the observation).
+_STILL_BLOCKING: LiteralString = (
+    " AND EXISTS (SELECT 1 FROM unnest(%(blocked)s::int[]) AS w(pid)"
+    " WHERE a.pid = ANY(pg_catalog.pg_blocking_pids(w.pid)))"
+)
+_SIGNAL_BLOCKER: dict[SessionAction, LiteralString] = {
+    action: statement + _STILL_BLOCKING for action, statement in _SIGNAL.items()
+}
+_STILL_A_BLOCKER: LiteralString = (
+    "SELECT EXISTS (SELECT 1 FROM unnest(%(blocked)s::int[]) AS w(pid)"
+    " WHERE %(pid)s = ANY(pg_catalog.pg_blocking_pids(w.pid)))"
+)
 _WHY_NOT: LiteralString = (
     "SELECT a.backend_start = %(backend_start)s FROM pg_catalog.pg_stat_get_activity(%(pid)s) AS a"
 )
@@ -68,6 +81,8 @@ def record(planned: PlannedAction, *, done: bool) -> ActionRecord:
         state=s.state,
         state_age_seconds=s.state_age,
         done=done,
+        blocked=s.blocked if planned.blocking else (),
+        longest_wait_seconds=(s.blocked_waits[0] if s.blocked_waits else None) if planned.blocking else None,
     )
 
 
@@ -84,7 +99,7 @@ def _log_fields(planned: PlannedAction, *, dry_run: bool) -> dict[str, Any]:
         "state": s.state,
         "state_age_seconds": None if s.state_age is None else round(s.state_age, 3),
         "dry_run": dry_run,
-    }
+    } | ({"blocked": list(s.blocked)} if planned.blocking else {})
 
 
 def dry_run(planned: Sequence[PlannedAction], log: Any) -> ActOutcome:
@@ -100,14 +115,25 @@ async def _why_not(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -
     s = planned.session
     cur = await conn.execute(_WHY_NOT, {"pid": s.pid, "backend_start": s.backend_start})
     row = await cur.fetchone()
-    return SkipReason.STATE_CHANGED if row is not None and row[0] else SkipReason.GONE
+    if row is None or not row[0]:
+        return SkipReason.GONE
+    if planned.blocking:
+        cur = await conn.execute(_STILL_A_BLOCKER, {"pid": s.pid, "blocked": list(s.blocked)})
+        still = await cur.fetchone()
+        if still is not None and not still[0]:
+            return SkipReason.NO_LONGER_BLOCKING
+    return SkipReason.STATE_CHANGED
 
 
 async def signal_one(conn: psycopg.AsyncConnection[Any], planned: PlannedAction) -> bool | SkipReason:
     """Signal one session; True if signalled, else the skip reason. Raises psycopg errors."""
     s = planned.session
-    params = {"pid": s.pid, "backend_start": s.backend_start, "state_change": s.state_change}
-    cur = await conn.execute(_SIGNAL[planned.action], params)
+    params: dict[str, Any] = {"pid": s.pid, "backend_start": s.backend_start, "state_change": s.state_change}
+    if planned.blocking:
+        params["blocked"] = list(s.blocked)
+        cur = await conn.execute(_SIGNAL_BLOCKER[planned.action], params)
+    else:
+        cur = await conn.execute(_SIGNAL[planned.action], params)
     row = await cur.fetchone()
     if row is None:
         return await _why_not(conn, planned)

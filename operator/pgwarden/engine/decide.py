@@ -51,6 +51,8 @@ class PlannedAction:
     rule: str
     action: SessionAction
     session: ObservedSession
+    blocking: bool = False
+    """Chosen for blocking others (a `blocking` rule): the signal is sent only if it still blocks one of them."""
 
 
 @dataclass(frozen=True)
@@ -139,13 +141,21 @@ class RuleMatcher:
         return cls(rule, frozenset(s.value for s in rule.states), thresholds, ScopeMatcher.of(rule))
 
     def overshoot(self, session: ObservedSession) -> float | None:
-        """Seconds past the latest of the thresholds (>= 0: all hold); None if an age is unknown."""
+        """Seconds past the latest of the thresholds (>= 0: all hold); None if an age is unknown, or the rule
+        needs a blocker and the session is not one (see `SessionRule.blocking`)."""
         margin: float | None = None
         for column, threshold in self.thresholds:
             age = session.age(column)
             if age is None:
                 return None
             margin = age - threshold if margin is None else min(margin, age - threshold)
+        blocking = self.rule.blocking
+        if blocking is not None:
+            nth = blocking.min_blocked
+            if session.waiting or len(session.blocked_waits) < nth or session.blocked_waits[nth - 1] < 0:
+                return None
+            lock_margin = session.blocked_waits[nth - 1] - blocking.min_wait.total_seconds()
+            margin = lock_margin if margin is None else min(margin, lock_margin)
         return margin
 
     def __call__(self, session: ObservedSession) -> bool:
@@ -282,7 +292,16 @@ def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[
             not_permitted.append(SkipRecord(matcher.rule.name, session.pid, SkipReason.NOT_PERMITTED))
             continue
         margin = matcher.overshoot(session) or 0.0
-        by_rule.append((index, -margin, session.pid, PlannedAction(matcher.rule.name, matcher.rule.action, session)))
+        by_rule.append(
+            (
+                index,
+                -margin,
+                session.pid,
+                PlannedAction(
+                    matcher.rule.name, matcher.rule.action, session, blocking=matcher.rule.blocking is not None
+                ),
+            )
+        )
     # Within a rule, the sessions furthest past its thresholds first: if the blast radius cuts the list,
     # the worst offenders are the ones handled.
     intents = [entry[3] for entry in sorted(by_rule, key=lambda e: e[:3])]

@@ -155,6 +155,17 @@ def _rule_wait(rule: SessionRule, params: _Params) -> sql.Composable:
                 params.add("age", threshold.total_seconds()), sql.Identifier(column)
             )
         )
+    if rule.blocking is not None:
+        # A root blocker (not itself waiting) whose minBlocked-th longest waiter (blocked_waits is sorted
+        # longest first; NULL when fewer wait) has waited minWait: its crossing time is known too.
+        nth = params.add("nth", rule.blocking.min_blocked)
+        conditions.append(sql.SQL("wait_event_type IS DISTINCT FROM 'Lock'"))
+        conditions.append(sql.SQL("blocked_waits[{}] IS NOT NULL").format(nth))
+        waits.append(
+            sql.SQL("{}::float8 - blocked_waits[{}]").format(
+                params.add("lockwait", rule.blocking.min_wait.total_seconds()), nth
+            )
+        )
     conditions.extend(_filter_conditions(rule, params))
     return sql.SQL("CASE WHEN {} THEN greatest({}) END").format(_conjunction(conditions), sql.SQL(", ").join(waits))
 
@@ -173,16 +184,16 @@ def _over_limit(limit: ConnectionLimit, params: _Params) -> sql.Composable:
 # the next threshold crossing and the matching sessions. `OFFSET 0` keeps the planner from inlining x and
 # y, which would evaluate `cand` and `wait` once per reference instead of once per row.
 _TEMPLATE = """
-WITH x AS (
+WITH {recursive}x AS (
     SELECT backend_type, state, pid, usesysid, datid, application_name, client_addr,
-           backend_start, state_change, query_start, xact_start,
+           backend_start, state_change, query_start, xact_start, wait_event_type,
            {candidate} AS cand
     FROM pg_catalog.pg_stat_get_activity(NULL)
     OFFSET 0
-),
+),{blockers}
 y AS (
-    SELECT x.*, {wait} AS wait, coalesce({over}, false) AS over
-    FROM x
+    SELECT x.*, {blocked} {wait} AS wait, coalesce({over}, false) AS over
+    FROM x{join}
     OFFSET 0
 )
 SELECT coalesce(backend_type, {unknown}) AS backend_type,
@@ -203,7 +214,10 @@ SELECT coalesce(backend_type, {unknown}) AS backend_type,
            'xact_age', date_part('epoch', now() - xact_start),
            'connection_age', date_part('epoch', now() - backend_start),
            'superuser', (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = usesysid),
-           'permitted', {permitted}
+           'permitted', {permitted},
+           'waiting', wait_event_type IS NOT DISTINCT FROM 'Lock',
+           'blocked', {blocked_json},
+           'blocked_waits', {blocked_waits_json}
        )) FILTER (WHERE wait <= 0 OR over) AS hits,
        split_part(current_setting('server_version'), ' ', 1) AS server_version,
        pg_backend_pid() AS own_pid,
@@ -216,6 +230,37 @@ FROM y
 GROUP BY 1, 2
 """
 
+
+# Only for policies with a `blocking` rule: who blocks whom, for sessions waiting on a lock only. With no
+# waiter (the common case) neither pg_blocking_pids() nor pg_locks is ever evaluated. Each waiter's wait is
+# measured from its oldest ungranted lock's waitstart (PostgreSQL 14+; NULL for the instant before it is set).
+# A blocker's `blocked` is everyone queued behind it, directly or through others: three writers on one row
+# wait for the holder's transaction and for each other's tuple lock, and the holder blocks all three.
+_BLOCKERS = """
+waiting AS (
+    SELECT pid AS waiter,
+           date_part('epoch', now() - (SELECT min(l.waitstart) FROM pg_catalog.pg_locks l
+                                       WHERE l.pid = x.pid AND NOT l.granted)) AS waited,
+           pg_catalog.pg_blocking_pids(pid) AS blockers
+    FROM x
+    WHERE wait_event_type = 'Lock'
+),
+edges AS (
+    SELECT b AS blocker, waiter FROM waiting, unnest(blockers) AS b
+),
+reach(blocker, waiter) AS (
+    SELECT blocker, waiter FROM edges
+    UNION
+    SELECT r.blocker, e.waiter FROM reach r JOIN edges e ON e.blocker = r.waiter
+),
+blk AS (
+    SELECT r.blocker,
+           array_agg(r.waiter ORDER BY w.waited DESC NULLS LAST) AS blocked,
+           array_agg(w.waited ORDER BY w.waited DESC NULLS LAST) AS blocked_waits
+    FROM reach r JOIN waiting w ON w.waiter = r.waiter
+    WHERE r.waiter <> r.blocker
+    GROUP BY r.blocker
+),"""
 
 # Whether PostgreSQL lets the engine's role signal the backend (the checks of pg_signal_backend() in
 # src/backend/storage/ipc/signalfuncs.c): a superuser's backend only for a superuser; another role's only
@@ -241,8 +286,19 @@ def compile_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) 
         wait = sql.SQL("least({})").format(sql.SQL(", ").join(waits))
     overs = [_over_limit(limit, params) for limit in spec.connection_limits]
     over = sql.SQL(" OR ").join(overs) if overs else sql.SQL("NULL::boolean")
+    blocking = any(rule.blocking is not None for rule in spec.sessions)
     statement = sql.SQL(_TEMPLATE).format(
-        candidate=candidate, wait=wait, over=over, unknown=sql.Literal(UNKNOWN), permitted=sql.SQL(_PERMITTED)
+        candidate=candidate,
+        wait=wait,
+        over=over,
+        unknown=sql.Literal(UNKNOWN),
+        permitted=sql.SQL(_PERMITTED),
+        recursive=sql.SQL("RECURSIVE " if blocking else ""),
+        blockers=sql.SQL(_BLOCKERS if blocking else ""),
+        blocked=sql.SQL("blk.blocked, blk.blocked_waits," if blocking else ""),
+        join=sql.SQL(" LEFT JOIN blk ON blk.blocker = x.pid" if blocking else ""),
+        blocked_json=sql.SQL("blocked" if blocking else "NULL"),
+        blocked_waits_json=sql.SQL("blocked_waits" if blocking else "NULL"),
     )
     return ObservationQuery(statement=statement.as_bytes(None), params=params.values)
 
@@ -269,6 +325,9 @@ def _session(hit: dict[str, Any]) -> ObservedSession:
         connection_age=hit["connection_age"],
         superuser=bool(hit["superuser"]),
         permitted=bool(hit["permitted"]),
+        blocked=tuple(int(p) for p in hit.get("blocked") or ()),
+        blocked_waits=tuple(float(w) if w is not None else -1.0 for w in hit.get("blocked_waits") or ()),
+        waiting=bool(hit.get("waiting")),
     )
 
 

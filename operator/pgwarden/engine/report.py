@@ -29,20 +29,33 @@ class ActionRecord:
     state: str | None
     state_age_seconds: float | None
     done: bool
+    blocked: tuple[int, ...] = ()
+    """For a `blocking` rule: the sessions it was seen blocking, longest wait first."""
+    longest_wait_seconds: float | None = None
+    """For a `blocking` rule: how long the first of `blocked` had waited for its lock."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule,
-            "action": self.action,
-            "pid": self.pid,
-            "user": self.user,
-            "database": self.database,
-            "applicationName": self.application_name,
-            "clientAddress": self.client_address,
-            "state": self.state,
-            "stateAgeSeconds": None if self.state_age_seconds is None else round(self.state_age_seconds, 1),
-            "done": self.done,
-        }
+        blocking = (
+            {"blocked": list(self.blocked), "longestWaitSeconds": round(self.longest_wait_seconds or 0.0, 1)}
+            if self.blocked
+            else {}
+        )
+        return (
+            blocking
+            | {
+                "rule": self.rule,
+                "action": self.action,
+                "pid": self.pid,
+                "user": self.user,
+                "database": self.database,
+                "applicationName": self.application_name,
+                "clientAddress": self.client_address,
+                "state": self.state,
+                "stateAgeSeconds": None if self.state_age_seconds is None else round(self.state_age_seconds, 1),
+                "done": self.done,
+            }
+            | blocking
+        )
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,13 @@ class ObservedSession:
     permitted: bool = True
     """The engine's role may signal this backend, as PostgreSQL decides it: never a superuser's session unless
     the engine's role is one, another role's only with pg_signal_backend (or the privileges of that role)."""
+    blocked: tuple[int, ...] = ()
+    """Pids waiting for a lock this session holds (pg_blocking_pids), longest wait first; observed only when a
+    rule of the policy has `blocking`."""
+    blocked_waits: tuple[float, ...] = ()
+    """Seconds each of `blocked` has waited for its lock, in the same order (pg_locks.waitstart)."""
+    waiting: bool = False
+    """The session itself waits for a lock (wait_event_type Lock): never a root blocker."""
 
     def age(self, column: str) -> float | None:
         """The age measured from a pg_stat_activity timestamp column (see SessionRule.ages)."""

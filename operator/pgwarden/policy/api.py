@@ -82,6 +82,8 @@ class SkipReason(StrEnum):
     """A superuser's session while the engine's role is not a superuser: never a candidate."""
     FAILED = "error"
     """Signalling failed for another reason; the message is in `errors`."""
+    NO_LONGER_BLOCKING = "noLongerBlocking"
+    """Chosen by a `blocking` rule, but by the time of the signal it blocked none of the sessions seen waiting."""
 
 
 # -- who enforces a pod -----------------------------------------------------------------------------

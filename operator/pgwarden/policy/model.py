@@ -49,7 +49,7 @@ _NOT_A_CIDR = "is not a CIDR such as '10.0.0.0/8' or an address such as '10.0.0.
 _NOT_A_DNS_LABEL = (
     "must be a DNS label: at most 63 lowercase letters, digits or '-', starting and ending with a letter or digit"
 )
-_NO_AGE = "a session rule needs at least one of stateAge, queryAge, transactionAge, connectionAge"
+_NO_AGE = "a session rule needs at least one of stateAge, queryAge, transactionAge, connectionAge, or blocking"
 
 _AGE_RULE = CelRule(
     rule=f"self.matches('{_GO_DURATION}') && duration(self) >= duration('0s')",
@@ -355,6 +355,20 @@ class Exclude(_Model):
     )
 
 
+class Blocking(_Model):
+    """The session must block others: hold a lock that at least minBlocked sessions have waited minWait for."""
+
+    min_blocked: Integer = Field(
+        ge=1,
+        description="Sessions that must be waiting behind this one for a lock (pg_blocking_pids), directly or "
+        "queued behind another waiter.",
+    )
+    min_wait: Age = Field(
+        description="How long each of those sessions must have waited for its lock (pg_locks.waitstart), as a Go "
+        "duration."
+    )
+
+
 class SessionRule(SessionFilters):
     """One session rule. A session matches when it passes every filter (an empty filter passes any session), is
     in one of states, and is older than every age given (at least one age is required)."""
@@ -364,7 +378,7 @@ class SessionRule(SessionFilters):
             rules=[
                 CelRule(
                     rule="has(self.stateAge) || has(self.queryAge) || has(self.transactionAge) || "
-                    "has(self.connectionAge)",
+                    "has(self.connectionAge) || has(self.blocking)",
                     message=_NO_AGE,
                 )
             ]
@@ -401,9 +415,16 @@ class SessionRule(SessionFilters):
         "as a Go duration; 0s matches every session at once (draining a database).",
     )
 
+    blocking: Blocking | None = Field(
+        default=None,
+        description="Match only a session that blocks others: at least minBlocked sessions have each waited "
+        "minWait for a lock it holds. Only root blockers match (a session itself waiting for a lock never does: "
+        "ending it would free nothing while its own blocker stays). With blocking, no age is required.",
+    )
+
     @model_validator(mode="after")
     def _needs_an_age(self) -> SessionRule:
-        if all(age is None for age in self.ages().values()):
+        if self.blocking is None and all(age is None for age in self.ages().values()):
             raise ValueError(_NO_AGE)
         return self
 
