@@ -95,6 +95,8 @@ class Relay:
     port: int
     upstream: tuple[str, int] | None = None
     mode: RelayMode = "pass"
+    delay: float = 0.0
+    """Seconds each chunk waits before it is passed on (a slow network): a round trip costs twice this."""
     accepted: int = 0
     _listener: socket.socket | None = None
     _sockets: list[socket.socket] = field(default_factory=list)
@@ -176,9 +178,15 @@ class Relay:
                     dst.shutdown(socket.SHUT_WR)
                     return
                 if self.mode == "pass":
+                    if self.delay:
+                        time.sleep(self.delay)
                     dst.sendall(data)
                 # blackhole: read and drop, so neither side's TCP stack ever sees a dead peer
             except (OSError, ValueError):
+                # One side reset (a server that exited with a query unread answers it with a RST): pass the
+                # failure on, as a network would, instead of leaving the other side waiting on a live socket.
+                with contextlib.suppress(OSError, ValueError):
+                    dst.shutdown(socket.SHUT_RDWR)
                 return
 
 

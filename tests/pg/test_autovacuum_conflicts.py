@@ -7,23 +7,18 @@ Each test starts a dedicated server (they ALTER SYSTEM it).
 
 from __future__ import annotations
 
-import json
-import queue
-import subprocess
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pgwarden.engine.cycle import run_cycle
 from tests.fixtures.postgres import PgFactory
-from tests.harness.cli import CODE_UNDER_TEST, PGWARDEN
+from tests.harness.cli import CliLoop
 from tests.harness.engine import spec_of
 from tests.harness.ledger import ENGINE_APPLICATION, Ledger
-from tests.harness.postgres import PgServer, wait_for
+from tests.harness.postgres import wait_for
 from tests.pg.test_autovacuum import auto_conf_stamp, in_auto_conf, warden
 
 pytestmark = pytest.mark.pg
@@ -56,53 +51,18 @@ spec:
     return path
 
 
-class Loop:
-    """A `pgwarden enforce` loop whose JSON reports are read on a thread (readline has no deadline)."""
-
-    def __init__(self, server: PgServer, policy: Path) -> None:
-        self.proc = subprocess.Popen(
-            [PGWARDEN, "enforce", "--dsn", server.dsn(), "--policy", str(policy), "--output", "json"],
-            env=CODE_UNDER_TEST,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.reports: list[dict[str, Any]] = []
-        self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-
-    def poll(self) -> list[dict[str, Any]]:
-        while not self._lines.empty():
-            self.reports.append(json.loads(self._lines.get()))
-        return self.reports
-
-    def conflicts(self) -> list[list[str]]:
-        """conflictsWith of every report so far that had one."""
-        return [r["autovacuum"]["conflictsWith"] for r in self.poll() if r["autovacuum"]["conflictsWith"]]
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            _, err = self.proc.communicate(timeout=15)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.communicate()
-        return err
-
-
 @pytest.fixture
-def loops() -> Iterator[list[Loop]]:
-    started: list[Loop] = []
+def loops() -> Iterator[list[CliLoop]]:
+    started: list[CliLoop] = []
     yield started
     for loop in started:
         if loop.proc.poll() is None:
             loop.stop()
+
+
+def conflicts(loop: CliLoop) -> list[list[str]]:
+    """conflictsWith of every report so far that had one."""
+    return [r["autovacuum"]["conflictsWith"] for r in loop.poll() if r["autovacuum"]["conflictsWith"]]
 
 
 def named_pid(conflicts: list[list[str]]) -> int:
@@ -114,7 +74,7 @@ def named_pid(conflicts: list[list[str]]) -> int:
 
 @pytest.mark.parametrize("start", ["one-after-the-other", "together"])
 def test_two_cli_loops_with_different_caps_write_at_most_once_each_and_both_report_the_conflict(
-    pg_factory: PgFactory, tmp_path: Path, loops: list[Loop], start: str
+    pg_factory: PgFactory, tmp_path: Path, loops: list[CliLoop], start: str
 ) -> None:
     """Each loop claims its value on the server (a shared advisory lock) and sees the other's: neither writes
     once both claims are up, each names the other, and postgresql.auto.conf is written at most once per side,
@@ -122,18 +82,18 @@ def test_two_cli_loops_with_different_caps_write_at_most_once_each_and_both_repo
     conflict any more, and writes only if the file does not hold its own value."""
     server = pg_factory(ledger=True)
     ledger = Ledger(server.logfile)
-    loops.append(Loop(server, cap_policy(tmp_path, "cap-two", 2)))
+    loops.append(CliLoop(server.dsn(), cap_policy(tmp_path, "cap-two", 2)))
     if start == "one-after-the-other":
         wait_for(lambda: loops[0].poll(), timeout=20, message="the first loop's first report")
         assert loops[0].reports[0]["autovacuum"]["maxWorkers"]["written"]
-    loops.append(Loop(server, cap_policy(tmp_path, "cap-three", 3)))
+    loops.append(CliLoop(server.dsn(), cap_policy(tmp_path, "cap-three", 3)))
     two, three = loops
 
     # Three conflict reports each: both claims are up and have been seen for several cycles.
-    wait_for(lambda: len(two.conflicts()) >= 3 and len(three.conflicts()) >= 3, timeout=30, message="both conflicts")
-    pid_of_three, pid_of_two = named_pid(two.conflicts()), named_pid(three.conflicts())
-    assert two.conflicts()[-1] == [f"another pgwarden process (backend pid {pid_of_three}) wants 3"]
-    assert three.conflicts()[-1] == [f"another pgwarden process (backend pid {pid_of_two}) wants 2"]
+    wait_for(lambda: len(conflicts(two)) >= 3 and len(conflicts(three)) >= 3, timeout=30, message="both conflicts")
+    pid_of_three, pid_of_two = named_pid(conflicts(two)), named_pid(conflicts(three))
+    assert conflicts(two)[-1] == [f"another pgwarden process (backend pid {pid_of_three}) wants 3"]
+    assert conflicts(three)[-1] == [f"another pgwarden process (backend pid {pid_of_two}) wants 2"]
     written = alter_systems(ledger)
     assert set(written) <= {pid_of_two, pid_of_three}, written
     assert max(written.values(), default=0) <= 1, written
@@ -142,7 +102,7 @@ def test_two_cli_loops_with_different_caps_write_at_most_once_each_and_both_repo
     if start == "one-after-the-other":
         assert (written, file_now) == (Counter({pid_of_two: 1}), ["2"])
     stamp = auto_conf_stamp(server)
-    wait_for(lambda: len(two.conflicts()) >= 6 and len(three.conflicts()) >= 6, timeout=30, message="more cycles")
+    wait_for(lambda: len(conflicts(two)) >= 6 and len(conflicts(three)) >= 6, timeout=30, message="more cycles")
     assert (alter_systems(ledger), auto_conf_stamp(server)) == (written, stamp)  # nothing written meanwhile
 
     three.stop()
