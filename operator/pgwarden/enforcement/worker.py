@@ -23,7 +23,7 @@ from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, WrittenRecord, privilege_error, written_records
 from pgwarden.enforcement.targets import PodInfo, select_targets
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
-from pgwarden.engine.errors import CycleInterrupted
+from pgwarden.engine.errors import AuthenticationFailed, CycleInterrupted
 from pgwarden.engine.report import CycleReport
 from pgwarden.policy import CredentialsSecret, EnforcementAction, PolicyError, PolicySpec, parse_spec
 from pgwarden.policy.api import ConditionReason, ConditionType, EnforcerKind, EventReason
@@ -54,6 +54,9 @@ class CredentialSource(Protocol):
 
     async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
         """The username and password the Secret holds; raises CredentialsError saying why not."""
+
+    def invalidate(self, namespace: str, name: str) -> None:
+        """Forget the Secret: the server refused what it held, so the next attempt reads it again."""
 
 
 def needs_release(status: Mapping[str, Any] | None) -> bool:
@@ -420,6 +423,8 @@ class PolicyWorker:
             self._note_privileges(state, exc.report)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=exc.report, error=str(exc)[:1000])
         except Exception as exc:  # every engine failure is a per-target report, never a crash
+            if isinstance(exc, AuthenticationFailed):
+                self._forget_credentials(spec)
             await self._failed(state, interval, exc)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, error=str(exc)[:1000])
         state.failures = 0
@@ -432,6 +437,13 @@ class PolicyWorker:
         self._report_actions(pod, report, self.clock() - started)
         self._note_privileges(state, report)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)
+
+    def _forget_credentials(self, spec: PolicySpec) -> None:
+        """A refused login: the cached Secret may hold a password rotated since (in PostgreSQL first, the
+        Secret after); the next attempt reads the Secret again instead of waiting out the cache."""
+        ref = spec.connection.credentials_secret
+        if ref is not None and self.secrets is not None:
+            self.secrets.invalidate(self.namespace, ref.name)
 
     def _note_privileges(self, state: TargetState, report: CycleReport) -> None:
         """One Warning Event when the set of missing grants on a target changes to a non-empty one.

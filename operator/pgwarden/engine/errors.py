@@ -24,6 +24,11 @@ class TargetUnreachable(EngineError):
     """The server could not be reached, refused us, or the connection broke."""
 
 
+class AuthenticationFailed(TargetUnreachable):
+    """The server refused the login (password or user name): credentials held in a cache are stale, perhaps
+    rotated in PostgreSQL before the Secret; the caller reads them again before the next attempt."""
+
+
 class QueryFailed(EngineError):
     """The server was reached but a statement the engine needs failed."""
 
