@@ -20,7 +20,7 @@ from kubernetes import client
 from pgwarden.policy.api import GROUP, PLURAL, VERSION
 from tests.fixtures.operator import OperatorFactory
 from tests.fixtures.postgres import PgFactory
-from tests.harness.faults import Relay, Stopwatch, frozen, report_figures
+from tests.harness.faults import Relay, Stopwatch, backend_of, frozen, rename, report_figures
 from tests.harness.k8s import create_running_pod
 from tests.harness.ledger import Ledger
 from tests.harness.policies import (
@@ -32,23 +32,12 @@ from tests.harness.policies import (
     policy_gone,
     prepare_server,
 )
-from tests.harness.postgres import PgServer, Session, free_port, wait_for
+from tests.harness.postgres import free_port, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
 
 _octets = itertools.count(10)
 VICTIMS = 200
-
-
-def warden_backend(server: PgServer) -> int:
-    rows = server.execute("SELECT pid FROM pg_stat_activity WHERE usename = 'warden'")
-    assert len(rows) == 1, rows
-    return int(rows[0][0])
-
-
-def rename(sessions: list[Session], app: str) -> None:
-    for session in sessions:
-        session.conn.execute("SELECT pg_catalog.set_config('application_name', %s, false)", (app,))
 
 
 def early_in_a_second() -> bool:
@@ -94,7 +83,7 @@ def test_a_policy_deleted_mid_cycle_signals_nothing_after_the_deletion(
         ]
         victims = {s.pid for s in parked}
         ledger = Ledger(server.logfile)
-        with frozen(warden_backend(server)):  # no cycle may see half of them: all become victims at once
+        with frozen(backend_of(server, "warden")):  # no cycle may see half of them: all become victims at once
             rename(parked, "web")
         wait_for(lambda: len(ledger.engine_signals()) >= 10, timeout=30, message="the first signals")
         wait_for(early_in_a_second, timeout=2, interval=0.005, message="the start of a second")

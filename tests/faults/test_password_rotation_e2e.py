@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import re
 
 import pytest
 from kubernetes import client
@@ -19,7 +18,7 @@ from psycopg import sql
 
 from tests.fixtures.operator import OperatorFactory, OperatorProcess
 from tests.fixtures.postgres import PgFactory
-from tests.harness.faults import Stopwatch, report_figures
+from tests.harness.faults import Stopwatch, metric_total, report_figures
 from tests.harness.k8s import create_running_pod
 from tests.harness.policies import (
     PASSWORD,
@@ -37,13 +36,11 @@ pytestmark = [pytest.mark.k8s, pytest.mark.pg]
 
 _octets = itertools.count(10)
 NEW_PASSWORD = "r0tated-Pa55-9f3e"
-_ERRORS = re.compile(r"^pgwarden_target_errors_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$", re.MULTILINE)
 
 
 def failed_cycles(operator: OperatorProcess, namespace: str) -> int:
     """pgwarden_target_errors_total for the namespace: cycles that failed on a target."""
-    ours = [m for m in _ERRORS.finditer(operator.metrics()) if f'namespace="{namespace}"' in m["labels"]]
-    return sum(int(float(m["value"])) for m in ours)
+    return metric_total(operator.metrics(), "pgwarden_target_errors_total", namespace=namespace)
 
 
 def rotate_in_postgresql(server: PgServer) -> None:
