@@ -23,6 +23,7 @@ from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
+from pgwarden.engine.autovacuum_claims import CLAIMS
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.errors import AuthenticationFailed, CycleInterrupted, TargetUnreachable
 from pgwarden.engine.report import CycleReport, SkipRecord
@@ -530,6 +531,20 @@ def with_records(spec_body: dict[str, Any], *records: tuple[str, int]) -> dict[s
         for pod, v in records
     ]
     return {**spec_body, "status": {"targets": targets}}
+
+
+async def test_what_status_says_was_written_is_remembered_by_the_engine(make_harness: Callable[..., Harness]) -> None:
+    """After a restart the engine's memory is empty: the worker seeds it from status, so a value a DBA wrote
+    since is reported (foreign_value) instead of taken for a leftover and overwritten."""
+    h = make_harness()
+    policy = with_records(body(sessions=[], autovacuum={"maxWorkers": 2}), ("db-0", 4))
+    await h.worker.step(policy, [DB0, DB1])
+    assert CLAIMS.last_written("127.0.0.2:5432", h.worker.policy_key) == 4
+    assert CLAIMS.last_written("127.0.0.3:5432", h.worker.policy_key) is None  # nothing recorded there
+    CLAIMS.record_write("127.0.0.2:5432", h.worker.policy_key, 2)
+    await h.worker.step(policy, [DB0, DB1])  # status lags what this process wrote since: the engine knows better
+    assert CLAIMS.last_written("127.0.0.2:5432", h.worker.policy_key) == 2
+    CLAIMS.drop("127.0.0.2:5432", h.worker.policy_key)
 
 
 async def test_removing_the_cap_releases_each_record_once_and_drops_it(make_harness: Callable[..., Harness]) -> None:

@@ -22,6 +22,7 @@ from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
 from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, WrittenRecord, privilege_error, written_records
 from pgwarden.enforcement.targets import PodInfo, select_targets
+from pgwarden.engine.autovacuum_claims import CLAIMS
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.errors import AuthenticationFailed, CycleInterrupted
 from pgwarden.engine.report import CycleReport
@@ -160,6 +161,7 @@ class PolicyWorker:
         ours, skipped = self._choose_targets(spec, pods)
         released = await self._release_lapsed(spec, body.get("status"), pods, ours)
         await self._track(ours)
+        self._remember_written(spec, body.get("status"), ours)
         credentials_condition = await self._start_due(spec, self.clock())
         updates, finished = self._harvest()
         updates.extend(released)
@@ -224,6 +226,20 @@ class PolicyWorker:
             for r in lapsed
             if r.pod in ours_by_name  # a deselected pod's entry goes anyway
         ]
+
+    def _remember_written(self, spec: PolicySpec, status: Mapping[str, Any] | None, ours: list[PodInfo]) -> None:
+        """Tell the engine what status records this policy wrote on each target (`autovacuum.written`): after a
+        restart of the process it would otherwise take a DBA's later value for a leftover and overwrite it."""
+        cap = spec.autovacuum.max_workers
+        records = written_records(status, self.enforcer_kind) if cap is not None else {}
+        if cap is None or not records or spec.enforcement_action is not EnforcementAction.ENFORCE:
+            return
+        for pod in ours:
+            record = records.get(pod.name)
+            if record is not None and (self.fixed_endpoint is not None or pod.pod_ip):
+                fixed = self.fixed_endpoint
+                server = f"{fixed.host}:{fixed.port}" if fixed else f"{pod.pod_ip}:{spec.connection.port}"
+                CLAIMS.remember(server, self.policy_key, cap, record.value, spec.interval.total_seconds())
 
     async def _release_one(self, spec: PolicySpec, pod: PodInfo | None, record: WrittenRecord, seconds: float) -> None:
         """Reset one record's value if postgresql.auto.conf still holds it; otherwise say what is left behind."""

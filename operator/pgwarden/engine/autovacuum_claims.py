@@ -74,6 +74,17 @@ class CapClaims:
         if entry is not None:
             entry.written = value
 
+    def remember(self, server: str, policy: str, value: int, written: int, interval: float) -> None:
+        """What `policy` (wanting `value`) wrote on `server` in an earlier life of this process, as its status
+        records it: the claim is made now, and what was written is kept unless this process knows better."""
+        claims = self._claims.setdefault(server, {})
+        entry = claims.get(policy)
+        if entry is None:
+            expires = self.clock() + max(CLAIM_MIN_SECONDS, CLAIM_INTERVALS * interval)
+            claims[policy] = _Claim(value, expires, written)
+        elif entry.written is None:
+            entry.written = written
+
     def last_written(self, server: str, policy: str) -> int | None:
         entry = (self._claims.get(server) or {}).get(policy)
         return entry.written if entry is not None else None
