@@ -174,3 +174,32 @@ def test_an_operator_killed_right_after_alter_system_still_releases_on_deletion(
     custom(k8s_api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "capper")
     wait_for(lambda: auto_conf(server) == [], timeout=30, message="the new operator's finalizer to reset the cap")
     wait_for(lambda: policy_gone(k8s_api, namespace, "capper"), timeout=30, message="the policy to go")
+
+
+def test_a_dbas_value_written_while_the_operator_was_down_is_reported_not_overwritten(
+    k8s_api: client.ApiClient, namespace: str, pg_factory: PgFactory, run_operator: OperatorFactory
+) -> None:
+    """The engine's memory of what it wrote goes with the process; status keeps it (`autovacuum.written`), so
+    the next operator knows that a different value in postgresql.auto.conf is someone else's: Degraded
+    AutovacuumConflict naming it, and the file left as the DBA wrote it."""
+    server = capped_server(pg_factory)
+    create_secret(k8s_api, namespace)
+    create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, server.host)
+    first = run_operator([namespace])
+    create_policy(k8s_api, namespace, policy_body("capper", server.port, sessions=[], autovacuum={"maxWorkers": 2}))
+    wait_for(lambda: written(k8s_api, namespace, "capper", "db-0"), timeout=30, message="the write recorded")
+    wait_for(lambda: auto_conf(server) == ["2"], timeout=30, message="the cap in postgresql.auto.conf")
+    first.stop()
+    server.execute("ALTER SYSTEM SET autovacuum_max_workers = 4")  # the DBA, while no operator runs
+    stamp = auto_conf_stamp(server)
+    run_operator([namespace])
+
+    def conflicted() -> dict[str, Any] | None:
+        cond = condition(get_policy(k8s_api, namespace, "capper"), ConditionType.DEGRADED)
+        ok = cond and cond["status"] == "True" and cond["reason"] == ConditionReason.AUTOVACUUM_CONFLICT
+        return cond if ok else None
+
+    cond = wait_for(conflicted, timeout=30, message="Degraded AutovacuumConflict")
+    assert "postgresql.auto.conf holds 4, not written by pgwarden" in cond["message"]
+    assert holds_for(lambda: (auto_conf_stamp(server), auto_conf(server)) == (stamp, ["4"]), 11)  # two intervals
+    assert conflicted()

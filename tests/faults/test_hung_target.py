@@ -97,6 +97,9 @@ class OneSecret:
     async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
         return Credentials("warden", PASSWORD)
 
+    def invalidate(self, namespace: str, name: str) -> None:
+        """Nothing cached here."""
+
 
 def policy(name: str, app: str, port: int) -> dict[str, Any]:
     spec = {

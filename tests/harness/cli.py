@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
+import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 PGWARDEN = str(Path(sys.executable).parent / "pgwarden")
 CODE_UNDER_TEST = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "operator")}
@@ -36,3 +43,55 @@ spec:
 {extra}"""
     )
     return path
+
+
+class CliLoop:
+    """A `pgwarden enforce` loop whose JSON reports are read on a thread (readline has no deadline)."""
+
+    def __init__(self, dsn: str, policy: Path) -> None:
+        self.proc = subprocess.Popen(
+            [PGWARDEN, "enforce", "--dsn", dsn, "--policy", str(policy), "--output", "json"],
+            env=CODE_UNDER_TEST,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.reports: list[dict[str, Any]] = []
+        self.logs: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self._lines.put), daemon=True),
+            # stderr read as it comes too: a full pipe would block the process's logging, and so its cycles.
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.logs.append), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream: IO[str] | None, put: Callable[[str], None]) -> None:
+        assert stream is not None
+        with contextlib.suppress(ValueError, OSError):
+            for line in stream:
+                put(line)
+
+    def poll(self) -> list[dict[str, Any]]:
+        while not self._lines.empty():
+            self.reports.append(json.loads(self._lines.get()))
+        return self.reports
+
+    def stop(self) -> str:
+        """SIGTERM, wait for the exit (the cycle in progress is finished first); stderr (the logs)."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        self.poll()
+        return "".join(self.logs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import socket
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tests.harness.postgres import PgServer
+from tests.harness.postgres import PgServer, Session
 
 # -- processes --------------------------------------------------------------------------------------
 
@@ -68,6 +69,32 @@ def frozen_server(server: PgServer) -> Iterator[None]:
         yield
 
 
+def backend_of(server: PgServer, user: str) -> int:
+    """The one backend `user` has on `server` (pgwarden's connection, for `frozen`)."""
+    rows = server.execute("SELECT pid FROM pg_stat_activity WHERE usename = %s", (user,))
+    assert len(rows) == 1, rows
+    return int(rows[0][0])
+
+
+def rename(sessions: list[Session], app: str) -> None:
+    """Set the sessions' application_name (what rules match): parked sessions become victims in one go."""
+    for session in sessions:
+        session.conn.execute("SELECT pg_catalog.set_config('application_name', %s, false)", (app,))
+
+
+_SERIES = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$", re.MULTILINE)
+
+
+def metric_total(text: str, name: str, **labels: str) -> int:
+    """The sum of a Prometheus counter's series in `text` (an exposition) whose labels include `labels`."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        int(float(m["value"]))
+        for m in _SERIES.finditer(text)
+        if m["name"] == name and all(w in m["labels"].split(",") for w in wanted)
+    )
+
+
 # -- a TCP relay that can misbehave ---------------------------------------------------------------
 
 RelayMode = Literal["pass", "blackhole", "reset"]
@@ -95,6 +122,8 @@ class Relay:
     port: int
     upstream: tuple[str, int] | None = None
     mode: RelayMode = "pass"
+    delay: float = 0.0
+    """Seconds each chunk waits before it is passed on (a slow network): a round trip costs twice this."""
     accepted: int = 0
     _listener: socket.socket | None = None
     _sockets: list[socket.socket] = field(default_factory=list)
@@ -176,9 +205,15 @@ class Relay:
                     dst.shutdown(socket.SHUT_WR)
                     return
                 if self.mode == "pass":
+                    if self.delay:
+                        time.sleep(self.delay)
                     dst.sendall(data)
                 # blackhole: read and drop, so neither side's TCP stack ever sees a dead peer
             except (OSError, ValueError):
+                # One side reset (a server that exited with a query unread answers it with a RST): pass the
+                # failure on, as a network would, instead of leaving the other side waiting on a live socket.
+                with contextlib.suppress(OSError, ValueError):
+                    dst.shutdown(socket.SHUT_RDWR)
                 return
 
 

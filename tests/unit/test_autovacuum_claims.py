@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pgwarden.engine.autovacuum_claims import CLAIM_MIN_SECONDS, CapClaims, conflict_message
+from pgwarden.engine.autovacuum_claims import (
+    CLAIM_MIN_SECONDS,
+    CapClaims,
+    conflict_message,
+    process_conflict_message,
+)
 
 
 def test_a_different_value_conflicts_an_equal_one_does_not_and_servers_are_apart() -> None:
@@ -28,4 +33,24 @@ def test_a_claim_lapses_when_dropped_or_not_renewed() -> None:
 def test_the_message_names_every_other_policy() -> None:
     message = conflict_message("ns/a", 2, {"ns/b": 3})
     assert "ns/b wants 3" in message
+    assert "ns/a wants 2" in message
+
+
+def test_a_claim_remembers_what_its_policy_wrote_until_it_lapses() -> None:
+    now = [0.0]
+    claims = CapClaims(clock=lambda: now[0])
+    claims.record_write("s", "ns/a", 2)  # no claim yet: nothing to remember it by
+    assert claims.last_written("s", "ns/a") is None
+    claims.claim("s", "ns/a", 2, interval=1)
+    claims.record_write("s", "ns/a", 2)
+    claims.claim("s", "ns/a", 3, interval=1)  # a changed cap keeps the memory of the last write
+    assert claims.last_written("s", "ns/a") == 2
+    assert claims.last_written("other", "ns/a") is None
+    claims.drop("s", "ns/a")
+    assert claims.last_written("s", "ns/a") is None
+
+
+def test_a_conflict_with_another_process_names_its_backend() -> None:
+    message = process_conflict_message("ns/a", 2, {4242: 3})
+    assert "another pgwarden process (backend pid 4242) wants 3" in message
     assert "ns/a wants 2" in message

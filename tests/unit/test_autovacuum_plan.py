@@ -19,6 +19,7 @@ from pgwarden.engine.autovacuum_plan import (
     SkippedWorker,
     Worker,
     choose_workers_to_stop,
+    foreign_value,
     is_pending_restart,
     pending_value,
     plan_setting,
@@ -213,3 +214,14 @@ def test_alter_system_value_is_checked(value: int) -> None:
 
     with pytest.raises(ValueError, match="autovacuum_max_workers"):
         _alter_system_set(value)
+
+
+def test_a_value_pgwarden_did_not_write_is_foreign_only_once_it_has_written() -> None:
+    dba = replace(PG18, auto_conf_value="4", file_value="4")
+    assert foreign_value(dba, 2, None) is None  # before its first write: replaced once (a leftover, or the state)
+    assert foreign_value(dba, 2, 2) == "4"  # after writing 2: someone else wrote 4
+    assert foreign_value(dba, 3, 2) == "4"  # a changed cap does not license overwriting it
+    assert foreign_value(dba, 4, 2) is None  # it holds what the policy wants: no dispute
+    assert foreign_value(replace(dba, auto_conf_value="2"), 3, 2) is None  # its own earlier value: a policy change
+    assert foreign_value(replace(PG18, file_value="4"), 2, 2) is None  # in postgresql.conf only: not ALTER SYSTEM's
+    assert foreign_value(replace(dba, file_readable=False), 2, 2) is None  # cannot tell whose it is

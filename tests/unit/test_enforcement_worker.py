@@ -23,8 +23,9 @@ from pgwarden.enforcement.kube import Credentials, CredentialsError, PodMoved
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer
+from pgwarden.engine.autovacuum_claims import CLAIMS
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
-from pgwarden.engine.errors import CycleInterrupted, TargetUnreachable
+from pgwarden.engine.errors import AuthenticationFailed, CycleInterrupted, TargetUnreachable
 from pgwarden.engine.report import CycleReport, SkipRecord
 from pgwarden.engine.types import ServerCheck
 from pgwarden.policy import CredentialsSecret, PolicySpec, parse_spec
@@ -128,12 +129,16 @@ class FakeSecrets:
     def __init__(self, error: CredentialsError | None = None) -> None:
         self.error = error
         self.reads = 0
+        self.invalidated: list[tuple[str, str]] = []
 
     async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
         self.reads += 1
         if self.error is not None:
             raise self.error
         return Credentials("warden", "not-a-real-password")
+
+    def invalidate(self, namespace: str, name: str) -> None:
+        self.invalidated.append((namespace, name))
 
 
 @dataclass
@@ -259,6 +264,21 @@ async def test_next_evaluation_follows_the_engines_deadline_within_min_delay_and
     assert await h.starts([DB0]) == 1
     h.clock.advance(INTERVAL)
     assert await h.starts([DB0]) == 1  # never later than the interval
+
+
+async def test_a_refused_login_drops_the_cached_secret_and_other_failures_do_not(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """A password rotated in PostgreSQL before the Secret: the next attempt must read the Secret again, not
+    wait out the cache (the controller's SecretReader keeps it secret_cache_ttl seconds)."""
+    h = make_harness()
+    h.engine.outcomes["127.0.0.2"] = TargetUnreachable("connection to 127.0.0.2:5432 refused")
+    await h.starts([DB0])
+    assert h.secrets.invalidated == []
+    h.clock.advance(INTERVAL)
+    h.engine.outcomes["127.0.0.2"] = AuthenticationFailed("authentication failed for the user in Secret pg-credentials")
+    await h.starts([DB0])
+    assert h.secrets.invalidated == [(h.worker.namespace, "pg-credentials")]
 
 
 async def test_a_failing_target_backs_off_doubling_up_to_the_interval_and_recovers(
@@ -522,6 +542,20 @@ def with_records(spec_body: dict[str, Any], *records: tuple[str, int]) -> dict[s
         for pod, v in records
     ]
     return {**spec_body, "status": {"targets": targets}}
+
+
+async def test_what_status_says_was_written_is_remembered_by_the_engine(make_harness: Callable[..., Harness]) -> None:
+    """After a restart the engine's memory is empty: the worker seeds it from status, so a value a DBA wrote
+    since is reported (foreign_value) instead of taken for a leftover and overwritten."""
+    h = make_harness()
+    policy = with_records(body(sessions=[], autovacuum={"maxWorkers": 2}), ("db-0", 4))
+    await h.worker.step(policy, [DB0, DB1])
+    assert CLAIMS.last_written("127.0.0.2:5432", h.worker.policy_key) == 4
+    assert CLAIMS.last_written("127.0.0.3:5432", h.worker.policy_key) is None  # nothing recorded there
+    CLAIMS.record_write("127.0.0.2:5432", h.worker.policy_key, 2)
+    await h.worker.step(policy, [DB0, DB1])  # status lags what this process wrote since: the engine knows better
+    assert CLAIMS.last_written("127.0.0.2:5432", h.worker.policy_key) == 2
+    CLAIMS.drop("127.0.0.2:5432", h.worker.policy_key)
 
 
 async def test_removing_the_cap_releases_each_record_once_and_drops_it(make_harness: Callable[..., Harness]) -> None:

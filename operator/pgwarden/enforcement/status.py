@@ -354,11 +354,11 @@ def _conditions(
     conflicts = [t for t in active if (t.get("autovacuum") or {}).get("conflictsWith")]
     if conflicts:
         detail = "; ".join(
-            f"{t['pod']}: another policy wants a different autovacuum_max_workers "
+            f"{t['pod']}: someone else wants a different autovacuum_max_workers "
             f"({', '.join(map(str, t['autovacuum']['conflictsWith']))})"
             for t in conflicts[:5]
         )
-        return _ready_and_degraded(False, ConditionReason.AUTOVACUUM_CONFLICT, f"neither policy writes it: {detail}")
+        return _ready_and_degraded(False, ConditionReason.AUTOVACUUM_CONFLICT, f"pgwarden does not write it: {detail}")
     if not active:
         return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
     return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")

@@ -22,8 +22,9 @@ from pgwarden.enforcement.events import PolicyEvent, events_for_cycle
 from pgwarden.enforcement.kube import Credentials, CredentialsError
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, WrittenRecord, privilege_error, written_records
 from pgwarden.enforcement.targets import PodInfo, select_targets
+from pgwarden.engine.autovacuum_claims import CLAIMS
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
-from pgwarden.engine.errors import CycleInterrupted
+from pgwarden.engine.errors import AuthenticationFailed, CycleInterrupted
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.types import ServerCheck
 from pgwarden.policy import CredentialsSecret, EnforcementAction, PolicyError, PolicySpec, parse_spec
@@ -62,6 +63,9 @@ class CredentialSource(Protocol):
 
     async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
         """The username and password the Secret holds; raises CredentialsError saying why not."""
+
+    def invalidate(self, namespace: str, name: str) -> None:
+        """Forget the Secret: the server refused what it held, so the next attempt reads it again."""
 
 
 def needs_release(status: Mapping[str, Any] | None) -> bool:
@@ -170,6 +174,7 @@ class PolicyWorker:
         ours, skipped = self._choose_targets(spec, pods)
         released = await self._release_lapsed(spec, body.get("status"), pods, ours)
         await self._track(ours)
+        self._remember_written(spec, body.get("status"), ours)
         credentials_condition = await self._start_due(spec, self.clock())
         updates, finished = self._harvest()
         updates.extend(released)
@@ -234,6 +239,20 @@ class PolicyWorker:
             for r in lapsed
             if r.pod in ours_by_name  # a deselected pod's entry goes anyway
         ]
+
+    def _remember_written(self, spec: PolicySpec, status: Mapping[str, Any] | None, ours: list[PodInfo]) -> None:
+        """Tell the engine what status records this policy wrote on each target (`autovacuum.written`): after a
+        restart of the process it would otherwise take a DBA's later value for a leftover and overwrite it."""
+        cap = spec.autovacuum.max_workers
+        records = written_records(status, self.enforcer_kind) if cap is not None else {}
+        if cap is None or not records or spec.enforcement_action is not EnforcementAction.ENFORCE:
+            return
+        for pod in ours:
+            record = records.get(pod.name)
+            if record is not None and (self.fixed_endpoint is not None or pod.pod_ip):
+                fixed = self.fixed_endpoint
+                server = f"{fixed.host}:{fixed.port}" if fixed else f"{pod.pod_ip}:{spec.connection.port}"
+                CLAIMS.remember(server, self.policy_key, cap, record.value, spec.interval.total_seconds())
 
     async def _release_one(self, spec: PolicySpec, pod: PodInfo | None, record: WrittenRecord, seconds: float) -> None:
         """Reset one record's value if postgresql.auto.conf still holds it; otherwise say what is left behind."""
@@ -434,6 +453,8 @@ class PolicyWorker:
             self._note_privileges(state, exc.report)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=exc.report, error=str(exc)[:1000])
         except Exception as exc:  # every engine failure is a per-target report, never a crash
+            if isinstance(exc, AuthenticationFailed):
+                self._forget_credentials(spec)
             await self._failed(state, interval, exc)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, error=str(exc)[:1000])
         state.failures = 0
@@ -456,6 +477,13 @@ class PolicyWorker:
             await check(pod)
 
         return confirm
+
+    def _forget_credentials(self, spec: PolicySpec) -> None:
+        """A refused login: the cached Secret may hold a password rotated since (in PostgreSQL first, the
+        Secret after); the next attempt reads the Secret again instead of waiting out the cache."""
+        ref = spec.connection.credentials_secret
+        if ref is not None and self.secrets is not None:
+            self.secrets.invalidate(self.namespace, ref.name)
 
     def _note_privileges(self, state: TargetState, report: CycleReport) -> None:
         """One Warning Event when the set of missing grants on a target changes to a non-empty one.

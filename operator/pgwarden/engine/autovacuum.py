@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import Any, LiteralString
 
 import psycopg
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
+from pgwarden.engine.autovacuum_claims import CLAIM_LOCK_CLASS
 from pgwarden.engine.autovacuum_plan import (
     MAX_BACKENDS,
     SETTING,
@@ -31,13 +33,21 @@ from pgwarden.engine.autovacuum_plan import (
     Worker,
     WriteAhead,
     choose_workers_to_stop,
+    foreign_value,
     is_pending_restart,
     pending_value,
     plan_setting,
 )
 from pgwarden.policy.model import Autovacuum
 
-__all__ = ["AutovacuumReport", "ReleaseReport", "enforce_autovacuum", "release_autovacuum"]
+__all__ = [
+    "AutovacuumReport",
+    "ReleaseReport",
+    "enforce_autovacuum",
+    "hold_claims",
+    "other_claims",
+    "release_autovacuum",
+]
 
 RELOAD_TIMEOUT = 5.0
 """How long to wait for this session to see a reload; pg_reload_conf() only signals the postmaster."""
@@ -80,6 +90,14 @@ FROM pg_catalog.pg_stat_activity
 WHERE pid = %(pid)s AND backend_type = 'autovacuum worker' AND backend_start IS NOT DISTINCT FROM %(started)s
 """
 _RELOAD_SQL = "SELECT pg_catalog.pg_reload_conf()"
+# Claims across processes (see autovacuum_claims): shared, so they never block anyone; `try` so that even an
+# exclusive holder of the same key (nobody pgwarden knows) could not make a cycle wait.
+_CLAIM_SQL = "SELECT pg_catalog.pg_try_advisory_lock_shared(%(cls)s, %(value)s) AS ok"
+_UNCLAIM_SQL = "SELECT pg_catalog.pg_advisory_unlock_shared(%(cls)s, %(value)s) AS ok"
+_CLAIMS_SQL = """
+SELECT pid, objid::bigint AS value FROM pg_catalog.pg_locks
+WHERE locktype = 'advisory' AND classid = %(cls)s::bigint::oid AND objsubid = 2 AND granted
+"""
 _RESET_SQL = "ALTER SYSTEM RESET autovacuum_max_workers"
 
 
@@ -158,12 +176,19 @@ class _Privileges:
 
 
 async def enforce_autovacuum(
-    conn: psycopg.AsyncConnection[Any], spec: Autovacuum, *, dry_run: bool, before_write: WriteAhead | None = None
+    conn: psycopg.AsyncConnection[Any],
+    spec: Autovacuum,
+    *,
+    dry_run: bool,
+    before_write: WriteAhead | None = None,
+    last_written: int | None = None,
 ) -> AutovacuumReport:
     """Bring autovacuum_max_workers to `spec.max_workers` and, if asked, stop the workers above it.
 
     Each part goes on when the other fails; failures land in `errors`. A dry run writes and signals nothing
-    and reports what it would do in `would_write` and `would_cancel`.
+    and reports what it would do in `would_write` and `would_cancel`. `last_written` is what this policy
+    last wrote here: a different value in postgresql.auto.conf is someone else's, reported in
+    `conflicts_with` and left alone (see `foreign_value`); then no worker is stopped either.
     """
     report = AutovacuumReport(desired=spec.max_workers, dry_run=dry_run)
     if spec.max_workers is None:
@@ -176,7 +201,11 @@ async def enforce_autovacuum(
         return report
     report.missing_privileges = privileges.missing_grants(stop_workers=spec.cancel_excess_workers)
     try:
-        await _enforce_setting(conn, desired, privileges, report, dry_run=dry_run, before_write=before_write)
+        await _enforce_setting(
+            conn, desired, privileges, report, dry_run=dry_run, before_write=before_write, last_written=last_written
+        )
+        if report.conflicts_with:
+            return report  # the cap is disputed: stopping workers to enforce it would take a side
         await _enforce_workers(conn, desired, privileges, report, stop=spec.cancel_excess_workers, dry_run=dry_run)
     except psycopg.Error as exc:  # only a broken connection gets here (see _record)
         # Keep what was written and which workers were stopped before the break: the cycle reports them.
@@ -253,6 +282,7 @@ async def _enforce_setting(
     *,
     dry_run: bool,
     before_write: WriteAhead | None = None,
+    last_written: int | None = None,
 ) -> None:
     try:
         state = await _read_setting_state(conn, read_files=privileges.read_files)
@@ -261,6 +291,14 @@ async def _enforce_setting(
         return
     _fill_setting(report, state)
     plan = plan_setting(state, desired)
+    found = foreign_value(state, desired, last_written) if plan.write else None
+    if found is not None:
+        report.conflicts_with.append(f"postgresql.auto.conf holds {found}, not written by pgwarden")
+        report.errors.append(
+            f"{SETTING} conflict on this server: postgresql.auto.conf holds {found}, which pgwarden did not write "
+            f"(it wrote {last_written}); not overwriting it with {desired} until the policy's cap or the file changes"
+        )
+        return
     if plan.error:
         report.errors.append(plan.error)
     if plan.warning:
@@ -350,9 +388,11 @@ async def _read_setting_state(conn: psycopg.AsyncConnection[Any], *, read_files:
     if row is None:
         raise RuntimeError(f"pg_settings has no {SETTING}")
     file_value: str | None = None
+    auto_conf: str | None = None
     if read_files:
         entries = await _fetch(conn, _FILE_SQL, {"name": SETTING})
         file_value = entries[-1]["setting"] if entries else None
+        auto_conf = _auto_conf_value(entries)
     return SettingState(
         server_version=conn.info.server_version,
         in_force=row["in_force"],
@@ -364,6 +404,7 @@ async def _read_setting_state(conn: psycopg.AsyncConnection[Any], *, read_files:
         other_backends=row["other_backends"] or 0,
         file_readable=read_files,
         file_value=file_value,
+        auto_conf_value=auto_conf,
     )
 
 
@@ -374,6 +415,30 @@ def _auto_conf_value(entries: list[dict[str, Any]]) -> str | None:
         if (entry["sourcefile"] or "").endswith("/postgresql.auto.conf"):
             value = entry["setting"]
     return value
+
+
+# -- claims across processes (see autovacuum_claims) --------------------------------------------------
+
+_HELD: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], frozenset[int]] = weakref.WeakKeyDictionary()
+"""The claim values each connection holds advisory locks for (the locks go with the connection)."""
+
+
+async def hold_claims(conn: psycopg.AsyncConnection[Any], values: frozenset[int]) -> None:
+    """Make `conn` hold exactly one shared advisory lock per value in `values`; no round trip if it does."""
+    held = _HELD.get(conn, frozenset())
+    if held == values:
+        return
+    for value in sorted(values - held):
+        await conn.execute(_CLAIM_SQL, {"cls": CLAIM_LOCK_CLASS, "value": value})
+    for value in sorted(held - values):
+        await conn.execute(_UNCLAIM_SQL, {"cls": CLAIM_LOCK_CLASS, "value": value})
+    _HELD[conn] = values
+
+
+async def other_claims(conn: psycopg.AsyncConnection[Any], own_pids: frozenset[int]) -> dict[int, int]:
+    """Backend pid -> claimed value of every session but `own_pids` (this process's) that holds a claim."""
+    rows = await _fetch(conn, _CLAIMS_SQL, {"cls": CLAIM_LOCK_CLASS})
+    return {int(r["pid"]): int(r["value"]) for r in rows if r["pid"] is not None and r["pid"] not in own_pids}
 
 
 # -- the workers -----------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ class SettingState:
     """Whether pg_file_settings could be read (superuser, or SELECT on it and EXECUTE on its function)."""
     file_value: str | None = None
     """The last line for the setting in the configuration files, if readable and present."""
+    auto_conf_value: str | None = None
+    """The last line for the setting in postgresql.auto.conf (where ALTER SYSTEM writes), if readable and present."""
 
     @property
     def needs_restart(self) -> bool:
@@ -118,6 +120,23 @@ def plan_setting(state: SettingState, desired: int) -> SettingPlan:
     if not state.needs_restart and state.in_force != desired:
         return SettingPlan(write=True)  # in the file but not yet reloaded; writing again and reloading is harmless
     return SettingPlan(write=False)
+
+
+def foreign_value(state: SettingState, desired: int, last_written: int | None) -> str | None:
+    """The value in postgresql.auto.conf if someone other than this policy put it there after it wrote, else None.
+
+    Only a policy that has written here (in this process: `last_written`) can tell its own value from another's;
+    before its first write any other value is replaced once (a leftover of an earlier run, or the state the
+    policy is meant to change). After that, a value that is neither the one it wrote nor the one it wants was
+    written by someone else (a DBA, another tool): pgwarden reports it and leaves it, so the two never take
+    turns rewriting the file. A file pgwarden cannot read tells nothing (None).
+    """
+    if last_written is None or not state.file_readable or state.auto_conf_value is None:
+        return None
+    found = _parse_int(state.auto_conf_value)
+    if found in (desired, last_written):
+        return None
+    return state.auto_conf_value
 
 
 def pending_value(state: SettingState) -> int | None:
@@ -214,7 +233,8 @@ class AutovacuumReport:
     lost: str | None = None
     """The connection broke part way (not in the JSON): what was done until then is still in the report."""
     conflicts_with: list[str] = field(default_factory=list)
-    """Other policies that want another value on this server: this cycle wrote and stopped nothing."""
+    """Who else wants another value on this server (another policy of this process, another pgwarden process,
+    or a value in postgresql.auto.conf that pgwarden did not write): this cycle wrote and stopped nothing."""
     missing_privileges: list[str] = field(default_factory=list)
     """Grants the cap needs that the connecting role lacks (the README's list), named as GRANT would name
     them; not in the JSON (the cycle report carries them, typed, and in its `errors`)."""

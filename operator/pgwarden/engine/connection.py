@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
-from pgwarden.engine.errors import InvalidDsn, TargetUnreachable
+from pgwarden.engine.errors import AuthenticationFailed, InvalidDsn, TargetUnreachable
 
 APPLICATION_NAME = "pgwarden"
 CONNECT_TIMEOUT_SECONDS = 5
@@ -91,6 +91,13 @@ def redact(text: str, password: str | None = None, user: str | None = None) -> s
             text = text.replace(secret, "***")
     text = _URI_PASSWORD.sub(r"\1***@", text)
     return _KV_PASSWORD.sub(r"\1***", text)
+
+
+def is_authentication_failure(message: str) -> bool:
+    """Whether a failed connection attempt was a refused login (see `connect_failure`, which says so)."""
+    flat = message.strip().replace("\n", " ").replace("\t", "")
+    refused_method = _REQUIRE_AUTH_REFUSAL.search(flat) or _HBA_REJECT.search(flat)
+    return not refused_method and bool(_AUTH_FAILURE.search(flat))
 
 
 def connect_failure(dsn: EngineDsn, message: str) -> str:
@@ -233,7 +240,8 @@ async def connect(dsn: EngineDsn | str) -> psycopg.AsyncConnection[Any]:
             # PostgreSQL 13 or older: it has no idle_session_timeout, so nothing can kill us for idling.
             return await psycopg.AsyncConnection.connect(parsed.conninfo_before_14, autocommit=True)
     except psycopg.Error as exc:
-        raise TargetUnreachable(f"cannot connect to {parsed.target}: {connect_failure(parsed, str(exc))}") from None
+        failure = AuthenticationFailed if is_authentication_failure(str(exc)) else TargetUnreachable
+        raise failure(f"cannot connect to {parsed.target}: {connect_failure(parsed, str(exc))}") from None
 
 
 def target_of(conn: psycopg.AsyncConnection[Any]) -> str:

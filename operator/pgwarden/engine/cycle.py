@@ -17,8 +17,15 @@ import psycopg
 import structlog
 
 from pgwarden.engine import act as acting
-from pgwarden.engine.autovacuum import enforce_autovacuum, quote_ident
-from pgwarden.engine.autovacuum_claims import CLAIMS, conflict_message
+from pgwarden.engine.autovacuum import enforce_autovacuum, hold_claims, other_claims, quote_ident
+from pgwarden.engine.autovacuum_claims import (
+    CLAIM_INTERVALS,
+    CLAIM_MIN_SECONDS,
+    CLAIMS,
+    conflict_message,
+    process_conflict_message,
+    process_conflict_name,
+)
 from pgwarden.engine.autovacuum_plan import AutovacuumReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
 from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
@@ -118,10 +125,13 @@ async def _autovacuum(
     dry_run: bool,
     target: str,
     before_write: WriteAhead | None = None,
+    last_written: int | None = None,
 ) -> tuple[AutovacuumReport | None, list[str], list[str], str | None]:
     """The autovacuum report, its errors, the grants it lacks, and why the connection broke (if it did)."""
     try:
-        result = await enforce_autovacuum(conn, spec, dry_run=dry_run, before_write=before_write)
+        result = await enforce_autovacuum(
+            conn, spec, dry_run=dry_run, before_write=before_write, last_written=last_written
+        )
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
             return None, [], [], f"connection to {target} lost during autovacuum: {str(exc).strip()}"
@@ -166,6 +176,72 @@ def _claim_cap(spec: PolicySpec, policy: str, target: str, *, dry_run: bool) -> 
     message = conflict_message(policy, desired, others)
     log.warning("autovacuum cap conflict", policy=policy, target=target, others=others)
     return AutovacuumReport(desired=desired, conflicts_with=sorted(others), errors=[f"autovacuum: {message}"])
+
+
+# Per connection: which policy claims which value through it, until when (the advisory locks it holds).
+_CONN_CLAIMS: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], tuple[str, dict[str, tuple[int, float]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _connection_claims(
+    conn: psycopg.AsyncConnection[Any], target: str, policy: str, value: int | None, interval: float
+) -> frozenset[int]:
+    """Note `policy`'s claim through `conn` (None: none), drop lapsed ones; the values `conn` must hold."""
+    now = time.monotonic()
+    _, claims = _CONN_CLAIMS.setdefault(conn, (target, {}))
+    if value is None:
+        claims.pop(policy, None)
+    else:
+        claims[policy] = (value, now + max(CLAIM_MIN_SECONDS, CLAIM_INTERVALS * interval))
+    for other, (_, expires) in list(claims.items()):
+        if expires < now:
+            del claims[other]
+    return frozenset(v for v, _ in claims.values())
+
+
+def _own_pids(target: str) -> frozenset[int]:
+    """This process's backends on `target` that may hold claims: their claims are in CLAIMS already."""
+    return frozenset(
+        c.info.backend_pid for c, (t, _) in list(_CONN_CLAIMS.items()) if t == target and not (c.closed or c.broken)
+    )
+
+
+async def _claim_across_processes(
+    conn: psycopg.AsyncConnection[Any], spec: PolicySpec, policy: str, target: str, *, dry_run: bool
+) -> AutovacuumReport | None:
+    """Publish this policy's claim on the server (or withdraw it); a conflict report if a session of another
+    pgwarden process claims a different value there, else None (go on). Costs nothing for a policy without
+    a cap on a connection whose claims did not change; one read of pg_locks per capped cycle."""
+    desired = None if dry_run else spec.autovacuum.max_workers
+    await hold_claims(conn, _connection_claims(conn, target, policy, desired, spec.interval.total_seconds()))
+    if desired is None:
+        return None
+    others = {pid: v for pid, v in (await other_claims(conn, _own_pids(target))).items() if v != desired}
+    if not others:
+        return None
+    log.warning("autovacuum cap conflict with another process", policy=policy, target=target, others=others)
+    return AutovacuumReport(
+        desired=desired,
+        conflicts_with=[process_conflict_name(pid, v) for pid, v in sorted(others.items())],
+        errors=[f"autovacuum: {process_conflict_message(policy, desired, others)}"],
+    )
+
+
+async def _claims_or_lost(
+    conn: psycopg.AsyncConnection[Any], spec: PolicySpec, policy: str, target: str, *, dry_run: bool
+) -> tuple[AutovacuumReport | None, str | None]:
+    """`_claim_across_processes`, with a failure turned into a report that writes nothing, or a lost connection."""
+    try:
+        return await _claim_across_processes(conn, spec, policy, target, dry_run=dry_run), None
+    except psycopg.Error as exc:
+        if conn.broken or conn.closed:
+            return None, f"connection to {target} lost while claiming the autovacuum cap: {str(exc).strip()}"
+        # Not knowing the others' claims is no reason to write blindly: report it, write nothing.
+        return AutovacuumReport(
+            desired=spec.autovacuum.max_workers,
+            errors=[f"autovacuum: cannot read other processes' claims: {str(exc).strip()}"],
+        ), None
 
 
 async def run_cycle(
@@ -231,14 +307,24 @@ async def run_cycle(
     autovacuum_missing: list[str] = []
     lost = outcome.lost
     conflict = _claim_cap(spec, policy, target, dry_run=dry_run)
+    if lost is None:  # published even in an in-process conflict: the other processes must see it too
+        across, lost = await _claims_or_lost(conn, spec, policy, target, dry_run=dry_run)
+        conflict = conflict or across
     if conflict is not None:
         report.autovacuum = conflict
         report.errors.extend(conflict.errors)
     elif spec.autovacuum.max_workers is not None and jump is None and lost is None:
         report.autovacuum, errors, autovacuum_missing, lost = await _autovacuum(
-            conn, spec.autovacuum, dry_run=dry_run, target=target, before_write=before_write
+            conn,
+            spec.autovacuum,
+            dry_run=dry_run,
+            target=target,
+            before_write=before_write,
+            last_written=CLAIMS.last_written(target, policy),
         )
         report.errors.extend(errors)
+        if report.autovacuum is not None and report.autovacuum.written:
+            CLAIMS.record_write(target, policy, spec.autovacuum.max_workers)
     # Missing grants first in `errors`: they explain the rest. Checked every cycle at no cost: the session
     # grants are columns of the observation, the autovacuum ones of the privileges it reads anyway.
     report.missing_privileges = tuple(sessions_missing + autovacuum_missing)

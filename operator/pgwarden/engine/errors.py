@@ -28,6 +28,11 @@ class TargetNotConfirmed(EngineError):
     """The caller's check of a new connection's server failed (see `ServerCheck`): nothing was done there."""
 
 
+class AuthenticationFailed(TargetUnreachable):
+    """The server refused the login (password or user name): credentials held in a cache are stale, perhaps
+    rotated in PostgreSQL before the Secret; the caller reads them again before the next attempt."""
+
+
 class QueryFailed(EngineError):
     """The server was reached but a statement the engine needs failed."""
 

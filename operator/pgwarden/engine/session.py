@@ -148,9 +148,9 @@ class TargetSession:
             await self.close()
             exc.report.errors[:] = [self.dsn.redact(e) for e in exc.report.errors]
             raise CycleInterrupted(self.dsn.redact(str(exc)), exc.report) from None
-        except TargetUnreachable as exc:
+        except TargetUnreachable as exc:  # its kind kept: AuthenticationFailed tells the caller to re-read
             await self.close()
-            raise TargetUnreachable(self.dsn.redact(str(exc))) from None
+            raise type(exc)(self.dsn.redact(str(exc))) from None
         except EngineError as exc:  # a server message may quote a credential; never pass one on
             raise type(exc)(self.dsn.redact(str(exc))) from None
 
