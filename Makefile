@@ -25,7 +25,7 @@ venv: $(BIN)/pgwarden ## create .venv and install pgwarden with the test tools
 assets: venv ## fetch/build PostgreSQL and control-plane binaries once (cached in the PGWARDEN_CACHE directory)
 	@echo ">>> Debian packages the tests need (hack/test-deps.sh: only the missing ones)"
 	bash hack/test-deps.sh
-	@echo ">>> PostgreSQL binaries ($${PGWARDEN_PG_VERSIONS:-15 18})"
+	@echo ">>> PostgreSQL binaries (every major the tiers run on: $${PGWARDEN_PG_VERSIONS:-14 15 16 17 18})"
 	$(BIN)/python -m tests.harness.pgbinaries
 	@echo ">>> control plane binaries (etcd, kube-apiserver, kubectl)"
 	$(BIN)/python -m tests.harness.controlplane_assets

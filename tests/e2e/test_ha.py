@@ -27,7 +27,7 @@ from pgwarden.policy.api import EventReason
 from tests.fixtures.operator import OperatorFactory, OperatorProcess, kopf_peers
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod
-from tests.harness.pgbinaries import selected_versions
+from tests.harness.pgbinaries import e2e_versions
 from tests.harness.policies import (
     create_policy,
     create_secret,
@@ -164,7 +164,7 @@ def test_only_one_replica_enforces_and_the_other_takes_over_on_sigterm(
 
 
 # Peering does not depend on the PostgreSQL version, and this test waits out a peering lifetime: one major.
-@pytest.mark.parametrize("pg_major", selected_versions()[:1], ids=lambda v: f"pg{v}")
+@pytest.mark.parametrize("pg_major", e2e_versions()[:1], ids=lambda v: f"pg{v}")
 def test_the_standby_takes_over_when_the_active_replica_is_killed(
     kopf_peering: str,
     k8s_api: client.ApiClient,

@@ -18,7 +18,7 @@ from kubernetes import client
 from tests.fixtures.operator import OperatorFactory, OperatorProcess, kopf_peers
 from tests.fixtures.postgres import PgFactory
 from tests.harness.k8s import create_running_pod
-from tests.harness.pgbinaries import selected_versions
+from tests.harness.pgbinaries import e2e_versions
 from tests.harness.policies import (
     create_policy,
     create_secret,
@@ -56,7 +56,7 @@ def process_uid(replica: OperatorProcess) -> int:
 
 
 # Identity and peering do not depend on the PostgreSQL version: one major.
-@pytest.mark.parametrize("pg_major", selected_versions()[:1], ids=lambda v: f"pg{v}")
+@pytest.mark.parametrize("pg_major", e2e_versions()[:1], ids=lambda v: f"pg{v}")
 def test_replicas_without_a_passwd_entry_start_peer_and_enforce(
     kopf_peering: str,
     k8s_api: client.ApiClient,

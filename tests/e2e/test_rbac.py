@@ -46,7 +46,7 @@ from tests.harness.manifests import (
     open_session_mix,
     prepare_example_server,
 )
-from tests.harness.pgbinaries import selected_versions
+from tests.harness.pgbinaries import e2e_versions
 from tests.harness.policies import condition, events, get_policy, next_host, terminated_total
 from tests.harness.postgres import PgServer, running_server, wait_for
 
@@ -58,7 +58,7 @@ PEERING = "pgwarden"
 # RBAC does not depend on the PostgreSQL version: one server of the newest selected major. Not the
 # session's pg_major parameter, which would make pytest regroup this module's tests by version and start
 # its control plane once per group.
-PG_MAJOR = max(selected_versions(), key=int)
+PG_MAJOR = max(e2e_versions(), key=int)
 
 Rule = tuple[str, str, str, str]  # (apiGroup, resource, verb, resourceName or "" for any name)
 

@@ -23,7 +23,7 @@ from tests.harness.controlplane import ControlPlane
 from tests.harness.faults import Stopwatch, frozen, report_figures
 from tests.harness.k8s import create_running_pod, new_namespace
 from tests.harness.ledger import Ledger
-from tests.harness.pgbinaries import selected_versions
+from tests.harness.pgbinaries import e2e_versions
 from tests.harness.policies import (
     condition,
     create_policy,
@@ -52,7 +52,7 @@ def own_plane() -> Iterator[ControlPlane]:
 
 
 # An API stall does not depend on the PostgreSQL version, and each case waits out more than a minute: one major.
-@pytest.mark.parametrize("pg_major", selected_versions()[:1], ids=lambda v: f"pg{v}")
+@pytest.mark.parametrize("pg_major", e2e_versions()[:1], ids=lambda v: f"pg{v}")
 @pytest.mark.parametrize(("component", "seconds"), [("kube-apiserver", 65.0), ("etcd", 70.0)])
 def test_enforcement_goes_on_through_an_api_stall_and_status_catches_up(
     own_plane: ControlPlane, pg_factory: PgFactory, tmp_path: Path, component: str, seconds: float

@@ -20,13 +20,30 @@ from tests.harness.paths import cache_root
 
 DEBIAN_BIN = "/usr/lib/postgresql/{major}/bin"
 WHEEL_VERSIONS = {"14": "14.22.0", "16": "16.15.0", "17": "17.11.0", "18": "18.6.0"}
-DEFAULT_VERSIONS = "15 18"
+DEFAULT_VERSIONS = "14 15 16 17 18"
+"""Every supported major: the PostgreSQL tier (engine, autovacuum, CLI) runs on each."""
+DEFAULT_E2E_VERSIONS = "15 18"
+"""The tiers with the control plane (e2e, API faults) run on the oldest Debian major and the newest."""
+
+
+def _versions(variable: str, default: str) -> list[str]:
+    raw = os.environ.get(variable, default)
+    return [v for v in raw.replace(",", " ").split() if v]
 
 
 def selected_versions() -> list[str]:
-    """Majors chosen by PGWARDEN_PG_VERSIONS (space or comma separated), default 15 and 18."""
-    raw = os.environ.get("PGWARDEN_PG_VERSIONS", DEFAULT_VERSIONS)
-    return [v for v in raw.replace(",", " ").split() if v]
+    """Majors the PostgreSQL tier runs on: PGWARDEN_PG_VERSIONS (space or comma separated), default 14-18."""
+    return _versions("PGWARDEN_PG_VERSIONS", DEFAULT_VERSIONS)
+
+
+def e2e_versions() -> list[str]:
+    """Majors the control-plane tiers run on: PGWARDEN_E2E_PG_VERSIONS, default 15 and 18."""
+    return _versions("PGWARDEN_E2E_PG_VERSIONS", DEFAULT_E2E_VERSIONS)
+
+
+def all_versions() -> list[str]:
+    """Every major some test runs on (what `make assets` fetches), oldest first."""
+    return sorted(set(selected_versions()) | set(e2e_versions()), key=int)
 
 
 def bindir(major: str) -> Path:
@@ -77,7 +94,7 @@ def bindir(major: str) -> Path:
 
 
 def main() -> None:
-    for major in selected_versions():
+    for major in all_versions():
         print(f"PostgreSQL {major}: {bindir(major)}")
 
 

@@ -214,11 +214,14 @@ async def test_missing_alter_system_grant_is_named(pg_factory: PgFactory, pg_maj
     async with warden(server, "warden") as conn:
         denied = await enforce_autovacuum(conn, spec, dry_run=False)
     assert not denied.written
-    assert any('GRANT ALTER SYSTEM ON PARAMETER autovacuum_max_workers TO "warden"' in e for e in denied.errors)
     assert any("GRANT pg_read_all_stats TO" in e for e in denied.errors)  # cannot even see the workers
     assert denied.running_workers is None
     assert in_pg_settings(server) == ("3", False)
     assert auto_conf_stamp(server) == stamp
+    if int(pg_major) < 15:  # no GRANT ALTER SYSTEM ON PARAMETER before 15: only a superuser may write
+        assert any("SUPERUSER (PostgreSQL 14 and earlier let only superusers ALTER SYSTEM)" in e for e in denied.errors)
+        return
+    assert any('GRANT ALTER SYSTEM ON PARAMETER autovacuum_max_workers TO "warden"' in e for e in denied.errors)
 
     server.execute("GRANT ALTER SYSTEM ON PARAMETER autovacuum_max_workers TO warden")
     async with warden(server, "warden") as conn:
@@ -293,7 +296,7 @@ async def test_excess_workers_are_stopped_newest_first(pg_factory: PgFactory, pg
         dry = await enforce_autovacuum(conn, spec, dry_run=True)
     assert dry.errors == []
     assert dry.running_workers is not None
-    assert dry.running_workers >= 4
+    assert dry.running_workers > 2  # a worker may finish meanwhile; the poll saw at least 4
     assert len(dry.would_cancel) == dry.running_workers - 2
     assert dry.cancelled == []
     assert terminated_in_log(server) == set()
@@ -303,8 +306,9 @@ async def test_excess_workers_are_stopped_newest_first(pg_factory: PgFactory, pg
         denied = await enforce_autovacuum(conn, spec, dry_run=False)
     assert denied.cancelled == []
     assert denied.running_workers is not None
-    assert denied.running_workers >= 4
-    assert any("GRANT ALTER SYSTEM ON PARAMETER" in e for e in denied.errors)
+    assert denied.running_workers > 2
+    write_grant = "GRANT ALTER SYSTEM ON PARAMETER" if int(pg_major) >= 15 else "SUPERUSER (PostgreSQL 14 and earlier"
+    assert any(write_grant in e for e in denied.errors)
     signal_role = "pg_signal_autovacuum_worker" if int(pg_major) >= 18 else "not a superuser"
     assert any(signal_role in e and '"watcher"' in e for e in denied.errors)
     assert terminated_in_log(server) == set()

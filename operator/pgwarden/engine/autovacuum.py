@@ -165,7 +165,7 @@ class _Privileges:
             missing.append("pg_read_all_stats")
         if stop_workers and not self.signal_workers:
             missing.append("pg_signal_autovacuum_worker" if self.server_version >= 180000 else "SUPERUSER")
-        return missing
+        return list(dict.fromkeys(missing))  # before 15, SUPERUSER is what both writing and stopping need: once
 
     def missing_for_workers(self) -> str:
         role = quote_ident(self.role)
