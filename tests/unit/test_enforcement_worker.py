@@ -642,3 +642,16 @@ async def test_the_sidecar_checks_no_address_its_server_is_its_own(make_harness:
     await h.step([DB0])
     await h.settle()
     assert h.engine.evaluated == ["local"]
+
+
+async def test_a_target_is_observed_once_per_shortest_threshold_even_with_nothing_due(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """Look-ahead: a session that goes idle just after an observation is seen before it can cross."""
+    h = make_harness()
+    rules = [{"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "3s"}]
+    assert await h.starts([DB0], interval="30s", sessions=rules) == 1
+    h.clock.advance(2.9)
+    assert await h.starts([DB0], interval="30s", sessions=rules) == 0
+    h.clock.advance(0.2)
+    assert await h.starts([DB0], interval="30s", sessions=rules) == 1  # at 3 s, not at 30 s

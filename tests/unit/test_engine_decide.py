@@ -257,3 +257,14 @@ def test_a_blocking_rule_matches_root_blockers_with_enough_long_waiters_only() -
     assert not matcher(dataclasses.replace(base, blocked=(2,), blocked_waits=(15.0,)))  # too few
     assert not matcher(dataclasses.replace(base, blocked=(2, 3), blocked_waits=(15.0, 11.0), waiting=True))  # not root
     assert matcher.overshoot(dataclasses.replace(base, blocked=(2, 3), blocked_waits=(15.0, 9.0))) == -1.0
+
+
+def test_the_window_fraction_is_of_the_backends_there_were_when_the_window_began() -> None:
+    """6 of 10 sessions already terminated in this window: 4 idle ones left (5 backends with the engine)."""
+    idle = [session("idle", age=100.0) for _ in range(4)]
+    rules = [{"name": "idle", "action": "terminate", "states": ["idle"], "stateAge": "10s"}]
+    whole = spec(sessions=rules, limits={"maxActionsPerCycle": 1000, "maxFractionPerCycle": 1.0})
+    assert len(plan(observation(*idle), whole, used=6).actions) == 4  # 1.0 means every one of them
+    half = spec(sessions=rules, limits={"maxActionsPerCycle": 1000, "maxFractionPerCycle": 0.5})
+    assert len(plan(observation(*idle, clients=6), half, used=4).actions) == 1  # floor(0.5 x 10) - 4
+    assert len(plan(observation(*idle, clients=5), half, used=5).actions) == 0  # half of 10 already gone

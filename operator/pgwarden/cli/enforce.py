@@ -135,7 +135,7 @@ async def _enforce(
 
         await run_loop(
             lambda: session.run(spec, policy=policy, dry_run_override=dry_run),
-            interval=spec.interval.total_seconds(),
+            interval=spec.observation_gap(),
             stop=stop,
             on_report=on_report,
             on_error=on_error,

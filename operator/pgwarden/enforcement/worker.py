@@ -458,12 +458,13 @@ class PolicyWorker:
             await self._failed(state, interval, exc)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, error=str(exc)[:1000])
         state.failures = 0
+        gap = spec.observation_gap()  # interval, or the shortest threshold: no session crosses unseen
         if next_in is None:
             # From the start of the pass, not of this evaluation (which waited its turn at the semaphore):
             # targets due together stay together, so the next pass is again one step, not a trickle of many.
-            state.next_due = (state.batch.started if state.batch is not None else started) + interval
+            state.next_due = (state.batch.started if state.batch is not None else started) + gap
         else:
-            state.next_due = started + min(interval, max(self.settings.min_delay, next_in))
+            state.next_due = started + min(gap, max(self.settings.min_delay, next_in))
         self._report_actions(pod, report, self.clock() - started)
         self._note_privileges(state, report)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)

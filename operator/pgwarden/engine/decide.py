@@ -314,7 +314,10 @@ def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[
             intents.append(PlannedAction(limit.name, SessionAction.TERMINATE, victim))
             taken.add(victim.pid)
 
-    allowed, reason = allowed_actions(spec.limits, observation.client_backends)
+    # The fraction is of the client backends there were when the window began: those this window's actions
+    # ended still count. (Of the backends left now, maxFractionPerCycle: 1.0 would hold back the last few
+    # sessions of a backlog for a whole window, the opposite of what 1.0 says.)
+    allowed, reason = allowed_actions(spec.limits, observation.client_backends + used)
     allowed = max(0, allowed - used)
     actions, reserve = intents[:allowed], intents[allowed:]
     skipped = [*not_permitted, *(SkipRecord(p.rule, p.session.pid, reason) for p in reserve)]

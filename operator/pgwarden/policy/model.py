@@ -500,8 +500,9 @@ class PolicySpec(_Model):
     )
     interval: Duration = Field(
         default=timedelta(seconds=30),
-        description="How often each target is evaluated at least, as a Go duration (30s, 1m, 1h30m); a cycle also "
-        "runs sooner when a session is due to cross an age threshold. At least 1s.",
+        description="The longest gap between two evaluations of each target, as a Go duration (30s, 1m, 1h30m). "
+        "A target is also observed once per shortest age threshold of the session rules when that is shorter "
+        "(so no session crosses unseen), and evaluated exactly when a session it saw crosses one. At least 1s.",
         json_schema_extra=crd(max_length=durations.MAX_LENGTH, rules=[_INTERVAL_RULE]),
     )
     enforcement_action: EnforcementAction = Field(
@@ -542,6 +543,20 @@ class PolicySpec(_Model):
         "(ALTER SYSTEM RESET) when the value in force is still the one pgwarden wrote.",
         json_schema_extra=crd(fill_defaults=True),
     )
+
+    def observation_gap(self) -> float:
+        """Seconds between two observations of a target at most: `interval`, or the shortest positive threshold
+        of a session rule (an age, or a blocking rule's minWait) when that is shorter.
+
+        A session can only cross a threshold after it has been in its state that long, so observing once per
+        shortest threshold sees every session before it can cross, learns its exact crossing time, and the
+        loop wakes exactly then (look-ahead scheduling). Zero thresholds (connectionAge: 0s) match at the next
+        observation anyway and do not shorten the gap.
+        """
+        thresholds = [t for rule in self.sessions for t in rule.ages().values() if t is not None]
+        thresholds += [rule.blocking.min_wait for rule in self.sessions if rule.blocking is not None]
+        positive = [t.total_seconds() for t in thresholds if t > timedelta(0)]
+        return min([self.interval.total_seconds(), *positive])
 
     @field_validator("interval")
     @classmethod
