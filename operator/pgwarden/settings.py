@@ -85,6 +85,13 @@ class Settings:
     secret_cache_ttl: float = _knob(
         30.0, "Seconds a credentials Secret is cached: a rotated password is used within this time.", minimum=0.0
     )
+    peering_settle: float = _knob(
+        5.0,
+        "Seconds a peered replica waits before a policy's loop acts, counted from the later of its own peering "
+        "record showing and the loop's start: longer than a peer needs to see the record and pause (the API "
+        "watch's latency) plus the time a pausing replica needs to cancel its evaluation in flight.",
+        minimum=0.0,
+    )
     event_max_pids: int = _knob(
         20, "Process ids listed in one Event's message at most (the rest are counted).", minimum=1, integer=True
     )

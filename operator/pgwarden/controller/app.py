@@ -13,6 +13,7 @@ from pgwarden.controller.constants import PEERING_NAME
 from pgwarden.controller.identity import peering_identity
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement import metrics
+from pgwarden.enforcement.activation import ActivationGate, watch_own_record
 from pgwarden.enforcement.kube import PeeringUnavailable, ensure_peering, load_api_client
 from pgwarden.settings import DEFAULTS, Settings
 
@@ -37,6 +38,7 @@ def run_controller(
     from pgwarden.controller import handlers  # noqa: F401 - importing registers the handlers
 
     clusterwide = all_namespaces or not namespaces
+    identity = peering_identity()
     api = load_api_client()
     if not standalone:
         outcomes = ensure_peering(api, PEERING_NAME, None if clusterwide else list(namespaces))
@@ -48,7 +50,7 @@ def run_controller(
             namespaces=() if clusterwide else list(namespaces),
             health_port=health_port,
             standalone=standalone,
-            runtime=Runtime(settings, api=api),
+            runtime=Runtime(settings, api=api, identity=identity),
         )
     )
     return 0
@@ -58,6 +60,30 @@ async def _operate(
     *, clusterwide: bool, namespaces: Sequence[str], health_port: int, standalone: bool, runtime: Runtime
 ) -> None:
     loop_errors.install(asyncio.get_running_loop())
+    watch: asyncio.Task[None] | None = None
+    if not standalone:
+        assert runtime.api is not None
+        assert runtime.identity is not None
+        runtime.gate = ActivationGate(runtime.settings.peering_settle)
+        scope = None if clusterwide else list(namespaces)
+        watch = asyncio.create_task(watch_own_record(runtime.api, PEERING_NAME, scope, runtime.identity, runtime.gate))
+    try:
+        await _kopf(
+            clusterwide=clusterwide,
+            namespaces=namespaces,
+            health_port=health_port,
+            standalone=standalone,
+            runtime=runtime,
+        )
+    finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+
+async def _kopf(
+    *, clusterwide: bool, namespaces: Sequence[str], health_port: int, standalone: bool, runtime: Runtime
+) -> None:
     await kopf.operator(
         clusterwide=clusterwide,
         namespaces=list(namespaces),
@@ -69,5 +95,5 @@ async def _operate(
         peering_name=None if standalone else PEERING_NAME,
         # kopf's default identity looks the uid up in passwd (controller/identity.py); its Identity type is
         # a NewType of str that kopf does not export.
-        identity=peering_identity(),  # type: ignore[arg-type]
+        identity=runtime.identity,  # type: ignore[arg-type]
     )

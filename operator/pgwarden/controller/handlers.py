@@ -74,8 +74,13 @@ async def enforce(
     pods_by_namespace: kopf.Index[str, PodInfo],
     **_: Any,
 ) -> None:
-    """The policy's loop: lives as long as the policy does (stopped at once when it is deleted)."""
+    """The policy's loop: lives as long as the policy does (stopped at once when it is deleted, or when the
+    replica pauses for a peer). In a peered replica its first action waits at the activation gate."""
     runtime: Runtime = memo["runtime"]
+    gate = runtime.gate
+    if gate is not None and not await gate.wait(gate.clock(), stopped.wait()):
+        log.info("paused before acting", policy=name, namespace=namespace)
+        return
 
     async def write_status(
         updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, force: bool

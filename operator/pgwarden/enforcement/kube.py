@@ -344,3 +344,19 @@ def _existing_or_refuse(custom: client.CustomObjectsApi, name: str, namespace: s
         f"{what} does not exist and this identity may not create it; create it (kind {what.split()[0]}, "
         f"name {name!r}), grant create, or pass --standalone for a single replica"
     )
+
+
+def peering_record_present(api: client.ApiClient, name: str, namespace: str | None, identity: str) -> bool:
+    """Whether kopf's peering object `name` (cluster-wide when `namespace` is None) holds `identity`'s record."""
+    custom = client.CustomObjectsApi(api)
+    selector = f"metadata.name={name}"
+    if namespace is None:
+        found = custom.list_cluster_custom_object(
+            PEERING_GROUP, PEERING_VERSION, CLUSTER_PEERINGS, field_selector=selector
+        )
+    else:
+        found = custom.list_namespaced_custom_object(
+            PEERING_GROUP, PEERING_VERSION, namespace, NAMESPACED_PEERINGS, field_selector=selector
+        )
+    items = cast(dict[str, Any], found).get("items") or []
+    return any(identity in (item.get("status") or {}) for item in items)
