@@ -92,6 +92,14 @@ class Settings:
         "watch's latency) plus the time a pausing replica needs to cancel its evaluation in flight.",
         minimum=0.0,
     )
+    handover_grace: float = _knob(
+        15.0,
+        "Seconds an enforcer leaves a pod alone after taking it over from the other kind (annotation "
+        "pgwarden.dev/enforcer added or removed), and a sidecar its pod after it starts or first sees the "
+        "annotation: longer than the previous enforcer needs to notice (sidecar_poll, idle_poll) and to end "
+        "the evaluation in flight.",
+        minimum=0.0,
+    )
     event_max_pids: int = _knob(
         20, "Process ids listed in one Event's message at most (the rest are counted).", minimum=1, integer=True
     )

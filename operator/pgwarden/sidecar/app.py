@@ -47,6 +47,8 @@ class Sidecar:
         self.workers: dict[str, PolicyWorker] = {}
         self.bodies: dict[str, dict[str, Any]] = {}  # the latest listed body of each policy
         self.pod: PodInfo | None = None
+        self.annotated_since: float | None = None
+        """When this sidecar first saw its pod annotated for it (monotonic), None while it is not."""
         self.concurrency = asyncio.Semaphore(settings.sidecar_concurrency)
         self.api_reachable = False
         """Whether the last read of the own pod and the policies succeeded (reported, never a probe failure)."""
@@ -96,26 +98,37 @@ class Sidecar:
             enforcer_kind=EnforcerKind.SIDECAR,
             fixed_endpoint=LOCAL,
             settings=self.settings,
+            not_before=self.not_before,
         )
         self.workers[name] = worker
         return worker
 
-    async def refresh(self) -> None:
-        """Read the own pod and the namespace's policies (every `sidecar_poll` seconds, not every step)."""
+    async def refresh_pod(self) -> None:
+        """Read the own pod: its annotation says whether this sidecar may act at all (handover)."""
         raw_pod = await self.pods.get(self.namespace, self.pod_name)
         if raw_pod is None:
             log.warning("own pod not found; idle", pod=self.pod_name, namespace=self.namespace)
             self.pod = None
-        else:
-            pod = pod_info_from(
-                self.pod_name, self.namespace, raw_pod.get("metadata") or {}, raw_pod.get("status") or {}
-            )
-            if not pod.sidecar_enforced:
+            self.annotated_since = None
+            return
+        pod = pod_info_from(self.pod_name, self.namespace, raw_pod.get("metadata") or {}, raw_pod.get("status") or {})
+        if not pod.sidecar_enforced:
+            if self.annotated_since is not None or self.pod is None:
                 log.info("pod not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it; idle")
-            # The sidecar is inside the pod: its server is the pod's, whatever the API says of phase and IP.
-            self.pod = PodInfo(
-                pod.name, pod.namespace, "Running", pod.pod_ip or "127.0.0.1", pod.labels, pod.annotations
-            )
+            self.annotated_since = None
+        elif self.annotated_since is None:
+            self.annotated_since = time.monotonic()  # the controller may have acted until a moment ago
+        # The sidecar is inside the pod: its server is the pod's, whatever the API says of phase and IP.
+        self.pod = PodInfo(pod.name, pod.namespace, "Running", pod.pod_ip or "127.0.0.1", pod.labels, pod.annotations)
+
+    def not_before(self) -> float:
+        """No evaluation starts before `handover_grace` after this sidecar first saw its pod annotated."""
+        since = self.annotated_since if self.annotated_since is not None else time.monotonic()
+        return since + self.settings.handover_grace
+
+    async def refresh(self) -> None:
+        """Read the own pod and the namespace's policies (every `sidecar_poll` seconds, not every step)."""
+        await self.refresh_pod()
         self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
         for gone in [n for n in self.workers if n not in self.bodies]:
             await self.workers.pop(gone).close()  # its connection share and metric series go with it
@@ -124,8 +137,14 @@ class Sidecar:
         self.last_error = ""
 
     async def step(self) -> float:
-        """Evaluate what is due on every policy; returns how long to sleep."""
+        """Evaluate what is due on every policy; returns how long to sleep.
+
+        When anything could start, the pod is read again first: an evaluation never starts on an annotation
+        older than this step, so after a hand-back the sidecar starts nothing (and drops what is in flight
+        at its next step, at most `sidecar_poll` later)."""
         delay = self.settings.sidecar_poll
+        if any(self._worker(name).due() for name in self.bodies):
+            await self.refresh_pod()
         pods = [self.pod] if self.pod is not None else []
         for name, body in sorted(self.bodies.items()):
             delay = min(delay, await self._worker(name).step(body, pods))
