@@ -4,7 +4,9 @@ Same worker, engine, status, Events and metrics as the central controller; what 
 the targets and credentials come from: one pod (its own), one server (over localhost or a socket,
 credentials from its own environment), no Secrets, no kopf (no finalizers on shared policies).
 A pod is enforced by its sidecar only when annotated `pgwarden.dev/enforcer: sidecar`; the
-controller skips exactly those pods, so two enforcers never act on one server.
+controller skips exactly those pods, so two enforcers never act on one server. When the annotation
+changes, the taker waits `handover_grace` before its first action on the pod, and the sidecar re-reads
+its pod right before starting any evaluation (see `PolicyWorker._handover_hold`).
 """
 
 from __future__ import annotations
