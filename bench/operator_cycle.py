@@ -251,7 +251,7 @@ class Operator:
         args = [sys.executable]
         if profile:
             args += ["-m", "cProfile", "-o", str(Path(profile) / f"operator-{self.metrics_port}.prof")]
-        args += ["-m", "pgwarden", "run", "--namespace", namespace]
+        args += ["-m", "pgwarden", "run", "--namespace", namespace, "--standalone"]  # one replica, no peering
         args += ["--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)]
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONPATH=str(REPO / "operator"))
         self._log = self.log_path.open("wb")

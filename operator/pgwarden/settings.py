@@ -109,6 +109,29 @@ class Settings:
         "so the kubelet restarts the replica.",
         minimum=1.0,
     )
+    peering_settle: float = _knob(
+        5.0,
+        "Seconds a peered replica waits before a policy's loop acts, counted from the later of its own peering "
+        "record showing and the loop's start: longer than a peer needs to see the record and pause (the API "
+        "watch's latency) plus the time a pausing replica needs to cancel its evaluation in flight.",
+        minimum=0.0,
+    )
+    sidecar_release_grace: float = _knob(
+        90.0,
+        "Seconds the controller leaves a pod alone after taking it back from its sidecar (annotation "
+        "pgwarden.dev/enforcer: sidecar removed). Longer than handover_grace on purpose: a sidecar that cannot "
+        "read its pod (API server stalled) goes on enforcing with its last read for this long, less one "
+        "evaluation bound, so an API stall does not stop it and two enforcers never act at once.",
+        minimum=0.0,
+    )
+    handover_grace: float = _knob(
+        15.0,
+        "Seconds an enforcer leaves a pod alone after taking it over from the other kind (annotation "
+        "pgwarden.dev/enforcer added or removed), and a sidecar its pod after it starts or first sees the "
+        "annotation: longer than the previous enforcer needs to notice (sidecar_poll, idle_poll) and to end "
+        "the evaluation in flight.",
+        minimum=0.0,
+    )
     event_max_pids: int = _knob(
         20, "Process ids listed in one Event's message at most (the rest are counted).", minimum=1, integer=True
     )

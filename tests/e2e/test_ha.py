@@ -2,13 +2,14 @@
 
 The replicas peer through kopf's peering (manifests/peering/): each keeps a record with a random priority
 in the namespace's `KopfPeering` named `pgwarden`, and a replica that sees a live peer with a higher
-priority pauses (kopf logs "Pausing operations in favour of ..."): no watch, no daemon, no connection to
-PostgreSQL. When the active replica goes away, the other resumes and enforces:
+priority pauses: no watch, no daemon, no connection to PostgreSQL. Peering is mandatory, so kopf starts
+paused and resumes only when its first look at the peering object shows no higher peer (see
+`OperatorProcess.paused`). When the active replica goes away, the other resumes and enforces:
 - stopped cleanly (SIGTERM), kopf deletes its own record on the way out, so the take-over is immediate;
 - killed (SIGKILL), the record stays until its `lifetime` (kopf's default, 60 s) runs out.
 
-Which replica wins is random (the priorities are); the tests find out from the logs, then prove it from
-each replica's own /metrics and from PostgreSQL. Every wait polls with a deadline.
+Which replica wins is random (the priorities are); the tests find out from the peering records and the
+logs, then prove it from each replica's own /metrics and from PostgreSQL. Every wait polls with a deadline.
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ from tests.harness.postgres import PgServer, holds_for, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
 
-PAUSED = "Pausing operations in favour of"
-RESUMED = "Resuming operations after the pause"
-
 
 def actions_total(replica: OperatorProcess, namespace: str, policy: str) -> float:
     """Sessions this replica terminated for the policy, from its own /metrics (0 if it never acted)."""
@@ -65,15 +63,18 @@ def targets_series(replica: OperatorProcess, namespace: str, policy: str) -> boo
 
 
 def settle(
-    api: client.ApiClient, namespace: str, replicas: list[OperatorProcess]
+    api: client.ApiClient, namespace: str, replicas: dict[str, OperatorProcess]
 ) -> tuple[OperatorProcess, OperatorProcess]:
-    """Wait until both replicas have a peering record and exactly one has paused; return (active, standby)."""
+    """Wait until both replicas (by identity) have a peering record and exactly the one with the lower
+    priority is paused; return (active, standby)."""
 
     def settled() -> tuple[OperatorProcess, OperatorProcess] | None:
-        paused = [r for r in replicas if PAUSED in r.logs()]
-        if len(paused) == 1 and len(kopf_peers(api, namespace)) == len(replicas):
-            (standby,) = paused
-            (active,) = [r for r in replicas if r is not standby]
+        peers = kopf_peers(api, namespace)
+        if set(peers) != set(replicas):
+            return None
+        ranked = sorted(replicas, key=lambda identity: int(peers[identity]["priority"]))
+        standby, active = replicas[ranked[0]], replicas[ranked[1]]
+        if standby.paused() and not active.paused():
             return active, standby
         return None
 
@@ -96,7 +97,7 @@ def start_pair(
     """A pod to enforce on, its credentials, and two replicas that have agreed which one is active."""
     create_secret(api, namespace)
     create_running_pod(api, namespace, "db-0", {"app": "pg"}, target.host)
-    replicas = [run_operator([namespace]), run_operator([namespace])]
+    replicas = {name: run_operator([namespace], peering=True, env={"POD_NAME": name}) for name in ("ha-a", "ha-b")}
     return settle(api, namespace, replicas)
 
 
@@ -136,7 +137,7 @@ def test_only_one_replica_enforces_and_the_other_takes_over_on_sigterm(
     assert actions_total(active, namespace, "reaper") == len(doomed)
     assert targets_series(active, namespace, "reaper")
     assert holds_for(lambda: not targets_series(standby, namespace, "reaper"), 3)
-    assert PAUSED not in active.logs()
+    assert not active.paused()
     wait_for(
         lambda: any(e.reason == EventReason.SESSIONS_TERMINATED for e in events(k8s_api, namespace, "reaper")),
         timeout=10,
@@ -154,7 +155,7 @@ def test_only_one_replica_enforces_and_the_other_takes_over_on_sigterm(
     # A clean stop removes the active replica's peering record, and the standby resumes at once.
     active.stop()
     wait_for(lambda: len(kopf_peers(k8s_api, namespace)) == 1, timeout=10, message="the stopped replica's record gone")
-    wait_for(lambda: RESUMED in standby.logs(), timeout=30, message="the standby to resume")
+    wait_for(lambda: not standby.paused(), timeout=30, message="the standby to resume")
     later = open_app_sessions(target, 2)
     for pid in later:
         target.wait_gone(pid, timeout=30)
@@ -188,9 +189,9 @@ def test_the_standby_takes_over_when_the_active_replica_is_killed(
     orphan = open_app_sessions(target, 1)[0]
     # Nobody enforces until the record expires (a few seconds of margin for the hold's own polling)...
     until_expiry = (expires - datetime.now(UTC)).total_seconds()
-    assert holds_for(lambda: target.alive(orphan) and RESUMED not in standby.logs(), until_expiry - 3)
+    assert holds_for(lambda: target.alive(orphan) and standby.paused(), until_expiry - 3)
     # ...then the standby resumes, drops the dead record and reaps the session that waited meanwhile.
-    wait_for(lambda: RESUMED in standby.logs(), timeout=30, message="the standby to resume")
+    wait_for(lambda: not standby.paused(), timeout=30, message="the standby to resume")
     wait_for(lambda: len(kopf_peers(k8s_api, namespace)) == 1, timeout=10, message="the dead record cleaned up")
     target.wait_gone(orphan, timeout=30)
     wait_for(lambda: actions_total(standby, namespace, "reaper") == 1, timeout=10, message="the standby's action")

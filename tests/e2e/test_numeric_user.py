@@ -31,7 +31,6 @@ from tests.harness.postgres import wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pg]
 
-PAUSED = "Pausing operations in favour of"  # kopf's log line when a replica yields to a peer
 IMAGE_UID = 10001
 """The Dockerfile's `USER 10001:10001` and the manifests' runAsUser."""
 
@@ -71,8 +70,8 @@ def test_replicas_without_a_passwd_entry_start_peer_and_enforce(
     create_running_pod(k8s_api, namespace, "db-0", {"app": "pg"}, target.host)
 
     # As the Deployment runs them: one named by the downward API's POD_NAME, one with no name at all.
-    named = run_operator([namespace], run_as=uid, env={"POD_NAME": "pgwarden-7d9f-abcde"})
-    anonymous = run_operator([namespace], run_as=uid)
+    named = run_operator([namespace], run_as=uid, env={"POD_NAME": "pgwarden-7d9f-abcde"}, peering=True)
+    anonymous = run_operator([namespace], run_as=uid, peering=True)
     assert [process_uid(r) for r in (named, anonymous)] == [uid, uid]
     for replica in (named, anonymous):
         assert "getpwuid" not in replica.logs()
@@ -86,9 +85,7 @@ def test_replicas_without_a_passwd_entry_start_peer_and_enforce(
     (other,) = records - {"pgwarden-7d9f-abcde"}
     assert other.startswith(f"uid-{uid}@"), other
 
-    wait_for(
-        lambda: sum(PAUSED in r.logs() for r in (named, anonymous)) == 1, timeout=60, message="one replica to pause"
-    )
+    wait_for(lambda: sum(r.paused() for r in (named, anonymous)) == 1, timeout=60, message="one replica to pause")
 
     create_policy(k8s_api, namespace, policy_body("reaper", target.port))
     doomed = open_app_sessions(target, 2)

@@ -17,9 +17,9 @@ This module has a control plane of its own: the deployed mode is cluster-wide, a
 control plane it would enforce the policies other tests left behind, and its ClusterKopfPeering would make
 other cluster-wide operators peer with it.
 
-Not covered, by design: `pgwarden run --namespace NS`. kopf then peers through `KopfPeering` objects in NS
-whenever the kopfpeerings CRD exists (manifests/ installs it), which this ClusterRole does not grant; the
-operator retries the 403s and exits after about a minute. See the note in manifests/rbac/clusterrole.yaml.
+Not covered, by design: `pgwarden run --namespace NS`. It then peers through a `KopfPeering` in NS, which
+this ClusterRole does not grant; the operator refuses to start (exit 2, naming the CRD; tests/unit/
+test_peering_check.py). See the note in manifests/rbac/clusterrole.yaml.
 """
 
 from __future__ import annotations

@@ -29,7 +29,14 @@ LEDGER_SETTINGS = {
 """postgresql.conf lines that make the server log what the ledger reads."""
 
 ENGINE_APPLICATION = "pgwarden"
-"""The application_name pgwarden's engine connections set (`pgwarden.engine.connection.APPLICATION_NAME`)."""
+"""The application_name pgwarden's engine connections set (`pgwarden.engine.connection.APPLICATION_NAME`);
+a controller replica's are `pgwarden/<identity>`."""
+
+
+def is_engine_application(application: str) -> bool:
+    """Whether a connection's application_name is one of pgwarden's engine connections (CLI, sidecar, or a
+    controller replica's `pgwarden/<identity>`)."""
+    return application == ENGINE_APPLICATION or application.startswith(ENGINE_APPLICATION + "/")
 
 Action = Literal["terminate", "cancel"]
 
@@ -167,8 +174,11 @@ class Ledger:
     def cancelled(self) -> list[int]:
         return [e.pid for e in self.effects() if e.action == "cancel"]
 
-    def engine_signals(self, application: str = ENGINE_APPLICATION) -> list[Signal]:
-        """Signalling statements sent by pgwarden's engine connections (application_name exactly `application`)."""
+    def engine_signals(self, application: str | None = None) -> list[Signal]:
+        """Signalling statements sent by pgwarden's engine connections (application_name exactly `application`,
+        or by default any engine connection: see `is_engine_application`)."""
+        if application is None:
+            return [s for s in self.signals() if is_engine_application(s.by_application)]
         return [s for s in self.signals() if s.by_application == application]
 
     def disconnected(self) -> set[int]:
@@ -202,7 +212,7 @@ class Ledger:
             s.pid
             for s in self.signals()
             if s.action == action
-            and (s.by_pid in senders if senders is not None else s.by_application == ENGINE_APPLICATION)
+            and (s.by_pid in senders if senders is not None else is_engine_application(s.by_application))
         }
         assert set(pids) <= aimed, f"{sorted(set(pids) - aimed)} {action}d but no engine statement aimed at them"
 

@@ -655,3 +655,44 @@ async def test_a_target_is_observed_once_per_shortest_threshold_even_with_nothin
     assert await h.starts([DB0], interval="30s", sessions=rules) == 0
     h.clock.advance(0.2)
     assert await h.starts([DB0], interval="30s", sessions=rules) == 1  # at 3 s, not at 30 s
+
+
+async def test_a_pod_taken_from_the_sidecar_is_held_for_the_handover_grace(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+    grace = h.worker.settings.sidecar_release_grace  # back from a sidecar: its own, longer grace
+    sidecars = pod("db-0", "127.0.0.2", sidecar=True)
+    assert await h.starts([sidecars]) == 0  # the sidecar's
+    # The annotation goes: the controller takes the pod, but starts nothing until the grace has passed.
+    assert await h.starts([DB0]) == 0
+    h.clock.advance(grace - 0.1)
+    assert await h.starts([DB0]) == 0
+    assert h.engine.evaluated == []
+    h.clock.advance(0.1)
+    assert await h.starts([DB0]) == 1
+
+
+async def test_a_pod_whose_status_the_sidecar_wrote_is_held_and_a_fresh_one_is_not(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+    written = body()
+    written["status"] = {"targets": [{"pod": "db-0", "enforcer": "sidecar"}, {"pod": "db-1", "enforcer": "controller"}]}
+    await h.worker.step(written, [DB0, DB1])
+    await h.settle()
+    assert h.engine.evaluated == ["127.0.0.3"]  # db-1 at once; db-0 after the grace (a restart mid-handover)
+    assert h.worker.states["db-0"].held_until == h.clock.now + h.worker.settings.sidecar_release_grace
+
+
+async def test_a_sidecar_starts_nothing_before_its_own_grace(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness(kind=EnforcerKind.SIDECAR)
+    h.worker.fixed_endpoint = Endpoint(host="local", port=0, dbname="", sslmode="", user=None)
+    first_seen = h.clock.now
+    h.worker.not_before = lambda: first_seen + 5.0
+    own = pod("db-2", "127.0.0.4", sidecar=True)
+    assert await h.starts([own], connection={"port": 5432}) == 0
+    assert h.worker.due() is False
+    h.clock.advance(5.0)
+    assert h.worker.due() is True
+    assert await h.starts([own], connection={"port": 5432}) == 1

@@ -15,7 +15,7 @@ import structlog
 from pgwarden.controller.constants import PEERING_NAME
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement.events import PolicyEvent
-from pgwarden.enforcement.kube import ensure_cluster_peering, load_api_client
+from pgwarden.enforcement.kube import load_api_client
 from pgwarden.enforcement.status_queue import StatusQueue
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
 from pgwarden.enforcement.worker import PolicyWorker, needs_release, wait_for_work
@@ -41,16 +41,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Resources are resolved once at start-up; no cluster-wide watch of CRDs and namespaces, so the
     # ClusterRole needs neither (the CRD is installed before the operator, as kustomize orders it).
     settings.scanning.disabled = True
-    # HA: replicas peer through the "pgwarden" peering object, and the lower priority pauses. Cluster-wide,
-    # the operator creates that object itself (kubectl cannot create a CRD and an object of it in one apply).
+    # HA: replicas peer through the "pgwarden" peering object, and the lower priority pauses. run_controller
+    # made sure the object exists before kopf started (kubectl cannot create a CRD and an object of it in one
+    # apply, so the operator creates it), or refused to start.
     settings.peering.name = PEERING_NAME
     settings.peering.priority = random.randint(1, 2**31 - 1)  # noqa: S311 - tie-breaking, not security
     runtime: Runtime = memo["runtime"]
     api = runtime.api if runtime.api is not None else load_api_client()
     runtime.bind_clients(api)
-    if settings.peering.clusterwide and not settings.peering.standalone:
-        outcome = await ensure_cluster_peering(api, PEERING_NAME)
-        log.info("cluster peering object", name=PEERING_NAME, outcome=outcome)
 
 
 @kopf.on.cleanup()
@@ -76,8 +74,13 @@ async def enforce(
     pods_by_namespace: kopf.Index[str, PodInfo],
     **_: Any,
 ) -> None:
-    """The policy's loop: lives as long as the policy does (stopped at once when it is deleted)."""
+    """The policy's loop: lives as long as the policy does (stopped at once when it is deleted, or when the
+    replica pauses for a peer). In a peered replica its first action waits at the activation gate."""
     runtime: Runtime = memo["runtime"]
+    gate = runtime.gate
+    if gate is not None and not await gate.wait(gate.clock(), stopped.wait()):
+        log.info("paused before acting", policy=name, namespace=namespace)
+        return
     status = StatusQueue(
         runtime.writer, namespace, name, EnforcerKind.CONTROLLER, latest=lambda: dict(body), settings=runtime.settings
     )

@@ -6,13 +6,15 @@ Kept in kopf's memo so handlers stay thin and tests can swap any part.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
 from kubernetes import client
 
+from pgwarden.enforcement.activation import ActivationGate
 from pgwarden.enforcement.kube import PodAddressCheck, PodApi, PolicyApi, SecretReader
-from pgwarden.enforcement.pool import ConnectionPool
+from pgwarden.enforcement.pool import ConnectionPool, controller_application_name, engine_target
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.enforcement.worker import Endpoint, TargetEnforcer
 from pgwarden.settings import DEFAULTS, Settings
@@ -29,9 +31,16 @@ class Runtime:
     """When each policy's loop last completed a step (monotonic): /healthz reads it."""
     concurrency: asyncio.Semaphore = field(init=False)
     pool: ConnectionPool = field(default_factory=ConnectionPool)
+    identity: str | None = None
+    """The replica's name in the peering object; its engine connections are named after it."""
+    gate: ActivationGate | None = None
+    """Peered replicas only: holds each policy loop's first action (pgwarden.enforcement.activation)."""
 
     def __post_init__(self) -> None:
         self.concurrency = asyncio.Semaphore(self.settings.concurrency)
+        if self.identity is not None:
+            name = controller_application_name(self.identity)
+            self.pool.connect = functools.partial(engine_target, application_name=name)
 
     @property
     def writer(self) -> StatusWriter:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -385,29 +385,123 @@ class EventPoster:
             structlog.get_logger("pgwarden.sidecar").warning("event not posted", reason=reason, status=status)
 
 
-async def ensure_cluster_peering(api: client.ApiClient, name: str, request_timeout: float = DEFAULT_API_TIMEOUT) -> str:
-    """Create kopf's ClusterKopfPeering `name` if missing, before kopf's peering starts.
+PEERING_GROUP = "kopf.dev"
+PEERING_VERSION = "v1"
+CLUSTER_PEERINGS = "clusterkopfpeerings"
+NAMESPACED_PEERINGS = "kopfpeerings"
+PEERING_FIX = (
+    "install the peering CRDs (kubectl apply -k manifests/peering/) and let the operator create the object, "
+    "or pass --standalone to run a single replica without peering"
+)
 
-    Without the object kopf's keep-alives find nothing and every replica would enforce; with it the
-    replicas see each other. "absent-crd": the peering CRD is not installed, so kopf runs standalone.
+
+class PeeringUnavailable(Exception):
+    """The peering object the replicas must share is missing and cannot be created; the message says how to fix it.
+
+    Without it every replica would enforce on its own (kopf falls back to standalone, or pauses forever when
+    peering is mandatory), so `pgwarden run` refuses to start instead.
+    """
+
+
+def ensure_peering(api: client.ApiClient, name: str, namespaces: Sequence[str] | None) -> list[str]:
+    """Make sure kopf's peering object `name` exists before kopf starts: cluster-wide (`namespaces` None) the
+    ClusterKopfPeering, else a KopfPeering in each watched namespace. Creates what is missing when allowed;
+    returns one outcome per object ("created" or "exists"); raises PeeringUnavailable otherwise.
+
+    Synchronous on purpose: it runs before the event loop and kopf, and its answer decides whether they start.
     """
     custom = client.CustomObjectsApi(api)
-    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    if namespaces is None:
+        return [_ensure_one(custom, name, None)]
+    return [_ensure_one(custom, name, namespace) for namespace in namespaces]
+
+
+def _ensure_one(custom: client.CustomObjectsApi, name: str, namespace: str | None) -> str:
+    plural = CLUSTER_PEERINGS if namespace is None else NAMESPACED_PEERINGS
+    crd = f"{plural}.{PEERING_GROUP}"
+    kind = "ClusterKopfPeering" if namespace is None else "KopfPeering"
+    where = "" if namespace is None else f" in namespace {namespace}"
+    metadata = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
+    body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": kind, "metadata": metadata}
     try:
-        await asyncio.to_thread(
-            custom.create_cluster_custom_object,
-            "kopf.dev",
-            "v1",
-            "clusterkopfpeerings",
-            body,
-            _request_timeout=request_timeout,
-        )
+        if namespace is None:
+            custom.create_cluster_custom_object(
+                PEERING_GROUP, PEERING_VERSION, plural, body, _request_timeout=DEFAULT_API_TIMEOUT
+            )
+        else:
+            custom.create_namespaced_custom_object(
+                PEERING_GROUP, PEERING_VERSION, namespace, plural, body, _request_timeout=DEFAULT_API_TIMEOUT
+            )
     except ApiException as exc:
         if exc.status == 409:
             return "exists"
         if exc.status == 404:
-            return "absent-crd"
+            missing = f"the CRD {crd} is not installed" + (
+                f" (or namespace {namespace} does not exist)" if namespace else ""
+            )
+            raise PeeringUnavailable(f"{kind} {name!r}{where}: {missing}; {PEERING_FIX}") from None
         if exc.status == 403:
-            return "forbidden"
+            return _existing_or_refuse(custom, name, namespace, f"{kind} {name!r}{where} ({crd})")
         raise
     return "created"
+
+
+def _existing_or_refuse(custom: client.CustomObjectsApi, name: str, namespace: str | None, what: str) -> str:
+    """Creation was forbidden: fine if the object is already there (list: the verb kopf's watch needs anyway)."""
+    selector = f"metadata.name={name}"
+    try:
+        if namespace is None:
+            found = custom.list_cluster_custom_object(
+                PEERING_GROUP,
+                PEERING_VERSION,
+                CLUSTER_PEERINGS,
+                field_selector=selector,
+                _request_timeout=DEFAULT_API_TIMEOUT,
+            )
+        else:
+            found = custom.list_namespaced_custom_object(
+                PEERING_GROUP,
+                PEERING_VERSION,
+                namespace,
+                NAMESPACED_PEERINGS,
+                field_selector=selector,
+                _request_timeout=DEFAULT_API_TIMEOUT,
+            )
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            raise PeeringUnavailable(
+                f"{what}: this identity may neither create nor list it; grant list, watch and patch on it "
+                f"(and create, or create the object yourself), or pass --standalone for a single replica"
+            ) from None
+        raise
+    if cast(dict[str, Any], found).get("items"):
+        return "exists"
+    raise PeeringUnavailable(
+        f"{what} does not exist and this identity may not create it; create it (kind {what.split()[0]}, "
+        f"name {name!r}), grant create, or pass --standalone for a single replica"
+    )
+
+
+def peering_record_present(api: client.ApiClient, name: str, namespace: str | None, identity: str) -> bool:
+    """Whether kopf's peering object `name` (cluster-wide when `namespace` is None) holds `identity`'s record."""
+    custom = client.CustomObjectsApi(api)
+    selector = f"metadata.name={name}"
+    if namespace is None:
+        found = custom.list_cluster_custom_object(
+            PEERING_GROUP,
+            PEERING_VERSION,
+            CLUSTER_PEERINGS,
+            field_selector=selector,
+            _request_timeout=DEFAULT_API_TIMEOUT,
+        )
+    else:
+        found = custom.list_namespaced_custom_object(
+            PEERING_GROUP,
+            PEERING_VERSION,
+            namespace,
+            NAMESPACED_PEERINGS,
+            field_selector=selector,
+            _request_timeout=DEFAULT_API_TIMEOUT,
+        )
+    items = cast(dict[str, Any], found).get("items") or []
+    return any(identity in (item.get("status") or {}) for item in items)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from pgwarden.enforcement.worker import Endpoint
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
+from pgwarden.engine.connection import APPLICATION_NAME
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.session import EngineTarget
 from pgwarden.engine.types import ServerCheck
@@ -94,8 +95,9 @@ class SharedEnforcer:
             await self._pool.release(self._endpoint, connection)
 
 
-def engine_target(endpoint: Endpoint) -> EngineTarget:
-    """The controller's connection to a pod: everything comes from the Endpoint (pod IP, Secret)."""
+def engine_target(endpoint: Endpoint, application_name: str = APPLICATION_NAME) -> EngineTarget:
+    """The controller's connection to a pod: everything comes from the Endpoint (pod IP, Secret), and the
+    connection is named after the replica (`controller_application_name`)."""
     return EngineTarget(
         host=endpoint.host,
         port=endpoint.port,
@@ -105,7 +107,14 @@ def engine_target(endpoint: Endpoint) -> EngineTarget:
         sslmode=endpoint.sslmode,
         credentials_source=endpoint.credentials_source,
         require_auth=endpoint.require_auth,
+        application_name=application_name,
     )
+
+
+def controller_application_name(identity: str) -> str:
+    """`pgwarden/<identity>`: the server's log (and pg_stat_activity) tells which replica a connection is,
+    and the prefix keeps it one of pgwarden's own sessions, never signalled. PostgreSQL keeps 63 bytes."""
+    return f"{APPLICATION_NAME}/{identity}".encode()[:63].decode(errors="ignore")
 
 
 def dsn_target(dsn: str) -> Callable[[Endpoint], EngineTarget]:

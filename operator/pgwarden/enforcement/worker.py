@@ -123,6 +123,7 @@ class TargetState:
     task: asyncio.Task[TargetUpdate] | None = None  # the evaluation in flight, if any
     batch: Pass | None = None  # the pass that evaluation belongs to
     missing_privileges: tuple[str, ...] = ()  # the grants the last report said were missing (Event per change)
+    held_until: float = 0.0  # handover: nothing starts on this target before then (see PolicyWorker._handover_hold)
 
     async def drop_connection(self) -> None:
         if self.enforcer is not None:
@@ -158,6 +159,10 @@ class PolicyWorker:
     _released: set[WrittenRecord] = field(default_factory=set)  # records already released (the body may lag)
     settings: Settings = DEFAULTS
     clock: Callable[[], float] = time.monotonic  # tests step time by hand
+    not_before: Callable[[], float] | None = None
+    """The sidecar's hold: no target starts before this clock reading (its handover grace after it first saw
+    its pod annotated); the controller has none (its holds come from seeing the sidecar own a pod)."""
+    _counterpart_seen: set[str] = field(default_factory=set)  # pods seen enforced by the sidecar/controller
 
     @property
     def policy_key(self) -> str:
@@ -172,8 +177,9 @@ class PolicyWorker:
         self._note_generation(generation)
         pods = list(pods)
         ours, skipped = self._choose_targets(spec, pods)
+        self._counterpart_seen.update(p.name for p in skipped)
         released = await self._release_lapsed(spec, body.get("status"), pods, ours)
-        await self._track(ours)
+        await self._track(ours, body.get("status"))
         self._remember_written(spec, body.get("status"), ours)
         credentials_condition = await self._start_due(spec, self.clock())
         updates, finished = self._harvest()
@@ -321,18 +327,50 @@ class PolicyWorker:
         skipped = [p for p in chosen if p.sidecar_enforced != sidecar]  # not `p not in ours`: O(n^2) on 200 pods
         return ours, skipped
 
-    async def _track(self, ours: list[PodInfo]) -> None:
+    async def _track(self, ours: list[PodInfo], status: Mapping[str, Any] | None = None) -> None:
         """Drop departed targets (connections, metric series), add new ones, refresh the pods' details."""
         await self._forget_departed({p.name for p in ours})
         for pod in ours:
-            state = self.states.setdefault(pod.name, TargetState(pod))
+            state = self.states.get(pod.name)
+            if state is None:
+                state = self.states[pod.name] = TargetState(pod, held_until=self._handover_hold(pod.name, status))
             state.pod = pod
         metrics.TARGETS.labels(self.namespace, self.name).set(len(ours))
+
+    def _handover_hold(self, pod: str, status: Mapping[str, Any] | None) -> float:
+        """Until when a pod this enforcer just took stays untouched, so its previous enforcer has stopped.
+
+        Taken from the counterpart (this worker saw the pod annotated the other way, or the status entry
+        for it was written by the other kind): `handover_grace` from now, longer than the sidecar needs to
+        notice (`sidecar_poll`; it also re-reads its pod right before starting an evaluation) plus one
+        evaluation in flight, and than the controller needs (`idle_poll`, the evaluation is cancelled).
+        A sidecar also holds everything until `not_before` (its own grace after first seeing the annotation).
+        """
+        now = self.clock()
+        held = self.not_before() if self.not_before is not None else 0.0
+        if pod in self._counterpart_seen or _written_by_other(status, pod, self.enforcer_kind):
+            # Back from a sidecar: it may go on with its last read of the pod while it cannot read it anew.
+            grace = (
+                self.settings.sidecar_release_grace
+                if self.enforcer_kind == EnforcerKind.CONTROLLER
+                else self.settings.handover_grace
+            )
+            held = max(held, now + grace)
+        if held > now:
+            log.info("target held for handover", policy=self.policy_key, pod=pod, seconds=round(held - now, 1))
+        return held
+
+    def due(self) -> bool:
+        """Whether a step now could start an evaluation (the sidecar re-reads its pod first)."""
+        now = self.clock()
+        return not self.states or any(
+            s.task is None and s.next_due <= now and s.held_until <= now for s in self.states.values()
+        )
 
     async def _start_due(self, spec: PolicySpec, now: float) -> PolicyCondition | None:
         """Start an evaluation task on every idle target that is due; a credentials problem instead backs
         them all off and is returned as the condition to report."""
-        due = [s for s in self.states.values() if s.task is None and s.next_due <= now]
+        due = [s for s in self.states.values() if s.task is None and s.next_due <= now and s.held_until <= now]
         if not due:
             return None
         interval = spec.interval.total_seconds()
@@ -383,7 +421,7 @@ class PolicyWorker:
         slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
         """
         min_delay, idle_poll = self.settings.min_delay, self.settings.idle_poll
-        wakes = [s.next_due for s in self.states.values() if s.task is None]
+        wakes = [max(s.next_due, s.held_until) for s in self.states.values() if s.task is None]
         wakes += [b.started + min_delay for s in self.states.values() if (b := s.batch) and b.started + min_delay > now]
         if not wakes:
             return idle_poll
@@ -528,6 +566,14 @@ class PolicyWorker:
         metrics.record_cycle(self.namespace, self.name, pod.name, report, seconds)
         for event in events_for_cycle(pod.name, report, max_pids=self.settings.event_max_pids):
             self.post_event(event)
+
+
+def _written_by_other(status: Mapping[str, Any] | None, pod: str, kind: str) -> bool:
+    """Whether the policy's status entry for `pod` was last written by the other kind of enforcer."""
+    for target in (status or {}).get("targets") or []:
+        if isinstance(target, Mapping) and target.get("pod") == pod:
+            return target.get("enforcer") not in (None, kind)
+    return False
 
 
 async def wait_for_work(delay: float, tasks: Iterable[asyncio.Task[Any]], stop: Awaitable[Any]) -> None:

@@ -21,7 +21,14 @@ from psycopg import conninfo as pg_conninfo
 from pgwarden.engine.autovacuum import release_autovacuum
 from pgwarden.engine.autovacuum_plan import ReleaseReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
-from pgwarden.engine.connection import REQUIRE_AUTH_DEFAULT, EngineDsn, connect, parse_dsn, target_of
+from pgwarden.engine.connection import (
+    APPLICATION_NAME,
+    REQUIRE_AUTH_DEFAULT,
+    EngineDsn,
+    connect,
+    parse_dsn,
+    target_of,
+)
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.errors import CycleInterrupted, EngineError, TargetNotConfirmed, TargetUnreachable
 from pgwarden.engine.report import CycleReport
@@ -214,9 +221,11 @@ class EngineTarget:
         sslmode: str,
         credentials_source: str | None = None,
         require_auth: str = REQUIRE_AUTH_DEFAULT,
+        application_name: str = APPLICATION_NAME,
     ) -> None:
         """`credentials_source` names where user and password came from ("Secret NAME") in messages;
-        `require_auth` is the weakest password method sent to the server (`spec.connection.requireAuth`)."""
+        `require_auth` is the weakest password method sent to the server (`spec.connection.requireAuth`);
+        `application_name` tells the server's log which process this is (it must start with "pgwarden")."""
         params: dict[str, Any] = {"host": host, "port": str(port), "dbname": dbname, "sslmode": sslmode}
         if user:
             params["user"] = user
@@ -224,7 +233,10 @@ class EngineTarget:
             params["password"] = password
         self._session = TargetSession(
             parse_dsn(
-                pg_conninfo.make_conninfo(**params), credentials_source=credentials_source, require_auth=require_auth
+                pg_conninfo.make_conninfo(**params),
+                credentials_source=credentials_source,
+                require_auth=require_auth,
+                application_name=application_name,
             )
         )
 

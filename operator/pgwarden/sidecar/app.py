@@ -4,7 +4,9 @@ Same worker, engine, status, Events and metrics as the central controller; what 
 the targets and credentials come from: one pod (its own), one server (over localhost or a socket,
 credentials from its own environment), no Secrets, no kopf (no finalizers on shared policies).
 A pod is enforced by its sidecar only when annotated `pgwarden.dev/enforcer: sidecar`; the
-controller skips exactly those pods, so two enforcers never act on one server.
+controller skips exactly those pods, so two enforcers never act on one server. When the annotation
+changes, the taker waits `handover_grace` before its first action on the pod, and the sidecar re-reads
+its pod right before starting any evaluation (see `PolicyWorker._handover_hold`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pgwarden.enforcement.status_queue import StatusQueue
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
 from pgwarden.enforcement.worker import Endpoint, PolicyWorker, TargetEnforcer, wait_for_work
+from pgwarden.engine.session import EVALUATION_TIMEOUT_SECONDS
 from pgwarden.policy.api import EnforcerKind
 from pgwarden.settings import DEFAULTS, Settings
 
@@ -50,6 +53,10 @@ class Sidecar:
         self.statuses: dict[str, StatusQueue] = {}  # each policy's background status writes
         self.bodies: dict[str, dict[str, Any]] = {}  # the latest listed body of each policy
         self.pod: PodInfo | None = None
+        self.annotated_since: float | None = None
+        self.pod_read_at = float("-inf")
+        """When the own pod was last read successfully (monotonic): see `_pod_read_is_usable`."""
+        """When this sidecar first saw its pod annotated for it (monotonic), None while it is not."""
         self.concurrency = asyncio.Semaphore(settings.sidecar_concurrency)
         self.api_reachable = False
         """Whether the last read of the own pod and the policies succeeded (reported, never a probe failure)."""
@@ -97,26 +104,48 @@ class Sidecar:
             enforcer_kind=EnforcerKind.SIDECAR,
             fixed_endpoint=LOCAL,
             settings=self.settings,
+            not_before=self.not_before,
         )
         self.workers[name] = worker
         return worker
 
-    async def refresh(self) -> None:
-        """Read the own pod and the namespace's policies (every `sidecar_poll` seconds, not every step)."""
+    async def refresh_pod(self) -> None:
+        """Read the own pod: its annotation says whether this sidecar may act at all (handover)."""
         raw_pod = await self.pods.get(self.namespace, self.pod_name)
+        self.pod_read_at = time.monotonic()
         if raw_pod is None:
             log.warning("own pod not found; idle", pod=self.pod_name, namespace=self.namespace)
             self.pod = None
-        else:
-            pod = pod_info_from(
-                self.pod_name, self.namespace, raw_pod.get("metadata") or {}, raw_pod.get("status") or {}
-            )
-            if not pod.sidecar_enforced:
+            self.annotated_since = None
+            return
+        pod = pod_info_from(self.pod_name, self.namespace, raw_pod.get("metadata") or {}, raw_pod.get("status") or {})
+        if not pod.sidecar_enforced:
+            if self.annotated_since is not None or self.pod is None:
                 log.info("pod not annotated pgwarden.dev/enforcer=sidecar; the central controller enforces it; idle")
-            # The sidecar is inside the pod: its server is the pod's, whatever the API says of phase and IP.
-            self.pod = PodInfo(
-                pod.name, pod.namespace, "Running", pod.pod_ip or "127.0.0.1", pod.labels, pod.annotations
-            )
+            self.annotated_since = None
+        elif self.annotated_since is None:
+            self.annotated_since = time.monotonic()  # the controller may have acted until a moment ago
+        # The sidecar is inside the pod: its server is the pod's, whatever the API says of phase and IP.
+        self.pod = PodInfo(pod.name, pod.namespace, "Running", pod.pod_ip or "127.0.0.1", pod.labels, pod.annotations)
+
+    def _pod_read_is_usable(self) -> bool:
+        """Whether the last successful read of the pod may still decide: the controller takes a pod back only
+        `sidecar_release_grace` after it saw the annotation go, so an evaluation started now (ending within
+        the evaluation bound) is over before then, if the read is younger than the grace less that bound."""
+        age = time.monotonic() - self.pod_read_at
+        usable = age < self.settings.sidecar_release_grace - EVALUATION_TIMEOUT_SECONDS - self.settings.sidecar_poll
+        if not usable:
+            log.warning("own pod not read for too long; acting on nothing until it is", seconds=round(age, 1))
+        return usable
+
+    def not_before(self) -> float:
+        """No evaluation starts before `handover_grace` after this sidecar first saw its pod annotated."""
+        since = self.annotated_since if self.annotated_since is not None else time.monotonic()
+        return since + self.settings.handover_grace
+
+    async def refresh(self) -> None:
+        """Read the own pod and the namespace's policies (every `sidecar_poll` seconds, not every step)."""
+        await self.refresh_pod()
         self.bodies = {b["metadata"]["name"]: b for b in await self.policies.list(self.namespace)}
         for gone in [n for n in self.workers if n not in self.bodies]:
             await self.workers.pop(gone).close()  # its connection share and metric series go with it
@@ -126,9 +155,19 @@ class Sidecar:
         self.last_error = ""
 
     async def step(self) -> float:
-        """Evaluate what is due on every policy; returns how long to sleep."""
+        """Evaluate what is due on every policy; returns how long to sleep.
+
+        When anything could start, the pod is read again first: an evaluation never starts on an annotation
+        older than this step, so after a hand-back the sidecar starts nothing (and drops what is in flight
+        at its next step, at most `sidecar_poll` later)."""
         delay = self.settings.sidecar_poll
-        pods = [self.pod] if self.pod is not None else []
+        if any(self._worker(name).due() for name in self.bodies):
+            try:
+                await self.refresh_pod()
+            except Exception as exc:  # the API server stalls: the last read stands, while it safely can
+                status = exc.status if isinstance(exc, ApiException) else type(exc).__name__
+                self.api_reachable, self.last_error = False, f"reading the pod failed: {status}"
+        pods = [self.pod] if self.pod is not None and self._pod_read_is_usable() else []
         for name, body in sorted(self.bodies.items()):
             delay = min(delay, await self._worker(name).step(body, pods))
         return delay
