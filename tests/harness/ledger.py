@@ -38,6 +38,7 @@ def is_engine_application(application: str) -> bool:
     controller replica's `pgwarden/<identity>`)."""
     return application == ENGINE_APPLICATION or application.startswith(ENGINE_APPLICATION + "/")
 
+
 Action = Literal["terminate", "cancel"]
 
 _LINE = re.compile(
