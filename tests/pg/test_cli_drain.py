@@ -74,6 +74,12 @@ def shop(pg: PgServer) -> str:
     return SHOP
 
 
+def untouched(report: dict[str, Any]) -> list[tuple[int, str | None, str]]:
+    """The client sessions drain left alone: (pid, user, reason). Other backends (an autovacuum worker
+    passing through the database) are listed in the report too, but come and go on their own."""
+    return [(u["pid"], u["user"], u["reason"]) for u in report["untouched"] if u["backendType"] == "client backend"]
+
+
 def on_shop(pg: PgServer) -> set[int]:
     rows = pg.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'", (SHOP,)
@@ -168,7 +174,7 @@ def test_drains_every_session_on_the_database_and_nothing_else(pg: PgServer, sho
     assert report["timedOut"] is False
     assert report["rounds"] >= 1
     assert report["survivors"] == []
-    assert report["untouched"] == []
+    assert untouched(report) == []
     assert report["errors"] == []
     assert all(a["rule"] == "drain" and a["action"] == "terminate" and a["done"] for a in report["actions"])
     assert all(a["database"] == shop for a in report["actions"])
@@ -211,7 +217,7 @@ def test_excluded_user_survives_and_is_listed(
     assert report["drained"] is True
     assert sorted(a["pid"] for a in report["actions"]) == sorted(v.pid for v in victims)
     assert report["survivors"] == []
-    assert [(u["pid"], u["user"], u["reason"]) for u in report["untouched"]] == [(kept.pid, keeper, "excluded")]
+    assert untouched(report) == [(kept.pid, keeper, "excluded")]
     assert on_shop(pg) == {kept.pid}
     assert_signalled_exactly(ledger, {v.pid for v in victims})
 
@@ -230,12 +236,55 @@ def test_never_signals_pgwarden_sessions(
     assert result.returncode == 0, result.stderr
     report = report_of(result)
     assert [a["pid"] for a in report["actions"]] == [fake.pid]
-    assert [(u["pid"], u["reason"]) for u in report["untouched"]] == [(other_pgwarden.pid, "pgwarden")]
+    assert untouched(report) == [(other_pgwarden.pid, "postgres", "pgwarden")]
     assert pg.alive(other_pgwarden.pid)
     assert_signalled_exactly(ledger, {fake.pid})
     own = engine_pids(ledger)
     assert own, "the log shows drain's own connection"
     assert not own & {s.pid for s in ledger.signals()}
+
+
+def test_sessions_the_role_may_not_signal_are_listed_not_tried(
+    pg: PgServer, shop: str, ledger: Ledger, request: pytest.FixtureRequest
+) -> None:
+    """A non-superuser drain role with the two grants: a superuser's session is notPermitted (PostgreSQL would
+    refuse), listed apart and never tried; the database still counts as drained."""
+    drainer, app = unique(request, "drainer"), unique(request, "app")
+    pg.create_role(drainer, grants=("pg_read_all_stats", "pg_signal_backend"))
+    pg.create_role(app)
+    superuser = pg.open_session("idle", dbname=shop, application_name="admin")
+    victim = pg.open_session("idle", user=app, dbname=shop, application_name="web")
+    result = run("--dsn", pg.dsn(user=drainer), "--database", shop)
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    assert report["drained"] is True
+    assert [a["pid"] for a in report["actions"]] == [victim.pid]
+    assert untouched(report) == [(superuser.pid, "postgres", "notPermitted")]
+    assert [(s["pid"], s["reason"]) for s in report["skipped"]] == [(superuser.pid, "notPermitted")]
+    assert report["errors"] == []
+    assert pg.alive(superuser.pid)
+    assert_signalled_exactly(ledger, {victim.pid})
+
+
+def test_without_grants_the_hidden_sessions_are_listed_and_the_grant_named(
+    pg: PgServer, shop: str, ledger: Ledger, request: pytest.FixtureRequest
+) -> None:
+    """Without pg_read_all_stats other roles' sessions are hidden: listed as notVisible, never signalled, and
+    `errors` names the missing grants; the role's own sessions are still drained."""
+    weak = unique(request, "weak")
+    pg.create_role(weak)
+    hidden = pg.open_session("idle", dbname=shop, application_name="admin")
+    mine = pg.open_session("idle", user=weak, dbname=shop, application_name="web")
+    result = run("--dsn", pg.dsn(user=weak), "--database", shop)
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    assert [a["pid"] for a in report["actions"]] == [mine.pid]
+    hidden_entries = [(u["pid"], u["reason"]) for u in report["untouched"] if u["pid"] == hidden.pid]
+    assert hidden_entries == [(hidden.pid, "notVisible")]
+    assert any("lacks pg_read_all_stats" in e for e in report["errors"])
+    assert any("lacks pg_signal_backend" in e for e in report["errors"])
+    assert pg.alive(hidden.pid)
+    assert_signalled_exactly(ledger, {mine.pid})
 
 
 def test_timeout_with_a_client_that_keeps_reconnecting_exits_4(pg: PgServer, shop: str, ledger: Ledger) -> None:
@@ -266,7 +315,7 @@ def test_dry_run_signals_nothing_and_lists_what_it_would_terminate(pg: PgServer,
     assert report["enforcementAction"] == "dryRun"
     assert report["rounds"] == 0
     assert sorted((a["pid"], a["done"]) for a in report["actions"]) == sorted((v.pid, False) for v in victims)
-    assert [(u["pid"], u["reason"]) for u in report["untouched"]] == [(own.pid, "pgwarden")]
+    assert untouched(report) == [(own.pid, "postgres", "pgwarden")]
     assert report["survivors"] == []
     assert on_shop(pg) == {v.pid for v in victims} | {own.pid}
     assert ledger.signals() == []

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -206,7 +206,7 @@ _REMAINING = sql.SQL(
        (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = usesysid),
        {permitted}
 FROM pg_catalog.pg_stat_get_activity(NULL)
-WHERE datid = %(datid)s AND pid <> pg_catalog.pg_backend_pid()
+WHERE datid = %(datid)s::oid AND pid <> pg_catalog.pg_backend_pid()
 ORDER BY pid"""
 ).format(permitted=sql.SQL(_PERMITTED))
 
@@ -224,9 +224,8 @@ def classify(session: ObservedSession, exclude: Exclude, own_roles: Sequence[str
     return None
 
 
-def _remaining_row(
-    row: Sequence[Any], database: str, exclude: Exclude, own_roles: Sequence[str], signalled: Collection[_Key]
-) -> RemainingSession:
+def _remaining_row(row: Sequence[Any], ctx: _Drain) -> RemainingSession:
+    """A listing row, classified; a backend whose signal PostgreSQL refused counts as not permitted."""
     pid, backend_type, backend_start, state_change, state, application, address, user, permitted = row
     base = RemainingSession(pid, backend_type, user, application, address, state)
     if backend_type is None or backend_start is None:  # hidden without pg_read_all_stats
@@ -234,7 +233,7 @@ def _remaining_row(
     session = ObservedSession(
         pid=pid,
         user=user,
-        database=database,
+        database=ctx.report.database,
         application_name=application,
         client_address=address,
         state=state,
@@ -245,9 +244,10 @@ def _remaining_row(
         transaction_age=None,
         connection_age=None,
         backend_type=backend_type,
-        permitted=bool(permitted),
+        permitted=bool(permitted) and (pid, backend_start) not in ctx.refused,
     )
-    return replace(base, reason=classify(session, exclude, own_roles), signalled=(pid, backend_start) in signalled)
+    reason = classify(session, ctx.spec.exclude, ctx.own_roles)
+    return replace(base, reason=reason, signalled=(pid, backend_start) in ctx.signalled)
 
 
 # -- the rounds ------------------------------------------------------------------------------------------
@@ -268,6 +268,8 @@ class _Drain:
     report: DrainReport
     log: Any
     signalled: dict[_Key, ActionRecord] = field(default_factory=dict)
+    refused: set[_Key] = field(default_factory=set)
+    """Backends whose signal PostgreSQL refused (permissionDenied): never tried again."""
     seen_skips: set[tuple[int, str]] = field(default_factory=set)
     grants_checked: bool = False
     own_roles: tuple[str, ...] = ()
@@ -296,9 +298,12 @@ class _Drain:
         outcome = await acting.act(self.conn, fresh, self.log, target=self.report.target)
         self.report.rounds += 1
         self.skip(outcome.skipped)
-        self.report.errors.extend(outcome.errors)
+        self.report.errors.extend(e for e in outcome.errors if e not in self.report.errors)  # once, not per round
         done = {a.pid for a in outcome.actions if a.done}
+        refused = {s.pid for s in outcome.skipped if s.reason == SkipReason.PERMISSION_DENIED}
         for planned in fresh:
+            if planned.session.pid in refused:
+                self.refused.add(_key(planned))
             if planned.session.pid in done:
                 record = acting.record(planned, done=True)
                 self.signalled[_key(planned)] = record
@@ -313,8 +318,7 @@ class _Drain:
             rows = await cur.fetchall()
         except psycopg.Error as exc:
             raise _failure(self.conn, f"listing the sessions on {self.report.database}", exc) from None
-        database, exclude = self.report.database, self.spec.exclude
-        return [_remaining_row(row, database, exclude, self.own_roles, self.signalled) for row in rows]
+        return [_remaining_row(row, self) for row in rows]
 
     def finish(self, remaining: Sequence[RemainingSession], *, drained: bool) -> DrainReport:
         self.report.drained = drained
@@ -384,8 +388,8 @@ async def _rounds(state: _Drain, *, deadline: float, pause: float, clock: Callab
     quiet_since: float | None = None
     while True:
         _, decision = await state.look()
-        fresh = [p for p in decision.actions if _key(p) not in state.signalled]
-        pending = len(decision.actions) - len(fresh)  # signalled, still exiting: never signalled twice
+        fresh = [p for p in decision.actions if _key(p) not in state.signalled and _key(p) not in state.refused]
+        pending = sum(1 for p in decision.actions if _key(p) in state.signalled)  # exiting: never signalled twice
         if report.dry_run:
             report.actions = acting.dry_run(fresh, state.log).actions
             remaining = await state.remaining()
