@@ -349,6 +349,20 @@ def test_a_name_is_not_a_pattern(pg: PgServer, shop: str, ledger: Ledger) -> Non
     assert ledger.signals() == []
 
 
+def test_a_name_with_pattern_characters_means_that_database_only(pg: PgServer, shop: str, ledger: Ledger) -> None:
+    """`sh_p%*` is a database of its own: read as LIKE or glob it would also name shop."""
+    odd = "sh_p%*"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (odd,)):
+        pg.create_database(odd)
+    bystander = pg.open_session("idle", dbname=shop, application_name="web")
+    victim = pg.open_session("idle", dbname=odd, application_name="web")
+    result = run("--dsn", pg.dsn(), "--database", odd)
+    assert result.returncode == 0, result.stderr
+    assert [a["pid"] for a in report_of(result)["actions"]] == [victim.pid]
+    assert pg.alive(bystander.pid)
+    assert_signalled_exactly(ledger, {victim.pid})
+
+
 def test_unreachable_server_exits_3_without_the_password() -> None:
     port = free_port()
     dsn = f"host=127.0.0.1 port={port} user=postgres password=hunter2-secret dbname=postgres"
