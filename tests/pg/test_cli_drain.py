@@ -306,6 +306,38 @@ def test_timeout_with_a_client_that_keeps_reconnecting_exits_4(pg: PgServer, sho
     assert_signalled_exactly(ledger, terminated)
 
 
+def test_a_connection_lost_mid_drain_prints_what_was_done_and_exits_3(pg: PgServer, shop: str, ledger: Ledger) -> None:
+    with reconnecting(pg, "keeps-coming", times=None) as client:
+        proc = subprocess.Popen(
+            [PGWARDEN, "drain", "--dsn", pg.dsn(), "--database", shop, "--timeout", "60s"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CODE_UNDER_TEST,
+        )
+        try:
+            wait_for(lambda: ledger.terminated(), timeout=20, message="drain's first termination")
+            (drainer,) = engine_pids(ledger)
+            pg.execute("SELECT pg_terminate_backend(%s)", (drainer,))
+            stdout, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        held = set(client.pids)
+    assert proc.returncode == 3, stderr
+    report = json.loads(stdout)
+    assert report["drained"] is False
+    assert report["timedOut"] is False
+    assert report["actions"], "the terminations before the loss are reported"
+    assert report["errors"]
+    reported = {a["pid"] for a in report["actions"]}
+    assert reported <= held
+    ledger.wait_effects(reported)
+    # Nothing outside the client was hit (a signal in flight at the loss may be missing from the report).
+    assert set(ledger.terminated()) - {drainer} <= held
+
+
 def test_dry_run_signals_nothing_and_lists_what_it_would_terminate(pg: PgServer, shop: str, ledger: Ledger) -> None:
     victims = [pg.open_session("idle", dbname=shop, application_name="web") for _ in range(5)]
     own = pg.open_session("idle", dbname=shop, application_name="pgwarden-other")

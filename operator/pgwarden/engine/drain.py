@@ -85,6 +85,7 @@ class DrainInterrupted(TargetUnreachable):
 
     def __init__(self, message: str, report: DrainReport) -> None:
         super().__init__(message)
+        report.interrupted = True
         self.report = report
 
 
@@ -137,10 +138,12 @@ class DrainReport:
     untouched: list[RemainingSession] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     duration_seconds: float = 0.0
+    interrupted: bool = False
+    """The connection broke or a statement failed during the drain: this report is what was done until then."""
 
     @property
     def timed_out(self) -> bool:
-        return not self.dry_run and not self.drained
+        return not self.dry_run and not self.drained and not self.interrupted
 
     def to_json(self) -> dict[str, Any]:
         mode = EnforcementAction.DRY_RUN if self.dry_run else EnforcementAction.ENFORCE
@@ -375,6 +378,14 @@ async def drain(
     )
     try:
         return await _rounds(state, deadline=deadline, pause=pause, clock=clock)
+    except DrainInterrupted:
+        raise
+    except EngineError as exc:
+        if not state.report.actions:
+            raise
+        # A later round failed: what the earlier ones terminated is reported with the error, never lost.
+        state.report.errors.append(str(exc))
+        raise DrainInterrupted(str(exc), state.report) from None
     finally:
         state.report.duration_seconds = clock() - started
 
