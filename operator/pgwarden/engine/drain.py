@@ -57,7 +57,8 @@ ROUND_PAUSE_SECONDS = 0.1
 busy loop of observations; short, so a drain of a quiet database takes about one pause."""
 QUIET_SECONDS = 0.5
 """After drain terminated sessions, the database counts as drained once it stayed free of sessions drain may
-terminate this long (a look at each end): a client that reconnects within it is terminated too."""
+terminate this long (a look at each end): a client that reconnects within it is terminated too (before the
+deadline) or listed as a survivor (after it). A drain therefore ends at most this long after its timeout."""
 _NO_LIMIT = 1_000_000  # above any max_connections PostgreSQL accepts (262143): the limit never binds
 
 
@@ -412,12 +413,13 @@ async def _rounds(state: _Drain, *, deadline: float, pause: float, clock: Callab
             remaining = await state.remaining()
             if not _terminable(remaining):
                 # After terminating, the database must stay empty for QUIET_SECONDS (two looks): a client
-                # that reconnects at once is caught by the second look, not declared gone.
+                # that reconnects at once is caught by the second look, not declared gone. The deadline ends
+                # the signalling, not this wait: the verdict may come up to QUIET_SECONDS after it.
                 settled = quiet_since is not None and now - quiet_since >= QUIET_SECONDS
-                if not state.signalled or settled or now >= deadline:
+                if not state.signalled or settled:
                     return state.finish(remaining, drained=True)
                 quiet_since = now if quiet_since is None else quiet_since
-                await asyncio.sleep(max(0.0, min(QUIET_SECONDS - (now - quiet_since), deadline - now)))
+                await asyncio.sleep(max(0.0, QUIET_SECONDS - (now - quiet_since)))
                 continue
         quiet_since = None
         # Past the deadline; but a first round with sessions to terminate always signals (--timeout 0s).
