@@ -18,9 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgwarden.engine.drain import BLAST_RADIUS_NOTE
+from pgwarden.engine.drain import BLAST_RADIUS_NOTE, STEP_BOUND_SECONDS
 from tests.harness.cli import CODE_UNDER_TEST, PGWARDEN
 from tests.harness.engine import unique
+from tests.harness.faults import Relay
 from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer, SessionState, free_port, wait_for
 
@@ -337,6 +338,34 @@ def test_a_connection_lost_mid_drain_prints_what_was_done_and_exits_3(pg: PgServ
     ledger.wait_effects(reported)
     # Nothing outside the client was hit (a signal in flight at the loss may be missing from the report).
     assert set(ledger.terminated()) - {drainer} <= held
+
+
+def test_a_server_going_silent_mid_drain_is_cut_at_the_bound(pg: PgServer, shop: str, ledger: Ledger) -> None:
+    """A server that stops answering (a blackhole: the peer's TCP stack looks alive) honours no
+    statement_timeout: drain shuts its connection down after STEP_BOUND_SECONDS and exits 3 with what it did."""
+    host = "127.0.200.46"
+    dsn = f"host={host} port={{}} user=postgres dbname=postgres"
+    with Relay(host, free_port(host), (pg.host, pg.port)) as relay, reconnecting(pg, "keeps-coming", times=None):
+        proc = subprocess.Popen(
+            [PGWARDEN, "drain", "--dsn", dsn.format(relay.port), "--database", shop, "--timeout", "120s"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CODE_UNDER_TEST,
+        )
+        try:
+            wait_for(lambda: ledger.terminated(), timeout=20, message="drain's first termination")
+            relay.set_mode("blackhole")
+            stdout, stderr = proc.communicate(timeout=STEP_BOUND_SECONDS + 30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 3, stderr
+    assert f"did not answer within {STEP_BOUND_SECONDS:g} s" in stderr
+    report = json.loads(stdout)
+    assert report["actions"], "the terminations before the silence are reported"
+    assert report["timedOut"] is False
 
 
 def test_dry_run_signals_nothing_and_lists_what_it_would_terminate(pg: PgServer, shop: str, ledger: Ledger) -> None:

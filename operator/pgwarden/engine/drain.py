@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -41,6 +41,7 @@ from pgwarden.engine.decide import Plan, PlannedAction, is_own, is_protected, pl
 from pgwarden.engine.errors import EngineError, QueryFailed, TargetUnreachable
 from pgwarden.engine.observe import _PERMITTED, ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import ActionRecord, SkipRecord
+from pgwarden.engine.session import EVALUATION_TIMEOUT_SECONDS, _sever
 from pgwarden.engine.types import CLIENT_BACKEND, Observation, ObservedSession
 from pgwarden.policy import PolicySpec, parse_spec
 from pgwarden.policy.api import SkipReason
@@ -59,6 +60,10 @@ QUIET_SECONDS = 0.5
 """After drain terminated sessions, the database counts as drained once it stayed free of sessions drain may
 terminate this long (a look at each end): a client that reconnects within it is terminated too (before the
 deadline) or listed as a survivor (after it). A drain therefore ends at most this long after its timeout."""
+STEP_BOUND_SECONDS = EVALUATION_TIMEOUT_SECONDS
+"""The longest one step of a round (observe, signal, list) may take. Each statement has a statement_timeout,
+but a server that stops answering (a stopped process, a network blackhole) honours none: past this bound the
+connection is shut down under the waiting statement, and the drain ends with exit 3 and what it did."""
 _NO_LIMIT = 1_000_000  # above any max_connections PostgreSQL accepts (262143): the limit never binds
 
 
@@ -198,6 +203,7 @@ def drain_spec(database: str, exclude_users: Sequence[str] = ()) -> PolicySpec:
     )
 
 
+_T = TypeVar("_T")
 _Key = tuple[int, datetime]
 """A backend's identity: its pid alone could be reused by a new backend."""
 
@@ -278,8 +284,29 @@ class _Drain:
     grants_checked: bool = False
     own_roles: tuple[str, ...] = ()
 
+    async def bounded(self, step: Awaitable[_T]) -> _T:
+        """Await one step of a round within STEP_BOUND_SECONDS (see there)."""
+        cut = False
+
+        def sever() -> None:
+            nonlocal cut
+            cut = True
+            _sever(self.conn)
+
+        handle = asyncio.get_running_loop().call_later(STEP_BOUND_SECONDS, sever)
+        try:
+            return await step
+        except EngineError:
+            if not cut:
+                raise
+            raise TargetUnreachable(
+                f"{self.report.target} did not answer within {STEP_BOUND_SECONDS:g} s; connection closed"
+            ) from None
+        finally:
+            handle.cancel()
+
     async def look(self) -> tuple[Observation, Plan]:
-        observation = await observe(self.conn, self.query, target=self.report.target)
+        observation = await self.bounded(observe(self.conn, self.query, target=self.report.target))
         self.report.server_version = observation.server_version
         self.own_roles = observation.own_roles
         if not self.grants_checked:  # the grants cannot change the answer between rounds: say it once
@@ -299,7 +326,7 @@ class _Drain:
                 self.report.skipped.append(record)
 
     async def signal(self, fresh: Sequence[PlannedAction]) -> None:
-        outcome = await acting.act(self.conn, fresh, self.log, target=self.report.target)
+        outcome = await self.bounded(acting.act(self.conn, fresh, self.log, target=self.report.target))
         self.report.rounds += 1
         self.skip(outcome.skipped)
         self.report.errors.extend(e for e in outcome.errors if e not in self.report.errors)  # once, not per round
@@ -317,12 +344,15 @@ class _Drain:
             raise DrainInterrupted(outcome.lost, self.report)
 
     async def remaining(self) -> list[RemainingSession]:
+        rows = await self.bounded(self._list())
+        return [_remaining_row(row, self) for row in rows]
+
+    async def _list(self) -> list[tuple[Any, ...]]:
         try:
             cur = await self.conn.execute(_REMAINING, {"datid": self.datid})
-            rows = await cur.fetchall()
+            return await cur.fetchall()
         except psycopg.Error as exc:
             raise _failure(self.conn, f"listing the sessions on {self.report.database}", exc) from None
-        return [_remaining_row(row, self) for row in rows]
 
     def finish(self, remaining: Sequence[RemainingSession], *, drained: bool) -> DrainReport:
         self.report.drained = drained
@@ -373,10 +403,11 @@ async def drain(
         conn=conn,
         spec=spec,
         query=compile_observation(spec),
-        datid=await _database_oid(conn, database),
+        datid=0,
         report=DrainReport(database=database, target=target, dry_run=dry_run, timeout_seconds=within),
         log=log,
     )
+    state.datid = await state.bounded(_database_oid(conn, database))
     try:
         return await _rounds(state, deadline=deadline, pause=pause, clock=clock)
     except DrainInterrupted:
