@@ -23,7 +23,14 @@ import structlog
 
 from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_common_options
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
-from pgwarden.engine.drain import BLAST_RADIUS_NOTE, DrainInterrupted, DrainReport, UnknownDatabase, drain
+from pgwarden.engine.drain import (
+    BLAST_RADIUS_NOTE,
+    QUIET_SECONDS,
+    DrainInterrupted,
+    DrainReport,
+    UnknownDatabase,
+    drain,
+)
 from pgwarden.engine.errors import EngineError, InvalidDsn
 from pgwarden.engine.report import ActionRecord
 from pgwarden.policy import parse_duration
@@ -42,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="terminate every client session connected to one database",
         description=(
             "Terminate every client session connected to DATABASE, in rounds, until none remains or the timeout "
-            "passes: clients that reconnect are terminated again. Never touched: pgwarden's own sessions, "
+            "passes: clients that reconnect are terminated again. After terminating, the database counts as "
+            f"drained once it stayed free of such sessions for {QUIET_SECONDS:g} s "
+            f"(so a run ends at most {QUIET_SECONDS:g} s after --timeout). "
+            "Never touched: pgwarden's own sessions, "
             "non-client backends (replication connections, autovacuum, background workers), sessions the role "
             "may not signal, and --exclude-user users; they are listed apart and do not hold the drain up. "
             "Each signal is guarded (pid, backend_start, state_change) as in `pgwarden enforce`. "

@@ -56,7 +56,7 @@ BLAST_RADIUS_NOTE = (
 ROUND_PAUSE_SECONDS = 0.1
 """Between two rounds: lets the terminated backends exit (and reconnecting clients show up) without a
 busy loop of observations; short, so a drain of a quiet database takes about one pause."""
-QUIET_SECONDS = 0.5
+QUIET_SECONDS = 2.0
 """After drain terminated sessions, the database counts as drained once it stayed free of sessions drain may
 terminate this long (a look at each end): a client that reconnects within it is terminated too (before the
 deadline) or listed as a survivor (after it). A drain therefore ends at most this long after its timeout."""
