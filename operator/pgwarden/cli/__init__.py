@@ -25,7 +25,12 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 """The server could not be reached or queried."""
 
-SUBCOMMANDS: tuple[str, ...] = ("pgwarden.cli.enforce", "pgwarden.cli.run", "pgwarden.cli.sidecar")
+SUBCOMMANDS: tuple[str, ...] = (
+    "pgwarden.cli.enforce",
+    "pgwarden.cli.drain",
+    "pgwarden.cli.run",
+    "pgwarden.cli.sidecar",
+)
 """Modules providing subcommands, in `--help` order."""
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
