@@ -47,6 +47,17 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """The report format of the commands that print what they did (`enforce`, `drain`), and the common ones."""
+    parser.add_argument(
+        "--output",
+        choices=("json", "text"),
+        default=None,
+        help="report format on stdout (default: json when stdout is not a terminal, else text)",
+    )
+    add_common_options(parser)
+
+
 def load_settings(prog: str, **flags: Any) -> Settings | None:
     """The settings from $PGWARDEN_* and the flags given (None ones are not given); None after printing why
     they are unusable."""
@@ -91,6 +102,7 @@ __all__ = [
     "EXIT_USAGE",
     "SUBCOMMANDS",
     "add_common_options",
+    "add_report_options",
     "build_parser",
     "load_settings",
     "main",

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_common_options
+from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_report_options
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.drain import (
     BLAST_RADIUS_NOTE,
@@ -81,13 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="never terminate this user's sessions (fnmatch glob, as exclude.users in a policy); repeatable",
     )
     parser.add_argument("--dry-run", action="store_true", help="terminate nothing; list what would be terminated")
-    parser.add_argument(
-        "--output",
-        choices=("json", "text"),
-        default=None,
-        help="report format on stdout (default: json when stdout is not a terminal, else text)",
-    )
-    add_common_options(parser)
+    add_report_options(parser)
     parser.set_defaults(handler=main)
 
 

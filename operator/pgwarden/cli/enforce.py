@@ -21,7 +21,7 @@ from typing import TextIO
 
 import structlog
 
-from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_common_options
+from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_report_options
 from pgwarden.engine.connection import EngineDsn, parse_dsn
 from pgwarden.engine.errors import CycleInterrupted, EngineError, InvalidDsn
 from pgwarden.engine.report import CycleReport, render_text
@@ -55,13 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--dry-run", action="store_true", help="only report what would be done (overrides the spec)")
     parser.add_argument("--once", action="store_true", help="run one cycle and exit")
-    parser.add_argument(
-        "--output",
-        choices=("json", "text"),
-        default=None,
-        help="report format on stdout (default: json when stdout is not a terminal, else text)",
-    )
-    add_common_options(parser)
+    add_report_options(parser)
     parser.set_defaults(handler=main)
 
 

@@ -446,45 +446,9 @@ def _ensure_one(custom: client.CustomObjectsApi, name: str, namespace: str | Non
     return "created"
 
 
-def _existing_or_refuse(custom: client.CustomObjectsApi, name: str, namespace: str | None, what: str) -> str:
-    """Creation was forbidden: fine if the object is already there (list: the verb kopf's watch needs anyway)."""
-    selector = f"metadata.name={name}"
-    try:
-        if namespace is None:
-            found = custom.list_cluster_custom_object(
-                PEERING_GROUP,
-                PEERING_VERSION,
-                CLUSTER_PEERINGS,
-                field_selector=selector,
-                _request_timeout=DEFAULT_API_TIMEOUT,
-            )
-        else:
-            found = custom.list_namespaced_custom_object(
-                PEERING_GROUP,
-                PEERING_VERSION,
-                namespace,
-                NAMESPACED_PEERINGS,
-                field_selector=selector,
-                _request_timeout=DEFAULT_API_TIMEOUT,
-            )
-    except ApiException as exc:
-        if exc.status in (403, 404):
-            raise PeeringUnavailable(
-                f"{what}: this identity may neither create nor list it; grant list, watch and patch on it "
-                f"(and create, or create the object yourself), or pass --standalone for a single replica"
-            ) from None
-        raise
-    if cast(dict[str, Any], found).get("items"):
-        return "exists"
-    raise PeeringUnavailable(
-        f"{what} does not exist and this identity may not create it; create it (kind {what.split()[0]}, "
-        f"name {name!r}), grant create, or pass --standalone for a single replica"
-    )
-
-
-def peering_record_present(api: client.ApiClient, name: str, namespace: str | None, identity: str) -> bool:
-    """Whether kopf's peering object `name` (cluster-wide when `namespace` is None) holds `identity`'s record."""
-    custom = client.CustomObjectsApi(api)
+def _peering_objects(custom: client.CustomObjectsApi, name: str, namespace: str | None) -> list[dict[str, Any]]:
+    """kopf's peering objects named `name`: the ClusterKopfPeering (`namespace` None) or the namespace's
+    KopfPeering (a list with a field selector: `list` is the verb kopf's watch needs anyway)."""
     selector = f"metadata.name={name}"
     if namespace is None:
         found = custom.list_cluster_custom_object(
@@ -503,5 +467,29 @@ def peering_record_present(api: client.ApiClient, name: str, namespace: str | No
             field_selector=selector,
             _request_timeout=DEFAULT_API_TIMEOUT,
         )
-    items = cast(dict[str, Any], found).get("items") or []
+    return list(cast(dict[str, Any], found).get("items") or [])
+
+
+def _existing_or_refuse(custom: client.CustomObjectsApi, name: str, namespace: str | None, what: str) -> str:
+    """Creation was forbidden: fine if the object is already there."""
+    try:
+        found = _peering_objects(custom, name, namespace)
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            raise PeeringUnavailable(
+                f"{what}: this identity may neither create nor list it; grant list, watch and patch on it "
+                f"(and create, or create the object yourself), or pass --standalone for a single replica"
+            ) from None
+        raise
+    if found:
+        return "exists"
+    raise PeeringUnavailable(
+        f"{what} does not exist and this identity may not create it; create it (kind {what.split()[0]}, "
+        f"name {name!r}), grant create, or pass --standalone for a single replica"
+    )
+
+
+def peering_record_present(api: client.ApiClient, name: str, namespace: str | None, identity: str) -> bool:
+    """Whether kopf's peering object `name` (cluster-wide when `namespace` is None) holds `identity`'s record."""
+    items = _peering_objects(client.CustomObjectsApi(api), name, namespace)
     return any(identity in (item.get("status") or {}) for item in items)
