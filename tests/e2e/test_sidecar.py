@@ -61,6 +61,11 @@ def sidecar_targets(api: client.ApiClient, namespace: str, name: str) -> dict[st
     return {t["pod"]: t for t in status.get("targets") or []}
 
 
+# Handover waits (15 s to a sidecar, 90 s back to the controller) shortened: tests/e2e/test_handover.py
+# proves the waits themselves; here the sharing of status and the direction of the handover are the point.
+QUICK_HANDOVER = {"PGWARDEN_HANDOVER_GRACE": "3", "PGWARDEN_SIDECAR_RELEASE_GRACE": "3"}
+
+
 def test_sidecars_enforce_own_server_share_status_and_hand_over_to_controller(
     control_plane: ControlPlane,
     k8s_api: client.ApiClient,
@@ -84,7 +89,7 @@ def test_sidecars_enforce_own_server_share_status_and_hand_over_to_controller(
     pods = [f"db-{i}" for i in range(3)]
     for pod, server in zip(pods, servers, strict=True):
         create_running_pod(k8s_api, namespace, pod, {"app": "pg"}, server.host, annotations=SIDECAR)
-    run_operator([namespace])
+    run_operator([namespace], env=QUICK_HANDOVER)
     create_policy(k8s_api, namespace, policy_body("reaper", first.port))
     sessions = {pod: open_app_sessions(server, 2) for pod, server in zip(pods, servers, strict=True)}
     # Nobody enforces yet: the pods are annotated for sidecars and no sidecar runs. Bounded look.
@@ -92,7 +97,7 @@ def test_sidecars_enforce_own_server_share_status_and_hand_over_to_controller(
     assert holds_for(everyone_alive, 6), "the controller must skip pods annotated for a sidecar"
 
     for pod, server in zip(pods, servers, strict=True):
-        run_sidecar(kubeconfig, namespace, pod, server.dsn("warden", password=PASSWORD))
+        run_sidecar(kubeconfig, namespace, pod, server.dsn("warden", password=PASSWORD), env=QUICK_HANDOVER)
     for pod, server in zip(pods, servers, strict=True):
         for pid in sessions[pod]:
             server.wait_gone(pid, timeout=30)

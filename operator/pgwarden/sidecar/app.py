@@ -134,7 +134,7 @@ class Sidecar:
         the evaluation bound) is over before then, if the read is younger than the grace less that bound."""
         age = time.monotonic() - self.pod_read_at
         usable = age < self.settings.sidecar_release_grace - EVALUATION_TIMEOUT_SECONDS - self.settings.sidecar_poll
-        if not usable:
+        if not usable and self.pod is not None:
             log.warning("own pod not read for too long; acting on nothing until it is", seconds=round(age, 1))
         return usable
 
@@ -167,7 +167,11 @@ class Sidecar:
             except Exception as exc:  # the API server stalls: the last read stands, while it safely can
                 status = exc.status if isinstance(exc, ApiException) else type(exc).__name__
                 self.api_reachable, self.last_error = False, f"reading the pod failed: {status}"
-        pods = [self.pod] if self.pod is not None and self._pod_read_is_usable() else []
+                if not self._pod_read_is_usable():
+                    # Acts on nothing until a read succeeds again, and then only after its own grace: the
+                    # annotation may have gone and come back meanwhile.
+                    self.pod, self.annotated_since = None, None
+        pods = [self.pod] if self.pod is not None else []
         for name, body in sorted(self.bodies.items()):
             delay = min(delay, await self._worker(name).step(body, pods))
         return delay
