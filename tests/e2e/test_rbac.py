@@ -73,7 +73,8 @@ EXPECTED: frozenset[Rule] = frozenset(
         ("pgwarden.dev", "postgrespolicies", "patch", ""),
         # The status writer's merge patch (status is read through the object, so no get here).
         ("pgwarden.dev", "postgrespolicies/status", "patch", ""),
-        # The pods index: labels, phase and IP of every pod.
+        # The pods index: labels, phase and IP of every pod; one pod by name to confirm its IP before acting.
+        ("", "pods", "get", ""),
         ("", "pods", "list", ""),
         ("", "pods", "watch", ""),
         # The credentials Secret a policy names, by name only: never list or watch.
@@ -126,7 +127,7 @@ CAN_I = [
     ("update", "pods", False),
     ("patch", "pods", False),
     ("delete", "pods", False),
-    ("get", "pods", False),
+    ("get", "pods", True),
     ("list", "pods", True),
     ("delete", "events", False),
     ("create", "events", True),
