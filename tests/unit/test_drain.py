@@ -16,7 +16,6 @@ from pgwarden.engine.drain import (
     DRAIN_RULE,
     DrainReport,
     RemainingSession,
-    Untouched,
     classify,
     drain_spec,
     literal_glob,
@@ -24,6 +23,7 @@ from pgwarden.engine.drain import (
 from pgwarden.engine.patterns import anchored_alternation, glob_to_like, matches_any
 from pgwarden.engine.types import Observation, ObservedSession
 from pgwarden.policy import parse_spec
+from pgwarden.policy.api import Untouched
 from pgwarden.policy.model import SessionAction
 from tests.harness.policy_corpus import REPO, load_examples
 from tests.harness.reports import action

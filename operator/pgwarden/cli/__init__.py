@@ -24,6 +24,8 @@ EXIT_USAGE = 2
 """Invalid arguments or policy (argparse uses 2 as well); nothing was touched."""
 EXIT_UNREACHABLE = 3
 """The server could not be reached or queried."""
+EXIT_TIMEOUT = 4
+"""`pgwarden drain`: the timeout passed with sessions left that drain may terminate."""
 
 SUBCOMMANDS: tuple[str, ...] = (
     "pgwarden.cli.enforce",
@@ -98,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "EXIT_OK",
+    "EXIT_TIMEOUT",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "SUBCOMMANDS",

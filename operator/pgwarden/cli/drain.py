@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from pgwarden.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, add_report_options
+from pgwarden.cli import EXIT_OK, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_USAGE, add_report_options
 from pgwarden.engine.connection import EngineDsn, connect, parse_dsn, target_of
 from pgwarden.engine.drain import (
     BLAST_RADIUS_NOTE,
@@ -38,8 +38,6 @@ from pgwarden.policy import parse_duration
 log = structlog.get_logger("pgwarden.cli")
 
 PROG = "pgwarden drain"
-EXIT_TIMEOUT = 4
-"""The timeout passed with sessions left on the database (listed as survivors)."""
 DEFAULT_TIMEOUT = "60s"
 
 

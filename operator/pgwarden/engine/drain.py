@@ -28,7 +28,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, TypeVar
 
 import psycopg
@@ -39,12 +38,12 @@ from pgwarden.engine.autovacuum import quote_ident
 from pgwarden.engine.cycle import privilege_errors, session_privileges
 from pgwarden.engine.decide import Plan, PlannedAction, is_own, is_protected, plan
 from pgwarden.engine.errors import EngineError, QueryFailed, TargetUnreachable
-from pgwarden.engine.observe import _PERMITTED, ObservationQuery, compile_observation, observe
+from pgwarden.engine.observe import PERMITTED_EXPRESSION, ObservationQuery, compile_observation, observe
 from pgwarden.engine.report import ActionRecord, SkipRecord
-from pgwarden.engine.session import EVALUATION_TIMEOUT_SECONDS, _sever
+from pgwarden.engine.session import EVALUATION_TIMEOUT_SECONDS, sever_connection
 from pgwarden.engine.types import CLIENT_BACKEND, Observation, ObservedSession
 from pgwarden.policy import PolicySpec, parse_spec
-from pgwarden.policy.api import SkipReason
+from pgwarden.policy.api import SkipReason, Untouched
 from pgwarden.policy.model import EnforcementAction, Exclude
 
 DRAIN_RULE = "drain"
@@ -65,21 +64,6 @@ STEP_BOUND_SECONDS = EVALUATION_TIMEOUT_SECONDS
 but a server that stops answering (a stopped process, a network blackhole) honours none: past this bound the
 connection is shut down under the waiting statement, and the drain ends with exit 3 and what it did."""
 _NO_LIMIT = 1_000_000  # above any max_connections PostgreSQL accepts (262143): the limit never binds
-
-
-class Untouched(StrEnum):
-    """Why drain leaves a session on the database alone (`untouched[].reason`)."""
-
-    OWN = "pgwarden"
-    """pgwarden's own session (the engine's role, application_name starting with pgwarden), any process."""
-    EXCLUDED = "excluded"
-    """A user given with --exclude-user."""
-    NOT_PERMITTED = SkipReason.NOT_PERMITTED.value
-    """PostgreSQL would refuse the signal (a superuser's session, another role's without pg_signal_backend)."""
-    NOT_CLIENT_BACKEND = "notClientBackend"
-    """A walsender (replication), an autovacuum or parallel worker...: never a client session."""
-    NOT_VISIBLE = "notVisible"
-    """The role lacks pg_read_all_stats: the session's details are hidden, so it is never acted on."""
 
 
 class UnknownDatabase(EngineError):
@@ -218,7 +202,7 @@ _REMAINING = sql.SQL(
 FROM pg_catalog.pg_stat_get_activity(NULL)
 WHERE datid = %(datid)s::oid AND pid <> pg_catalog.pg_backend_pid()
 ORDER BY pid"""
-).format(permitted=sql.SQL(_PERMITTED))
+).format(permitted=sql.SQL(PERMITTED_EXPRESSION))
 
 
 def classify(session: ObservedSession, exclude: Exclude, own_roles: Sequence[str]) -> Untouched | None:
@@ -288,12 +272,12 @@ class _Drain:
         """Await one step of a round within STEP_BOUND_SECONDS (see there)."""
         cut = False
 
-        def sever() -> None:
+        def cut_off() -> None:
             nonlocal cut
             cut = True
-            _sever(self.conn)
+            sever_connection(self.conn)
 
-        handle = asyncio.get_running_loop().call_later(STEP_BOUND_SECONDS, sever)
+        handle = asyncio.get_running_loop().call_later(STEP_BOUND_SECONDS, cut_off)
         try:
             return await step
         except EngineError:

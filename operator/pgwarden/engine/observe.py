@@ -265,7 +265,7 @@ blk AS (
 # Whether PostgreSQL lets the engine's role signal the backend (the checks of pg_signal_backend() in
 # src/backend/storage/ipc/signalfuncs.c): a superuser's backend only for a superuser; another role's only
 # with the privileges of that role or of pg_signal_backend. Evaluated only for the sessions returned.
-_PERMITTED = """CASE
+PERMITTED_EXPRESSION = """CASE
                WHEN (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN true
                WHEN (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = usesysid) THEN false
                ELSE pg_catalog.pg_has_role(current_user, usesysid, 'USAGE')
@@ -292,7 +292,7 @@ def compile_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) 
         wait=wait,
         over=over,
         unknown=sql.Literal(UNKNOWN),
-        permitted=sql.SQL(_PERMITTED),
+        permitted=sql.SQL(PERMITTED_EXPRESSION),
         recursive=sql.SQL("RECURSIVE " if blocking else ""),
         blockers=sql.SQL(_BLOCKERS if blocking else ""),
         blocked=sql.SQL("blk.blocked, blk.blocked_waits," if blocking else ""),

@@ -47,7 +47,7 @@ SEVER_GRACE_SECONDS = 5.0
 """After the socket is shut down psycopg fails at once; this backstop only bounds a path that would not."""
 
 
-def _sever(conn: psycopg.AsyncConnection[Any]) -> None:
+def sever_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     """Shut down the connection's socket (through a duplicate descriptor: the original stays psycopg's)."""
     with contextlib.suppress(OSError, psycopg.Error, ValueError):
         sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
@@ -128,7 +128,7 @@ class TargetSession:
             # fails at once. (Cancelling the task instead makes psycopg send a cancel request and wait for
             # its effect first: up to 10 s more on a server that does not answer.)
             remaining = max(0.0, self.evaluation_timeout - (time.monotonic() - started))
-            severing = asyncio.get_running_loop().call_later(remaining, _sever, conn)
+            severing = asyncio.get_running_loop().call_later(remaining, sever_connection, conn)
             try:
                 async with asyncio.timeout(remaining + SEVER_GRACE_SECONDS):  # if severing did not end it
                     return await run_cycle(

@@ -86,6 +86,22 @@ class SkipReason(StrEnum):
     """Chosen by a `blocking` rule, but by the time of the signal it blocked none of the sessions seen waiting."""
 
 
+# -- why `pgwarden drain` left a session on the database alone (`untouched[].reason`) -------------------
+class Untouched(StrEnum):
+    """Why drain leaves a session on the database alone (`untouched[].reason`)."""
+
+    OWN = "pgwarden"
+    """pgwarden's own session (the engine's role, application_name starting with pgwarden), any process."""
+    EXCLUDED = "excluded"
+    """A user given with --exclude-user."""
+    NOT_PERMITTED = SkipReason.NOT_PERMITTED.value
+    """PostgreSQL would refuse the signal (a superuser's session, another role's without pg_signal_backend)."""
+    NOT_CLIENT_BACKEND = "notClientBackend"
+    """A walsender (replication), an autovacuum or parallel worker...: never a client session."""
+    NOT_VISIBLE = "notVisible"
+    """The role lacks pg_read_all_stats: the session's details are hidden, so it is never acted on."""
+
+
 # -- who enforces a pod -----------------------------------------------------------------------------
 class EnforcerKind(StrEnum):
     CONTROLLER = "controller"
