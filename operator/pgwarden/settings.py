@@ -31,9 +31,15 @@ class Settings:
 
     min_delay: float = _knob(
         1.0,
-        "Seconds between two evaluations of one target at the least, whatever a rule's deadline says; also the "
-        "first retry delay after a failure.",
+        "The first retry delay after a failure (retries double from it), and the status writer's first retry.",
         minimum=0.01,
+    )
+    wake_floor: float = _knob(
+        0.02,
+        "Seconds between two evaluations of one target at the least when the earlier one saw a session cross "
+        "a threshold then; never less than 4 times the earlier evaluation's duration either, so a burst of "
+        "crossings costs the server at most a fifth of a connection's time.",
+        minimum=0.001,
     )
     max_backoff: float = _knob(
         300.0,
@@ -141,6 +147,12 @@ class Settings:
         never longer than `interval` nor max_backoff (and never shorter than min_delay)."""
         doubling = self.min_delay * 2.0 ** min(max(0, failures - 1), 30)
         return max(self.min_delay, min(interval, self.max_backoff, doubling))
+
+    def crossing_floor(self, duration: float) -> float:
+        """Seconds after an evaluation that took `duration` before a wake-up for a crossing it saw: wake_floor,
+        or 4 times the duration when longer (a server where one look takes 50 ms is looked at every 200 ms at
+        most, however many sessions cross)."""
+        return max(self.wake_floor, 4.0 * duration)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` (command-line flags that were given) applied and checked."""

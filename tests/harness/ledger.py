@@ -48,6 +48,13 @@ _LINE = re.compile(
 _SIGNAL_CALL = re.compile(r"pg_(terminate|cancel)_backend\(")
 _LITERAL_PID = re.compile(r"pg_(?:terminate|cancel)_backend\((\d+)")
 _FIRST_PARAM = re.compile(r"\$1 = '(\d+)'")
+# The engine's wake-up statement signals several sessions through arrays (pgwarden.engine.observe.WAKE_SIGNALS):
+# the pids and the actions are its parameters at these positions of the unnest(...).
+_WAKE_UNNEST = re.compile(
+    r"unnest\(\$(?P<pids>\d+)::int\[\],\s*\$\d+::timestamptz\[\],\s*\$\d+::timestamptz\[\],\s*"
+    r"\$(?P<actions>\d+)::text\[\]\)"
+)
+_PARAM = re.compile(r"\$(\d+) = (?:'((?:[^']|'')*)'|NULL)")
 _TERMINATED = "terminating connection due to administrator command"
 _CANCELLED = "canceling statement due to user request"
 
@@ -134,12 +141,39 @@ class Ledger:
             call = _SIGNAL_CALL.search(entry.message)
             if call is None:
                 continue
+            wake = _WAKE_UNNEST.search(entry.message)
+            if wake is not None:
+                found.extend(self._wake_signals(entry, wake, entries[index + 1 : index + 4]))
+                continue
             action: Action = "terminate" if call.group(1) == "terminate" else "cancel"
             target = self._target_pid(entry, entries[index + 1 : index + 4])
             if target is None:
                 continue
             found.append(Signal(entry.at, entry.pid, entry.user, entry.application, action, target))
         return found
+
+    @staticmethod
+    def _parameters(statement: Entry, following: list[Entry]) -> dict[int, str]:
+        for entry in following:
+            if (
+                entry.pid == statement.pid
+                and entry.level == "DETAIL"
+                and entry.message.lower().startswith("parameters:")
+            ):
+                return {int(n): v.replace("''", "'") for n, v in _PARAM.findall(entry.message)}
+        return {}
+
+    @classmethod
+    def _wake_signals(cls, statement: Entry, wake: re.Match[str], following: list[Entry]) -> list[Signal]:
+        """One Signal per session the wake-up statement was asked to signal (an attempt: its guard decides)."""
+        params = cls._parameters(statement, following)
+        pids = (params.get(int(wake["pids"])) or "{}").strip("{}")
+        actions = (params.get(int(wake["actions"])) or "{}").strip("{}")
+        out = []
+        for pid, action in zip(pids.split(",") if pids else [], actions.split(",") if actions else [], strict=True):
+            kind: Action = "terminate" if action == "terminate" else "cancel"
+            out.append(Signal(statement.at, statement.pid, statement.user, statement.application, kind, int(pid)))
+        return out
 
     @staticmethod
     def _target_pid(statement: Entry, following: list[Entry]) -> int | None:

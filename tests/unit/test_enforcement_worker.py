@@ -40,7 +40,7 @@ from pgwarden.policy.api import (
 from pgwarden.settings import DEFAULTS
 from tests.harness.reports import action, cycle_report
 
-MIN_DELAY, IDLE_POLL = DEFAULTS.min_delay, DEFAULTS.idle_poll
+MIN_DELAY, IDLE_POLL, WAKE_FLOOR = DEFAULTS.min_delay, DEFAULTS.idle_poll, DEFAULTS.wake_floor
 
 INTERVAL = 10.0
 _namespaces = itertools.count()
@@ -235,7 +235,7 @@ async def test_a_pass_evaluates_every_target_and_reports_when_it_lands(make_harn
     assert h.secrets.reads == 2
 
 
-async def test_next_evaluation_follows_the_engines_deadline_within_min_delay_and_interval(
+async def test_next_evaluation_follows_the_engines_deadline_within_the_wake_floor_and_interval(
     make_harness: Callable[..., Harness],
 ) -> None:
     h = make_harness()
@@ -248,12 +248,12 @@ async def test_next_evaluation_follows_the_engines_deadline_within_min_delay_and
     h.engine.outcomes["127.0.0.2"] = (cycle_report(), 0.01)
     h.clock.advance(3.0)
     assert await h.starts([DB0]) == 1
-    h.clock.advance(MIN_DELAY - 0.01)
-    assert await h.starts([DB0]) == 0  # never more often than MIN_DELAY
+    h.clock.advance(WAKE_FLOOR - 0.01)
+    assert await h.starts([DB0]) == 0  # never more often than the wake floor
     h.clock.advance(0.01)
     assert await h.starts([DB0]) == 1
     h.engine.outcomes["127.0.0.2"] = (cycle_report(), None)
-    h.clock.advance(MIN_DELAY)
+    h.clock.advance(WAKE_FLOOR)
     assert await h.starts([DB0]) == 1
     h.clock.advance(INTERVAL - 0.01)
     assert await h.starts([DB0]) == 0  # nothing pending: the interval

@@ -9,13 +9,24 @@ import pytest
 
 from pgwarden.engine.errors import CycleInterrupted, EngineError, TargetUnreachable
 from pgwarden.engine.report import CycleReport
-from pgwarden.engine.scheduler import DEADLINE_MARGIN, MIN_DELAY, next_start, retry_delay, run_loop
+from pgwarden.engine.scheduler import DEADLINE_MARGIN, next_start, retry_delay, run_loop
 from pgwarden.policy.model import EnforcementAction
+from pgwarden.settings import DEFAULTS
+
+MIN_DELAY = DEFAULTS.min_delay
 
 
-def _report(next_deadline: float | None, observed_at: float) -> CycleReport:
+def _report(next_deadline: float | None, observed_at: float, duration: float = 0.0) -> CycleReport:
     return CycleReport(
-        "p", "t", "18.6", EnforcementAction.ENFORCE, {}, {}, next_deadline=next_deadline, observed_at=observed_at
+        "p",
+        "t",
+        "18.6",
+        EnforcementAction.ENFORCE,
+        {},
+        {},
+        next_deadline=next_deadline,
+        observed_at=observed_at,
+        duration_seconds=duration,
     )
 
 
@@ -24,12 +35,21 @@ def _report(next_deadline: float | None, observed_at: float) -> CycleReport:
     [
         (None, 100 + 30),  # nothing to wait for: the interval
         (1000.0, 100 + 30),  # never later than the interval
-        (0.01, 100 + MIN_DELAY),  # never more often than once a second
+        (0.001, 100 + 0.001 + DEADLINE_MARGIN),  # a crossing at once: the margin keeps the wake floor
+        (0.15, 100.0 + 0.15 + DEADLINE_MARGIN),  # a crossing soon: then, not a second later
         (5.0, 100.2 + 5.0 + DEADLINE_MARGIN),  # measured from when the observation arrived
     ],
 )
 def test_next_start(deadline: float | None, expected: float) -> None:
-    assert next_start(_report(deadline, observed_at=100.2), started=100.0, interval=30) == pytest.approx(expected)
+    assert next_start(
+        _report(deadline, observed_at=100.2 if deadline == 5.0 else 100.0), started=100.0, interval=30
+    ) == (pytest.approx(expected))
+
+
+def test_a_slow_cycle_spaces_the_wake_ups_by_four_times_its_duration() -> None:
+    # A server where one look takes 50 ms is looked at every 200 ms at most, however many sessions cross.
+    report = _report(0.001, observed_at=100.05, duration=0.05)
+    assert next_start(report, started=100.0, interval=30) == pytest.approx(100.2)
 
 
 def test_retry_delay_backs_off_up_to_the_interval() -> None:
@@ -46,13 +66,13 @@ async def test_loop_follows_deadlines_and_stops_when_asked() -> None:
         starts.append(time.monotonic() - started)
         if len(starts) == 3:
             stop.set()
-        return _report(0.2 if len(starts) == 1 else 1.2, observed_at=time.monotonic())
+        return _report(0.2 if len(starts) == 1 else 1.2, observed_at=time.monotonic(), duration=0.1)
 
     await asyncio.wait_for(
         run_loop(cycle, interval=30, stop=stop, on_report=lambda r: None, on_error=lambda e, n: False), timeout=10
     )
     assert len(starts) == 3
-    assert starts[1] == pytest.approx(MIN_DELAY, abs=0.15)  # 0.2 s asked, clamped to 1 s
+    assert starts[1] == pytest.approx(0.4, abs=0.15)  # 0.2 s asked, a 0.1 s cycle: clamped to 4 times 0.1 s
     assert starts[2] - starts[1] == pytest.approx(1.2 + DEADLINE_MARGIN, abs=0.15)
 
 

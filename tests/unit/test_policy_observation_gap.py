@@ -23,7 +23,7 @@ def _rule(**ages: Any) -> dict[str, Any]:
         ("30s", [_rule(stateAge="1m"), _rule(transactionAge="20s")], 20.0),  # every rule counts
         ("30s", [_rule(connectionAge="0s")], 30.0),  # zero matches at the next look anyway
         ("30s", [_rule(blocking={"minBlocked": 1, "minWait": "7s"})], 7.0),  # a blocker's wait is a threshold
-        ("1s", [_rule(stateAge="500ms")], 0.5),  # the loops still keep min_delay between evaluations
+        ("1s", [_rule(stateAge="500ms")], 0.5),  # the loops still keep the wake floor between evaluations
     ],
 )
 def test_the_gap_is_the_interval_or_the_shortest_positive_threshold(

@@ -417,10 +417,10 @@ class PolicyWorker:
 
         wait_for_work wakes when *every* evaluation in flight has landed, not at each one: one step then
         harvests a whole pass and writes the status once. An evaluation in flight cannot make its target due
-        sooner than min_delay after its pass began, so waking then (to harvest and schedule the others while a
+        sooner than wake_floor after its pass began, so waking then (to harvest and schedule the others while a
         slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
         """
-        min_delay, idle_poll = self.settings.min_delay, self.settings.idle_poll
+        min_delay, idle_poll = self.settings.wake_floor, self.settings.idle_poll
         wakes = [max(s.next_due, s.held_until) for s in self.states.values() if s.task is None]
         wakes += [b.started + min_delay for s in self.states.values() if (b := s.batch) and b.started + min_delay > now]
         if not wakes:
@@ -502,7 +502,8 @@ class PolicyWorker:
             # targets due together stay together, so the next pass is again one step, not a trickle of many.
             state.next_due = (state.batch.started if state.batch is not None else started) + gap
         else:
-            state.next_due = started + min(gap, max(self.settings.min_delay, next_in))
+            floor = self.settings.crossing_floor(report.duration_seconds)
+            state.next_due = started + min(gap, max(floor, next_in))
         self._report_actions(pod, report, self.clock() - started)
         self._note_privileges(state, report)
         return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=report)

@@ -197,3 +197,40 @@ async def act(
             outcome.actions.append(record(p, done=True))
             log.info(f"session {'terminated' if p.action is SessionAction.TERMINATE else 'cancelled'}", **fields)
     return outcome
+
+
+_WAKE_SKIPS = {
+    "gone": SkipReason.GONE,
+    "stateChanged": SkipReason.STATE_CHANGED,
+    "notPermitted": SkipReason.NOT_PERMITTED,
+}
+
+
+def wake_outcome(planned: Sequence[PlannedAction], results: Sequence[str], log: Any) -> ActOutcome:
+    """What the wake-up statement did to each planned session (`results` in the same order), logged as
+    `act` logs each signal."""
+    outcome = ActOutcome()
+    for p, result in zip(planned, results, strict=True):
+        fields = _log_fields(p, dry_run=False)
+        if result == "done":
+            outcome.actions.append(record(p, done=True))
+            log.info(f"session {'terminated' if p.action is SessionAction.TERMINATE else 'cancelled'}", **fields)
+            continue
+        reason = _WAKE_SKIPS.get(result, SkipReason.FAILED)
+        outcome.skipped.append(SkipRecord(p.rule, p.session.pid, reason))
+        log.info("session left alone", reason=reason, **fields)
+    return outcome
+
+
+def unknown_outcome(planned: Sequence[PlannedAction], error: str, log: Any) -> ActOutcome:
+    """The wake-up statement failed: a signal may have gone out before the failure, so each planned one is
+    reported as failed with that said (the server's log has the answer), never as not sent."""
+    outcome = ActOutcome()
+    for p in planned:
+        outcome.skipped.append(SkipRecord(p.rule, p.session.pid, SkipReason.FAILED))
+        outcome.errors.append(
+            f"{p.action.value} pid {p.session.pid} (rule {p.rule}): the statement that signals and observes "
+            f"failed, so whether PostgreSQL delivered the signal is unknown: {error}"
+        )
+        log.error("signal outcome unknown", error=error, **_log_fields(p, dry_run=False))
+    return outcome

@@ -28,11 +28,12 @@ from pgwarden.engine.autovacuum_claims import (
 )
 from pgwarden.engine.autovacuum_plan import AutovacuumReport, WriteAhead
 from pgwarden.engine.budget import ActionBudget
-from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, clock_step, plan
+from pgwarden.engine.decide import CLOCK_JUMP_LIMIT, ClockMark, Plan, PlannedAction, clock_step, plan
 from pgwarden.engine.errors import CycleInterrupted
-from pgwarden.engine.observe import ObservationQuery, compile_observation, observe
+from pgwarden.engine.observe import ObservationQuery, WakeSignal, compile_observation, observe
 from pgwarden.engine.report import CycleReport
 from pgwarden.engine.types import Observation
+from pgwarden.engine.wake import SignalMemory, due_now
 from pgwarden.policy.api import ConditionReason
 from pgwarden.policy.model import Autovacuum, EnforcementAction, PolicySpec
 
@@ -70,6 +71,107 @@ def _clock_jump(conn: psycopg.AsyncConnection[Any], observation: Observation) ->
         f"{CLOCK_JUMP}: the server's clock moved {step:+.1f}s against pgwarden's monotonic clock since the last "
         f"cycle (more than {CLOCK_JUMP_LIMIT:g}s), so every age is off by as much: acted on nothing this cycle"
     )
+
+
+# Per connection: the sessions signalled lately (any policy), and each policy's last observation with the spec
+# it was made for (the upcoming crossings a wake-up acts on without looking first; see engine/wake.py).
+_SIGNALLED: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], SignalMemory] = weakref.WeakKeyDictionary()
+_LOOKAHEAD: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], dict[str, tuple[PolicySpec, Observation]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _due_on_wake(
+    conn: psycopg.AsyncConnection[Any],
+    spec: PolicySpec,
+    policy: str,
+    protected_pids: Collection[int],
+    budget: ActionBudget | None,
+    memory: SignalMemory,
+    now: float,
+) -> tuple[PlannedAction, ...]:
+    """What to signal in the observing statement: the last observation's upcoming sessions due by now, decided
+    like any cycle (rules, protections, the blast radius's window). Blocking rules are left to the plain path,
+    whose signal re-checks the lock graph."""
+    last = _LOOKAHEAD.get(conn, {}).get(policy)
+    if last is None or last[0] is not spec or budget is None:
+        return ()
+    carried = memory.without_recent(due_now(last[1], now), now)
+    if not carried.sessions:
+        return ()
+    decision = plan(carried, spec, protected_pids, used=budget.used(policy, spec.interval.total_seconds(), now))
+    return tuple(a for a in decision.actions if not a.blocking)
+
+
+async def _observe_and_signal(
+    conn: psycopg.AsyncConnection[Any],
+    query: ObservationQuery,
+    due: tuple[PlannedAction, ...],
+    bound: Any,
+    *,
+    target: str,
+) -> tuple[Observation, acting.ActOutcome]:
+    """One round trip: signal `due` (guarded) and observe. If that statement fails, a signal may have gone
+    out, so each is reported as of unknown outcome; a lost connection raises (with that report) from the
+    caller, else a plain observation follows."""
+    signals = [WakeSignal(a.session.pid, a.session.backend_start, a.session.state_change, a.action.value) for a in due]
+    try:
+        observation = await observe(conn, query, target=target, signals=signals)
+    except psycopg.Error as exc:
+        outcome = acting.unknown_outcome(due, str(exc).strip(), bound)
+        if conn.broken or conn.closed:
+            outcome.lost = f"connection to {target} lost while signalling: {str(exc).strip()}"
+            raise _WakeLost(outcome) from None
+        return await observe(conn, query, target=target), outcome
+    return observation, acting.wake_outcome(due, observation.signal_results, bound)
+
+
+def _remember(
+    memory: SignalMemory,
+    budget: ActionBudget | None,
+    policy: str,
+    planned: tuple[PlannedAction, ...],
+    outcome: acting.ActOutcome,
+) -> None:
+    """Note the signals PostgreSQL accepted: in the memory (never again while they exit) and in the budget."""
+    done = {a.pid for a in outcome.actions if a.done}
+    now = time.monotonic()
+    memory.remember([a.session for a in planned if a.session.pid in done], now)
+    if budget is not None:
+        budget.record(policy, len(done), now)
+
+
+def _interrupted_report(
+    conn: psycopg.AsyncConnection[Any],
+    policy: str,
+    target: str,
+    mode: EnforcementAction,
+    outcome: acting.ActOutcome,
+    started: float,
+) -> CycleReport:
+    """The report of a cycle whose wake-up statement lost the connection: counts as last seen, the signals'
+    outcome unknown."""
+    last = _LOOKAHEAD.get(conn, {}).get(policy)
+    seen = last[1] if last is not None else None
+    return CycleReport(
+        policy=policy,
+        target=target,
+        server_version=seen.server_version if seen is not None else "",
+        enforcement_action=mode,
+        backends=dict(seen.backends) if seen is not None else {},
+        client_states=dict(seen.client_states) if seen is not None else {},
+        skipped=list(outcome.skipped),
+        errors=[*outcome.errors, outcome.lost or "connection lost"],
+        duration_seconds=time.monotonic() - started,
+    )
+
+
+class _WakeLost(Exception):
+    """The connection broke during the wake-up statement; carries what is known of its signals."""
+
+    def __init__(self, outcome: acting.ActOutcome) -> None:
+        super().__init__(outcome.lost)
+        self.outcome = outcome
 
 
 def session_privileges(observation: Observation, spec: PolicySpec) -> list[str]:
@@ -270,18 +372,38 @@ async def run_cycle(
     mode = EnforcementAction.DRY_RUN if dry_run else EnforcementAction.ENFORCE
     bound = log.bind(policy=policy, target=target)
 
-    observation = await observe(conn, compiled_observation(spec, protected_pids), target=target)
+    query = compiled_observation(spec, protected_pids)
+    memory = _SIGNALLED.setdefault(conn, SignalMemory())
+    due = () if dry_run else _due_on_wake(conn, spec, policy, protected_pids, budget, memory, started)
+    woke = acting.ActOutcome()
+    if due:
+        try:
+            observation, woke = await _observe_and_signal(conn, query, due, bound, target=target)
+        except _WakeLost as lost_wake:
+            raise CycleInterrupted(
+                lost_wake.outcome.lost or "connection lost",
+                _interrupted_report(conn, policy, target, mode, lost_wake.outcome, started),
+            ) from None
+        _remember(memory, budget, policy, due, woke)
+    else:
+        observation = await observe(conn, query, target=target)
+    observation = memory.without_recent(observation, time.monotonic())
     jump = _clock_jump(conn, observation)
     if jump is not None:
         bound.warning("server clock stepped; acting on nothing this cycle", error=jump)
         decision = Plan(actions=(), skipped=(), next_deadline=None)  # the next cycle, at `interval`, acts
+        _LOOKAHEAD.get(conn, {}).pop(policy, None)
     else:
         used = budget.used(policy, spec.interval.total_seconds(), started) if budget is not None else 0
         decision = plan(observation, spec, protected_pids, used=used)
+        if not dry_run:
+            _LOOKAHEAD.setdefault(conn, {})[policy] = (spec, observation)
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:
         outcome = await acting.act(conn, decision.actions, bound, target=target, reserve=decision.reserve)
+        signalled = {a.pid for a in outcome.actions if a.done}
+        memory.remember([a.session for a in decision.actions if a.session.pid in signalled], time.monotonic())
     # What the limits held back, less the sessions that took a refused signal's slot.
     held_back = [s for s in decision.skipped if s.pid not in outcome.from_reserve]
     next_deadline = decision.next_deadline
@@ -295,9 +417,9 @@ async def run_cycle(
         enforcement_action=mode,
         backends=observation.backends,
         client_states=observation.client_states,
-        actions=outcome.actions,
-        skipped=[*held_back, *outcome.skipped],
-        errors=outcome.errors,
+        actions=[*woke.actions, *outcome.actions],
+        skipped=[*woke.skipped, *held_back, *outcome.skipped],
+        errors=[*woke.errors, *outcome.errors],
         next_deadline=next_deadline,
         observed_at=observation.received_at,
     )

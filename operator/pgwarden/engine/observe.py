@@ -44,6 +44,8 @@ class ObservationQuery:
 
     statement: bytes
     params: dict[str, Any]
+    wake_statement: bytes = b""
+    """The same observation, preceded in the same statement by guarded signals (see `WAKE_SIGNALS`)."""
 
 
 class _Params:
@@ -184,7 +186,7 @@ def _over_limit(limit: ConnectionLimit, params: _Params) -> sql.Composable:
 # the next threshold crossing and the matching sessions. `OFFSET 0` keeps the planner from inlining x and
 # y, which would evaluate `cand` and `wait` once per reference instead of once per row.
 _TEMPLATE = """
-WITH {recursive}x AS (
+WITH {recursive}{signals}x AS (
     SELECT backend_type, state, pid, usesysid, datid, application_name, client_addr,
            backend_start, state_change, query_start, xact_start, wait_event_type,
            {candidate} AS cand
@@ -217,19 +219,45 @@ SELECT coalesce(backend_type, {unknown}) AS backend_type,
            'permitted', {permitted},
            'waiting', wait_event_type IS NOT DISTINCT FROM 'Lock',
            'blocked', {blocked_json},
-           'blocked_waits', {blocked_waits_json}
-       )) FILTER (WHERE wait <= 0 OR over) AS hits,
+           'blocked_waits', {blocked_waits_json},
+           'wait', wait,
+           'over', over
+       )) FILTER (WHERE wait <= {lookahead} OR over) AS hits,
        split_part(current_setting('server_version'), ' ', 1) AS server_version,
        pg_backend_pid() AS own_pid,
        ARRAY[session_user::text, current_user::text] AS own_roles,
        (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) AS own_superuser,
        pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS may_read_all_stats,
        pg_catalog.pg_has_role(current_user, 'pg_signal_backend', 'USAGE') AS may_signal_backend,
-       date_part('epoch', now()) AS server_time
+       date_part('epoch', now()) AS server_time,
+       {signalled} AS signalled
 FROM y
 GROUP BY 1, 2
 """
 
+
+# A wake-up for known crossings signals the sessions due and observes again in one round trip: this CTE
+# comes first in the observation's WITH list. Each session is signalled only if the backend with its pid
+# still has the observed backend_start and state_change (act.py's guard); otherwise the row says why not.
+# MATERIALIZED and referenced once (the `signalled` column, an uncorrelated subquery): it runs exactly once.
+# The observation reads the backends' status from the same per-transaction snapshot as the guard, so the
+# sessions signalled here are still in it; the caller leaves them out of the decision.
+WAKE_SIGNALS = """
+signals AS MATERIALIZED (
+    SELECT t.i,
+           CASE WHEN a.pid IS NULL OR a.backend_type IS DISTINCT FROM 'client backend'
+                     OR a.backend_start IS DISTINCT FROM t.backend_start THEN 'gone'
+                WHEN a.state_change IS DISTINCT FROM t.state_change THEN 'stateChanged'
+                WHEN NOT ({permitted}) THEN 'notPermitted'
+                WHEN t.action = 'terminate' THEN
+                     CASE WHEN pg_catalog.pg_terminate_backend(a.pid) THEN 'done' ELSE 'gone' END
+                ELSE CASE WHEN pg_catalog.pg_cancel_backend(a.pid) THEN 'done' ELSE 'gone' END
+           END AS result
+    FROM unnest(%(sig_pid)s::int[], %(sig_start)s::timestamptz[], %(sig_change)s::timestamptz[],
+                %(sig_action)s::text[]) WITH ORDINALITY AS t(pid, backend_start, state_change, action, i)
+    LEFT JOIN LATERAL pg_catalog.pg_stat_get_activity(t.pid) AS a ON true
+),"""
+_SIGNALLED = "(SELECT json_agg(json_build_array(i, result) ORDER BY i) FROM signals)"
 
 # Only for policies with a `blocking` rule: who blocks whom, for sessions waiting on a lock only. With no
 # waiter (the common case) neither pg_blocking_pids() nor pg_locks is ever evaluated. Each waiter's wait is
@@ -287,20 +315,26 @@ def compile_observation(spec: PolicySpec, protected_pids: Collection[int] = ()) 
     overs = [_over_limit(limit, params) for limit in spec.connection_limits]
     over = sql.SQL(" OR ").join(overs) if overs else sql.SQL("NULL::boolean")
     blocking = any(rule.blocking is not None for rule in spec.sessions)
-    statement = sql.SQL(_TEMPLATE).format(
-        candidate=candidate,
-        wait=wait,
-        over=over,
-        unknown=sql.Literal(UNKNOWN),
-        permitted=sql.SQL(PERMITTED_EXPRESSION),
-        recursive=sql.SQL("RECURSIVE " if blocking else ""),
-        blockers=sql.SQL(_BLOCKERS if blocking else ""),
-        blocked=sql.SQL("blk.blocked, blk.blocked_waits," if blocking else ""),
-        join=sql.SQL(" LEFT JOIN blk ON blk.blocker = x.pid" if blocking else ""),
-        blocked_json=sql.SQL("blocked" if blocking else "NULL"),
-        blocked_waits_json=sql.SQL("blocked_waits" if blocking else "NULL"),
-    )
-    return ObservationQuery(statement=statement.as_bytes(None), params=params.values)
+    lookahead = params.add("lookahead", spec.observation_gap())
+    parts = {
+        "candidate": candidate,
+        "wait": wait,
+        "over": over,
+        "unknown": sql.Literal(UNKNOWN),
+        "permitted": sql.SQL(PERMITTED_EXPRESSION),
+        "recursive": sql.SQL("RECURSIVE " if blocking else ""),
+        "blockers": sql.SQL(_BLOCKERS if blocking else ""),
+        "blocked": sql.SQL("blk.blocked, blk.blocked_waits," if blocking else ""),
+        "join": sql.SQL(" LEFT JOIN blk ON blk.blocker = x.pid" if blocking else ""),
+        "blocked_json": sql.SQL("blocked" if blocking else "NULL"),
+        "blocked_waits_json": sql.SQL("blocked_waits" if blocking else "NULL"),
+        "lookahead": lookahead,
+    }
+    template = sql.SQL(_TEMPLATE)
+    plain = template.format(**parts, signals=sql.SQL(""), signalled=sql.SQL("NULL::json"))
+    signals = sql.SQL(WAKE_SIGNALS.replace("{permitted}", PERMITTED_EXPRESSION))  # two constants, no value
+    wake = template.format(**parts, signals=signals, signalled=sql.SQL(_SIGNALLED))
+    return ObservationQuery(statement=plain.as_bytes(None), params=params.values, wake_statement=wake.as_bytes(None))
 
 
 def _timestamp(value: Any) -> datetime | None:
@@ -331,8 +365,39 @@ def _session(hit: dict[str, Any]) -> ObservedSession:
     )
 
 
-async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *, target: str = "") -> Observation:
-    """Run the compiled observation; errors become TargetUnreachable (connection gone) or QueryFailed."""
+@dataclass(frozen=True)
+class WakeSignal:
+    """A session to signal in the wake-up statement, identified as the observation saw it."""
+
+    pid: int
+    backend_start: datetime
+    state_change: datetime | None
+    action: str
+
+
+async def observe(
+    conn: psycopg.AsyncConnection[Any],
+    query: ObservationQuery,
+    *,
+    target: str = "",
+    signals: Sequence[WakeSignal] = (),
+) -> Observation:
+    """Run the compiled observation; errors become TargetUnreachable (connection gone) or QueryFailed.
+
+    With `signals`, the same round trip first signals those sessions (guarded: see `WAKE_SIGNALS`); what
+    became of each is in `Observation.signal_results`, in order. A psycopg error is then raised as it is:
+    the caller must tell a refused signal from a lost connection, and whether anything was delivered.
+    """
+    if signals:
+        params = query.params | {
+            "sig_pid": [s.pid for s in signals],
+            "sig_start": [s.backend_start for s in signals],
+            "sig_change": [s.state_change for s in signals],
+            "sig_action": [s.action for s in signals],
+        }
+        cur = await conn.execute(query.wake_statement, params)
+        rows = await cur.fetchall()
+        return _observation(rows, time.monotonic(), signalled=len(signals))
     try:
         cur = await conn.execute(query.statement, query.params)
         rows = await cur.fetchall()
@@ -343,12 +408,17 @@ async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *
         if conn.broken or conn.closed:
             raise TargetUnreachable(message) from None
         raise QueryFailed(message) from None
+    return _observation(rows, received_at)
+
+
+def _observation(rows: Sequence[tuple[Any, ...]], received_at: float, *, signalled: int = 0) -> Observation:
     if not rows:  # cannot happen: the engine's own backend is always there
         raise QueryFailed("reading pg_stat_activity: the server returned no rows")
     backends: dict[str, int] = {}
     client_states: dict[str, int] = {}
     crossings: list[float] = []
     sessions: list[ObservedSession] = []
+    upcoming: list[tuple[float, ObservedSession]] = []
     for backend_type, state, count, crossing, hits, *_ in rows:
         backends[backend_type] = backends.get(backend_type, 0) + count
         if backend_type == CLIENT_BACKEND:
@@ -356,9 +426,17 @@ async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *
             client_states[key] = client_states.get(key, 0) + count
         if crossing is not None:
             crossings.append(float(crossing))
-        if hits:
-            sessions.extend(_session(hit) for hit in hits)
+        for hit in hits or ():
+            session = _session(hit)
+            wait = hit.get("wait")
+            if wait is None or wait <= 0 or hit.get("over"):
+                sessions.append(session)
+            if wait is not None and wait > 0:
+                upcoming.append((float(wait), session))
     first = rows[0]
+    results = tuple(str(result) for _, result in (first[12] or ()))
+    if len(results) != signalled:  # cannot happen: one row per signal asked for
+        raise QueryFailed(f"the wake-up statement reported {len(results)} signals of {signalled}")
     return Observation(
         server_version=str(first[5]),
         own_pid=int(first[6]),
@@ -372,4 +450,6 @@ async def observe(conn: psycopg.AsyncConnection[Any], query: ObservationQuery, *
         sessions=tuple(sorted(sessions, key=lambda s: s.pid)),
         next_crossing=min(crossings) if crossings else None,
         received_at=received_at,
+        upcoming=tuple(sorted(upcoming, key=lambda u: (u[0], u[1].pid))),
+        signal_results=results,
     )

@@ -1,9 +1,10 @@
 """Deadline-aware evaluation loop for one target: evaluate again when the next seen session crosses a rule.
 
 With `interval: 30s` and `stateAge: 10m`, a fixed timer would terminate a session up to 30 s late. The
-observation tells when the next currently-seen session crosses a threshold, so the loop wakes then,
-clamped so that cycles start at most `interval` and at least one second apart. Sessions that appear
-after a cycle are found by the next one (at the latest after `interval`).
+observation tells when the next currently-seen session crosses a threshold, so the loop wakes then (plus
+a few milliseconds, which also groups crossings that close together into one wake-up), clamped so that
+cycles start at most the observation gap apart (see `PolicySpec.observation_gap`: no session crosses
+unseen) and at least `Settings.crossing_floor` apart (so a burst of crossings cannot turn into a busy loop).
 
 Stopping is cooperative: setting the event wakes a sleeping loop at once; a cycle in progress is always
 finished first, so signals are never cut off half way through a cycle.
@@ -22,10 +23,9 @@ from pgwarden.engine.errors import CycleInterrupted, EngineError
 from pgwarden.engine.report import CycleReport
 from pgwarden.settings import DEFAULTS, Settings
 
-MIN_DELAY = DEFAULTS.min_delay
-"""Never start cycles more often than this (seconds) by default (`Settings.min_delay`)."""
 DEADLINE_MARGIN = 0.02
-"""Added to a deadline to absorb clock-rate differences; the reference point is already never early."""
+"""Added to a deadline to absorb clock-rate differences (the reference point is already never early); it
+also groups the crossings that fall within it into one wake-up."""
 
 log = structlog.get_logger("pgwarden.engine")
 
@@ -36,7 +36,7 @@ def next_start(report: CycleReport, *, started: float, interval: float, settings
     if report.next_deadline is None:
         return latest
     crossing = report.observed_at + report.next_deadline + DEADLINE_MARGIN
-    return max(started + settings.min_delay, min(latest, crossing))
+    return max(started + settings.crossing_floor(report.duration_seconds), min(latest, crossing))
 
 
 def retry_delay(failures: int, interval: float, settings: Settings = DEFAULTS) -> float:

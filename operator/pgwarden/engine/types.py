@@ -87,6 +87,11 @@ class Observation:
     """The engine's role has the privileges of pg_signal_backend (superusers do)."""
     server_time: float | None = None
     """The server's `now()` for the observation, in epoch seconds (to notice a clock step between cycles)."""
+    upcoming: tuple[tuple[float, ObservedSession], ...] = ()
+    """Sessions a rule will select within the observation gap if they stay as they are, with the seconds after
+    `received_at` when they cross, soonest first: a wake-up at that time can signal them without looking first."""
+    signal_results: tuple[str, ...] = ()
+    """What became of each signal sent in the same statement ("done", "gone", "stateChanged"), in order."""
 
     @property
     def client_backends(self) -> int:
