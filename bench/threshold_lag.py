@@ -20,6 +20,7 @@ Measured per contender:
   CPU         the contender process's CPU seconds per minute (user + system), and its backends' on the server
 
     .venv/bin/python bench/threshold_lag.py [--major 18] [--window 60] [--seed 1] [--workloads sparse,dense,mixed]
+PGWARDEN_BENCH_STATEMENTS=1 also lists each contender's statements (pg_stat_statements: calls, text).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ async def race(server: PgServer, name: str, kinds: list[str], window: float, see
         cpu = stop_contender(process)
     minutes = (time.monotonic() - started) / 60
     statements = await pg_stat_statements_calls(admin, ROLES[name]) if process is not None else 0
-    if os.environ.get("BENCH_DEBUG") and process is not None:
+    if os.environ.get("PGWARDEN_BENCH_STATEMENTS") and process is not None:
         cur = await admin.execute(
             "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) FROM pg_stat_statements s"
             " JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = %s ORDER BY calls DESC",

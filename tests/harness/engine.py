@@ -6,8 +6,11 @@ server never touch each other's sessions.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,6 +18,8 @@ import pytest
 from pgwarden.engine.connection import connect, parse_dsn, target_of
 from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.report import CycleReport
+from pgwarden.engine.scheduler import run_loop
+from pgwarden.engine.session import TargetSession
 from pgwarden.policy import PolicySpec, parse_spec
 from tests.harness.postgres import PgServer
 
@@ -69,3 +74,37 @@ def alive(server: PgServer, pids: set[int] | list[int]) -> set[int]:
 def wait_all_gone(server: PgServer, pids: set[int] | list[int]) -> None:
     for pid in pids:
         server.wait_gone(pid)
+
+
+@contextlib.asynccontextmanager
+async def looping(
+    server: PgServer, spec: PolicySpec, *, interval: float | None = None
+) -> AsyncIterator[list[CycleReport]]:
+    """The CLI's loop (run_loop + TargetSession) on `server`, reports collected as they come; on exit it is
+    stopped (it must end within a second: a sleeping loop wakes at once) and its connection closed.
+
+    `interval`: the loop's longest sleep, by default the spec's observation gap (as `pgwarden enforce`)."""
+    target = TargetSession(parse_dsn(server.dsn()))
+    stop = asyncio.Event()
+    reports: list[CycleReport] = []
+
+    def on_error(exc: Exception, failures: int) -> bool:
+        raise exc
+
+    loop = asyncio.create_task(
+        run_loop(
+            lambda: target.run(spec, policy="test"),
+            interval=spec.observation_gap() if interval is None else interval,
+            stop=stop,
+            on_report=reports.append,
+            on_error=on_error,
+        )
+    )
+    try:
+        yield reports
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(loop, timeout=1.0)
+        finally:
+            await target.close()

@@ -7,11 +7,7 @@ import time
 
 import pytest
 
-from pgwarden.engine.connection import parse_dsn
-from pgwarden.engine.report import CycleReport
-from pgwarden.engine.scheduler import run_loop
-from pgwarden.engine.session import TargetSession
-from tests.harness.engine import spec_of, unique
+from tests.harness.engine import looping, spec_of, unique
 from tests.harness.postgres import PgServer
 
 pytestmark = pytest.mark.pg
@@ -29,23 +25,7 @@ async def test_session_is_terminated_soon_after_crossing_state_age_not_at_the_in
     )
     session = pg.open_session("idle", application_name=app)
     opened = time.monotonic()
-    target = TargetSession(parse_dsn(pg.dsn()))
-    stop = asyncio.Event()
-    reports: list[CycleReport] = []
-
-    def on_error(exc: Exception, failures: int) -> bool:
-        raise exc
-
-    loop = asyncio.create_task(
-        run_loop(
-            lambda: target.run(spec, policy="test"),
-            interval=spec.interval.total_seconds(),
-            stop=stop,
-            on_report=reports.append,
-            on_error=on_error,
-        )
-    )
-    try:
+    async with looping(pg, spec, interval=spec.interval.total_seconds()) as reports:
         deadline = opened + 3.5
         while await asyncio.to_thread(pg.alive, session.pid):
             assert time.monotonic() < deadline, f"still there after 3.5 s ({len(reports)} cycles)"
@@ -55,9 +35,4 @@ async def test_session_is_terminated_soon_after_crossing_state_age_not_at_the_in
         assert [a.pid for r in reports for a in r.actions] == [session.pid]
         assert reports[0].next_deadline is not None
         assert reports[0].next_deadline <= 2.0
-    finally:
-        stop.set()
-        started = time.monotonic()
-        await asyncio.wait_for(loop, timeout=5)
-        assert time.monotonic() - started < 1.0  # a sleeping loop wakes at once, not after its 30 s
-        await target.close()
+    # Leaving `looping` stopped the loop within a second: a sleeping loop wakes at once, not after its 30 s.

@@ -6,19 +6,13 @@ The server's log is the judge: which statement signalled, whom, how often, and n
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from pgwarden.engine.connection import parse_dsn
-from pgwarden.engine.report import CycleReport
-from pgwarden.engine.scheduler import run_loop
-from pgwarden.engine.session import TargetSession
-from pgwarden.policy import PolicySpec
-from tests.harness.engine import spec_of, unique
+from tests.harness.engine import looping, spec_of, unique
 from tests.harness.ledger import Ledger
 from tests.harness.postgres import PgServer, wait_for
 
@@ -30,33 +24,6 @@ THRESHOLD = 2.0
 
 def idle_rule(app: str, *, action: str = "terminate", state: str = "idle") -> dict[str, Any]:
     return {"name": "r", "action": action, "states": [state], "stateAge": f"{THRESHOLD:g}s", "applicationNames": [app]}
-
-
-@contextlib.asynccontextmanager
-async def enforcing(pg: PgServer, spec: PolicySpec) -> AsyncIterator[list[CycleReport]]:
-    """The CLI's loop (run_loop + TargetSession) on `pg`, stopped and closed on exit."""
-    target = TargetSession(parse_dsn(pg.dsn()))
-    stop = asyncio.Event()
-    reports: list[CycleReport] = []
-
-    def on_error(exc: Exception, failures: int) -> bool:
-        raise exc
-
-    loop = asyncio.create_task(
-        run_loop(
-            lambda: target.run(spec, policy="test"),
-            interval=spec.observation_gap(),
-            stop=stop,
-            on_report=reports.append,
-            on_error=on_error,
-        )
-    )
-    try:
-        yield reports
-    finally:
-        stop.set()
-        await asyncio.wait_for(loop, timeout=10)
-        await target.close()
 
 
 async def until(condition: Callable[[], bool], message: str) -> None:
@@ -83,7 +50,7 @@ async def test_a_crossing_is_signalled_by_the_statement_that_observes_and_never_
     app = unique(request)
     session = pg.open_session("idle", application_name=app)
     changed = state_change(pg, session.pid)
-    async with enforcing(pg, spec_of(interval="30s", sessions=[idle_rule(app)])) as reports:
+    async with looping(pg, spec_of(interval="30s", sessions=[idle_rule(app)])) as reports:
         await until(lambda: session.pid in ledger.terminated(), "the session to be terminated")
     assert [a.pid for r in reports for a in r.actions] == [session.pid]
     ledger.assert_agrees([session.pid])
@@ -102,7 +69,7 @@ async def test_sessions_crossing_together_are_signalled_once_each(
     app = unique(request)
     sessions = [pg.open_session("idle", application_name=app) for _ in range(20)]
     pids = sorted(s.pid for s in sessions)
-    async with enforcing(pg, spec_of(interval="30s", sessions=[idle_rule(app)])) as reports:
+    async with looping(pg, spec_of(interval="30s", sessions=[idle_rule(app)])) as reports:
         await until(lambda: set(pids) <= set(ledger.terminated()), "every session to be terminated")
         await until(lambda: all(not pg.alive(p) for p in pids), "every backend to exit")
     assert sorted(a.pid for r in reports for a in r.actions) == pids
@@ -116,7 +83,7 @@ async def test_a_session_that_moves_before_its_crossing_is_left_alone_until_its_
 ) -> None:
     app = unique(request)
     session = pg.open_session("idle", application_name=app)
-    async with enforcing(pg, spec_of(interval="30s", sessions=[idle_rule(app)])) as reports:
+    async with looping(pg, spec_of(interval="30s", sessions=[idle_rule(app)])) as reports:
         await asyncio.sleep(THRESHOLD * 0.7)  # the scenario: a query shortly before the crossing the loop knows
         await asyncio.to_thread(session.conn.execute, "SELECT 1")
         moved = state_change(pg, session.pid)
@@ -133,7 +100,7 @@ async def test_a_long_query_is_cancelled_once_and_the_session_stays(
     app = unique(request)
     session = pg.open_session("active", application_name=app)
     rule = idle_rule(app, action="cancel", state="active")
-    async with enforcing(pg, spec_of(interval="30s", sessions=[rule])) as reports:
+    async with looping(pg, spec_of(interval="30s", sessions=[rule])) as reports:
         await until(lambda: session.pid in ledger.cancelled(), "the query to be cancelled")
         await until(lambda: pg.state_of(session.pid) != "active", "the session to leave the active state")
     assert [a.pid for r in reports for a in r.actions] == [session.pid]
