@@ -153,6 +153,19 @@ def test_explain_from_status_refuses_an_enforcing_policy(
     assert f'{KIND} "nope" not found' in missing.stderr
 
 
+def test_explain_dsn_to_an_unreachable_server_exits_3_without_the_password(
+    control_plane: ControlPlane, k8s_api: client.ApiClient, namespace: str, pgwarden_crds: None, plugin_dir: Path
+) -> None:
+    create_policy(k8s_api, namespace, policy_body("live", 5432))
+    secret = "never-printed-Pa55"
+    dsn = f"host=127.0.0.1 port={free_port()} user=warden password={secret} connect_timeout=2"
+    args = ["explain", "live", "-n", namespace, "--dsn", dsn]
+    done = plugin(plugin_dir, *args, kubeconfig=control_plane.kubeconfig, check=False)
+    assert done.returncode == 3, done.stderr
+    assert "127.0.0.1" in done.stderr
+    assert secret not in done.stderr + done.stdout
+
+
 # -- status columns and kubeconfig handling, with status patched directly --------------------------------------
 
 TWO_HOURS_AGO = (datetime.now(UTC) - timedelta(hours=2, minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
