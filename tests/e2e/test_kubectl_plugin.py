@@ -119,7 +119,9 @@ def test_status_and_explain_read_a_dry_run_policy_status_written_by_the_operator
     assert cells[:6] == [namespace, "watch", "dry run", "True", "db-0", "controller"]
     assert "would terminate 2 (idle)" in cells
 
-    explained = as_json(plugin(plugin_dir, "explain", "watch", "-n", namespace, "-o", "json", kubeconfig=kubeconfig))
+    from_status = plugin(plugin_dir, "explain", "watch", "-n", namespace, "-o", "json", kubeconfig=kubeconfig)
+    assert from_status.stderr == ""  # the status is of the current generation: no staleness warning
+    explained = as_json(from_status)
     assert explained["source"] == "status"
     assert {s["pid"] for s in explained["sessions"]} == sessions
     assert {(s["target"], s["rule"], s["action"], s["crosses"]) for s in explained["sessions"]} == {

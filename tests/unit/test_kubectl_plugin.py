@@ -105,6 +105,16 @@ def test_explain_from_status_lists_only_would_be_actions() -> None:
     assert line.endswith("now as of 1m ago")
 
 
+def test_a_status_written_for_an_older_spec_is_said_to_be_stale() -> None:
+    body = policy(status={"observedGeneration": 2}, mode="dryRun")
+    body["metadata"]["generation"] = 3
+    assert (
+        kubectl_explain.stale_status(body) == "the status was written for generation 2 of the spec, which is now at 3"
+    )
+    body["metadata"]["generation"] = 2
+    assert kubectl_explain.stale_status(body) is None
+
+
 def report(actions: list[ActionRecord], skipped: list[SkipRecord]) -> CycleReport:
     return CycleReport("p", "db:5432", "18.0", EnforcementAction.DRY_RUN, {}, {}, actions=actions, skipped=skipped)
 

@@ -92,6 +92,15 @@ def from_status(policy: Mapping[str, Any]) -> list[ExplainRow]:
     return out
 
 
+def stale_status(policy: Mapping[str, Any]) -> str | None:
+    """Why the status may not describe the spec as it is now (it was written for an older generation), or None."""
+    observed = (policy.get("status") or {}).get("observedGeneration")
+    generation = (policy.get("metadata") or {}).get("generation")
+    if observed is None or generation is None or observed == generation:
+        return None
+    return f"the status was written for generation {observed} of the spec, which is now at {generation}"
+
+
 def _status_row(pod: str, when: str, action: Mapping[str, Any]) -> ExplainRow:
     return ExplainRow(
         target=pod,

@@ -236,6 +236,9 @@ def _explain_status(args: argparse.Namespace, namespace: str, policy: dict[str, 
             "Give --dsn to explain with the CLI engine."
         )
         return EXIT_USAGE
+    stale = kubectl_explain.stale_status(policy)
+    if stale:
+        print(f"{PROG}: warning: {stale}", file=sys.stderr)
     rows = kubectl_explain.from_status(policy)
     _print_explain(args, namespace, kubectl_explain.SOURCE_STATUS, rows)
     return EXIT_OK
