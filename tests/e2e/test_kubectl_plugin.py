@@ -264,6 +264,18 @@ def test_status_rows_per_target_across_namespaces_with_context_and_its_namespace
     assert ours == sorted(expected, key=lambda row: row[0])  # by namespace, then policy, then pod
 
 
+def test_status_without_rbac_says_forbidden_and_never_prints_the_token(
+    control_plane: ControlPlane, namespace: str, pgwarden_crds: None, plugin_dir: Path, tmp_path: Path
+) -> None:
+    token = control_plane.token_for(namespace, "nobody")  # a ServiceAccount no Role grants anything
+    kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "nobody.kubeconfig")
+    done = plugin(plugin_dir, "status", "-n", namespace, kubeconfig=kubeconfig, check=False)
+    assert done.returncode == 1
+    assert "the API server answered 403 Forbidden" in done.stderr
+    assert f'"system:serviceaccount:{namespace}:nobody" cannot list resource "postgrespolicies"' in done.stderr
+    assert token not in done.stderr + done.stdout
+
+
 # -- explain with the CLI engine against a DSN ---------------------------------------------------------------
 
 

@@ -132,7 +132,8 @@ def api_client(args: argparse.Namespace) -> Any:
 
     try:
         # persist_config=False: a read-only command never rewrites the user's kubeconfig (refreshed tokens).
-        return config.new_client_from_config(config_file=args.kubeconfig, context=args.context, persist_config=False)  # type: ignore[no-untyped-call]
+        load: Callable[..., Any] = config.new_client_from_config
+        return load(config_file=args.kubeconfig, context=args.context, persist_config=False)
     except (config.ConfigException, OSError, ValueError) as exc:
         raise ApiFailure(f"cannot load the kubeconfig: {exc}") from None
 
@@ -150,11 +151,21 @@ def default_namespace(args: argparse.Namespace) -> str:
 
 
 def _api_error(exc: Exception) -> ApiFailure:
-    """The user's view of a failed call: the status code and reason, never the request's headers."""
+    """The user's view of a failed call: the status code and the server's message (`... is forbidden: User "u"
+    cannot list ...`), never the request's headers."""
     status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
     if status:
-        return ApiFailure(f"the API server answered {status} {reason or ''}".rstrip())
+        return ApiFailure(f"the API server answered {status} {reason or ''}".rstrip() + _server_message(exc))
     return ApiFailure(f"cannot reach the API server: {type(exc).__name__}: {exc}")
+
+
+def _server_message(exc: Exception) -> str:
+    """`: MESSAGE` from a Kubernetes Status body, or nothing."""
+    try:
+        message = json.loads(getattr(exc, "body", None) or "{}").get("message")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {message}" if isinstance(message, str) and message else ""
 
 
 def _call(function: Callable[[], Any]) -> Any:
