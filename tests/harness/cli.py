@@ -9,12 +9,14 @@ import queue
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+REPO = Path(__file__).resolve().parents[2]
 PGWARDEN = str(Path(sys.executable).parent / "pgwarden")
-CODE_UNDER_TEST = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "operator")}
+CODE_UNDER_TEST = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
 """The console script's environment with this checkout's package first: the shared venv's editable
 install points at one checkout, and the test must run the code it sits next to."""
 
@@ -95,3 +97,17 @@ class CliLoop:
                 stream.close()
         self.poll()
         return "".join(self.logs)
+
+
+def console_script(name: str, bindir: Path) -> Path:
+    """Write the console script `name` that pyproject.toml declares (`[project.scripts]`) into `bindir`, as an
+    installer writes one: this interpreter, import the entry point, exit with what it returns.
+
+    The shared venv's editable install belongs to one checkout and may predate the script; this writes the
+    script the checkout declares, so a test runs exactly the declared entry point (with CODE_UNDER_TEST)."""
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][name]
+    module, _, function = str(declared).partition(":")
+    path = bindir / name
+    path.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n")
+    path.chmod(0o755)
+    return path

@@ -290,6 +290,17 @@ def test_every_subcommand_answers_help(venv: Path, command: str) -> None:
     assert done.stdout.startswith(f"usage: pgwarden {command}"), done.stdout
 
 
+def test_kubectl_plugin_is_installed_with_the_package(venv: Path) -> None:
+    """kubectl finds plugins as `kubectl-NAME` on PATH: the wheel installs `kubectl-pgwarden` next to `pgwarden`."""
+    done = run_in(venv, "kubectl-pgwarden", "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"kubectl-pgwarden {VERSION}\n"
+    for command in ("status", "explain"):
+        done = run_in(venv, "kubectl-pgwarden", command, "--help")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"usage: kubectl pgwarden {command}"), done.stdout
+
+
 def test_every_module_imports_from_the_installed_wheel(venv: Path) -> None:
     """`--help` loads no kopf or kubernetes (imports are deferred); this catches a dependency the wheel lacks."""
     script = (
