@@ -1,0 +1,171 @@
+"""`helm install` of manifests/helm/pgwarden on a real kube-apiserver, and `helm uninstall`.
+
+The control plane is this module's own: the chart's cluster-scoped objects (ClusterRole `pgwarden`, ...)
+have the names `kubectl apply -k manifests/` gives them, and Helm refuses to take over objects it did not
+create, so the session's shared plane (where other tests apply manifests/) would make the install fail.
+There is no kubelet: the Deployment's pods never run, which is not what is tested here.
+
+Helm's convention for `crds/`: installed when missing, never upgraded, never deleted (deleting a CRD
+deletes every PostgresPolicy). The uninstall test asserts that the CRDs stay.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.harness.controlplane import ControlPlane
+from tests.harness.helm import CHART, RELEASE, Key, by_key, helm, render, values_file
+from tests.harness.k8s import new_namespace
+from tests.harness.manifests import CRD_NAMES, SYSTEM_NAMESPACE, crd_established, policies_served
+from tests.harness.postgres import wait_for
+
+pytestmark = pytest.mark.k8s
+
+SERVICE_ACCOUNT = f"system:serviceaccount:{SYSTEM_NAMESPACE}:pgwarden"
+# The plural resource kubectl takes for each kind the chart renders.
+RESOURCE = {
+    "ServiceAccount": "serviceaccounts",
+    "ClusterRole": "clusterroles.rbac.authorization.k8s.io",
+    "ClusterRoleBinding": "clusterrolebindings.rbac.authorization.k8s.io",
+    "Role": "roles.rbac.authorization.k8s.io",
+    "RoleBinding": "rolebindings.rbac.authorization.k8s.io",
+    "Deployment": "deployments.apps",
+    "Service": "services",
+    "PodDisruptionBudget": "poddisruptionbudgets.policy",
+    "NetworkPolicy": "networkpolicies.networking.k8s.io",
+    "CustomResourceDefinition": "customresourcedefinitions.apiextensions.k8s.io",
+    "Namespace": "namespaces",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ControlPlane]:
+    """A control plane of this module's own (see the module docstring)."""
+    with ControlPlane() as plane:
+        yield plane
+
+
+@pytest.fixture(scope="module")
+def admin(cluster: ControlPlane) -> Iterator[client.ApiClient]:
+    with cluster.api_client() as api:
+        yield api
+
+
+def exists(plane: ControlPlane, object_key: Key) -> bool:
+    """Whether the object is on the server now (`kubectl get --ignore-not-found` prints nothing when not)."""
+    kind, name, namespace = object_key
+    args = ["get", f"{RESOURCE[kind]}/{name}", "--ignore-not-found", "-o", "name"]
+    if namespace:
+        args += ["-n", namespace]
+    return bool(plane.kubectl(*args).stdout.strip())
+
+
+def gone(plane: ControlPlane, object_key: Key) -> bool:
+    return not exists(plane, object_key)
+
+
+def install(plane: ControlPlane, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return helm(
+        "install", RELEASE, str(CHART), "--namespace", SYSTEM_NAMESPACE, "--create-namespace", *extra,
+        kubeconfig=plane.kubeconfig, check=check,
+    )  # fmt: skip
+
+
+def uninstall(plane: ControlPlane) -> None:
+    helm("uninstall", RELEASE, "--namespace", SYSTEM_NAMESPACE, kubeconfig=plane.kubeconfig)
+
+
+def releases(plane: ControlPlane) -> str:
+    return str(helm("list", "--all-namespaces", "--all", "-q", kubeconfig=plane.kubeconfig).stdout.strip())
+
+
+def can_i(plane: ControlPlane, verb: str, resource: str, namespace: str) -> bool:
+    """`kubectl auth can-i` as the operator's ServiceAccount (impersonated by the admin)."""
+    done = plane.kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={SERVICE_ACCOUNT}", check=False)
+    return done.stdout.strip() == "yes"
+
+
+def test_hostile_values_fail_the_install_before_anything_is_created(cluster: ControlPlane, tmp_path: Path) -> None:
+    """The schema refuses the values at `helm install`: no release and none of the chart's objects.
+
+    Except the CRDs: Helm 3 installs crds/ before it renders (and so validates) the values. That is
+    harmless (they are what any install creates, and stay after an uninstall anyway) and asserted here so
+    that a Helm upgrade changing it is noticed.
+    """
+    done = install(cluster, "-f", str(values_file({"replicas": -1, "image": {"tag": "a b"}}, tmp_path)), check=False)
+    assert done.returncode != 0
+    assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
+    assert releases(cluster) == ""
+    for object_key in by_key(render()):
+        assert not exists(cluster, object_key), object_key
+    assert not exists(cluster, ("Namespace", SYSTEM_NAMESPACE, ""))
+    for name in CRD_NAMES:
+        assert exists(cluster, ("CustomResourceDefinition", name, "")), name
+
+
+def test_install_creates_every_object_and_uninstall_removes_them_but_the_crds(
+    cluster: ControlPlane, admin: client.ApiClient
+) -> None:
+    """Default values: what `helm template` renders is on the server, CRDs Established; uninstall: all gone
+    but the CRDs, which Helm never deletes."""
+    expected = by_key(render())
+    assert {k[0] for k in expected} >= {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service"}
+    install(cluster)
+    for object_key in expected:
+        assert exists(cluster, object_key), object_key
+    for name in CRD_NAMES:
+        wait_for(partial(crd_established, admin, name), timeout=30, message=f"CRD {name} Established")
+    wait_for(lambda: policies_served(admin, "default"), timeout=30, message="postgrespolicies to be served")
+    assert releases(cluster) == RELEASE
+    status = helm("status", RELEASE, "--namespace", SYSTEM_NAMESPACE, kubeconfig=cluster.kubeconfig).stdout
+    assert "STATUS: deployed" in status, status
+
+    uninstall(cluster)
+    for object_key in expected:
+        wait_for(partial(gone, cluster, object_key), timeout=30, message=f"{object_key} deleted")
+    for name in CRD_NAMES:
+        assert crd_established(admin, name), f"{name} was removed: Helm must leave crds/ in place"
+    assert releases(cluster) == ""
+
+
+def test_install_for_chosen_namespaces_grants_there_only(
+    cluster: ControlPlane, admin: client.ApiClient, tmp_path: Path
+) -> None:
+    """watchNamespaces and sidecar.namespaces: Roles in those namespaces; the operator's ServiceAccount may
+    read policies and pods and peer there, nowhere else, and nothing cluster-wide; uninstall removes them."""
+    watched, sidecars, other = (new_namespace(admin, prefix=p) for p in ("watched", "sidecar", "other"))
+    values = {"watchNamespaces": [watched], "sidecar": {"namespaces": [sidecars]}}
+    path = values_file(values, tmp_path)
+    expected = by_key(render("-f", str(path)))
+    assert ("Role", "pgwarden", watched) in expected
+    assert ("Role", "pgwarden-sidecar", sidecars) in expected
+    install(cluster, "-f", str(path))
+    try:
+        for object_key in expected:
+            assert exists(cluster, object_key), object_key
+        # RBAC is in force once the authorizer's watch has seen the binding.
+        wait_for(lambda: can_i(cluster, "list", "postgrespolicies.pgwarden.dev", watched), timeout=30, message="Role")
+        for verb, resource in [
+            ("watch", "pods"),
+            ("get", "secrets"),
+            ("patch", "postgrespolicies.pgwarden.dev"),
+            ("create", "kopfpeerings.kopf.dev"),
+            ("patch", "kopfpeerings.kopf.dev/pgwarden"),
+        ]:
+            assert can_i(cluster, verb, resource, watched), (verb, resource)
+        for namespace in (other, sidecars):
+            assert not can_i(cluster, "list", "postgrespolicies.pgwarden.dev", namespace), namespace
+            assert not can_i(cluster, "get", "secrets", namespace), namespace
+        assert not can_i(cluster, "list", "clusterkopfpeerings.kopf.dev", watched)
+        assert not can_i(cluster, "list", "secrets", watched)
+        assert not can_i(cluster, "patch", "kopfpeerings.kopf.dev/other", watched)
+    finally:
+        uninstall(cluster)
+    for object_key in expected:
+        wait_for(partial(gone, cluster, object_key), timeout=30, message=f"{object_key} deleted")
