@@ -5,6 +5,10 @@ have the names `kubectl apply -k manifests/` gives them, and Helm refuses to tak
 create, so the session's shared plane (where other tests apply manifests/) would make the install fail.
 There is no kubelet: the Deployment's pods never run, which is not what is tested here.
 
+With `watchNamespaces` the operator is also run for real (as a subprocess, with the rendered Deployment's
+arguments and the chart's ServiceAccount token) against a real PostgreSQL server: the namespaced Roles the
+chart renders must be all it needs (tests/e2e/test_rbac.py proves the same for the ClusterRole).
+
 Helm's convention for `crds/`: installed when missing, never upgraded, never deleted (deleting a CRD
 deletes every PostgresPolicy). The uninstall test asserts that the CRDs stay.
 """
@@ -15,19 +19,36 @@ import subprocess
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from kubernetes import client
 
+from pgwarden.policy.api import ConditionType, EventReason
+from tests.fixtures.operator import OperatorProcess
 from tests.harness.controlplane import ControlPlane
 from tests.harness.helm import CHART, RELEASE, Key, by_key, helm, render, values_file
-from tests.harness.k8s import new_namespace
-from tests.harness.manifests import CRD_NAMES, SYSTEM_NAMESPACE, crd_established, policies_served
-from tests.harness.postgres import wait_for
+from tests.harness.k8s import create_running_pod, new_namespace
+from tests.harness.manifests import (
+    CRD_NAMES,
+    SYSTEM_NAMESPACE,
+    apply_documents,
+    crd_established,
+    example_secret,
+    fast_idle_reaper,
+    open_session_mix,
+    policies_served,
+    prepare_example_server,
+)
+from tests.harness.pgbinaries import e2e_versions
+from tests.harness.policies import condition, events, get_policy, next_host, terminated_total
+from tests.harness.postgres import running_server, wait_for
 
 pytestmark = pytest.mark.k8s
 
 SERVICE_ACCOUNT = f"system:serviceaccount:{SYSTEM_NAMESPACE}:pgwarden"
+# RBAC does not depend on the PostgreSQL version: one server of the newest selected major (as test_rbac.py).
+PG_MAJOR = max(e2e_versions(), key=int)
 # The plural resource kubectl takes for each kind the chart renders.
 RESOURCE = {
     "ServiceAccount": "serviceaccounts",
@@ -169,3 +190,65 @@ def test_install_for_chosen_namespaces_grants_there_only(
         uninstall(cluster)
     for object_key in expected:
         wait_for(partial(gone, cluster, object_key), timeout=30, message=f"{object_key} deleted")
+
+
+def chart_args(docs: list[dict[str, Any]]) -> list[str]:
+    """The rendered Deployment's arguments, minus the ports (the test process gets free ones)."""
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return [a for a in container["args"] if not a.startswith(("--metrics-port", "--health-port"))]
+
+
+@pytest.mark.pg
+def test_operator_enforces_with_the_namespaced_rbac_of_the_chart(
+    cluster: ControlPlane, admin: client.ApiClient, tmp_path: Path
+) -> None:
+    """watchNamespaces end to end: the operator, run with the chart's arguments as the chart's ServiceAccount
+    (a TokenRequest token, as a pod mounts), reaps idle sessions in the watched namespace, writes status and
+    Events, peers through the KopfPeering it creates there, and is refused nothing: the Role is enough."""
+    watched = new_namespace(admin, prefix="watched")
+    path = values_file({"watchNamespaces": [watched]}, tmp_path)
+    args = chart_args(render("-f", str(path)))
+    assert args == [f"--namespace={watched}"]
+    install(cluster, "-f", str(path))
+    operator: OperatorProcess | None = None
+    try:
+        wait_for(lambda: can_i(cluster, "list", "postgrespolicies.pgwarden.dev", watched), timeout=30, message="Role")
+        token = cluster.token_for(SYSTEM_NAMESPACE, "pgwarden")
+        kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "pgwarden.kubeconfig")
+        with running_server(PG_MAJOR, host=next_host(), hba="password") as server:
+            prepare_example_server(server)
+            policy = fast_idle_reaper(server.port)
+            name = policy["metadata"]["name"]
+            apply_documents(cluster, watched, [example_secret()], tmp_path / "secret.yaml")
+            create_running_pod(admin, watched, "db-0", policy["spec"]["selector"]["matchLabels"], server.host)
+            doomed, survivors = open_session_mix(server)
+            operator = OperatorProcess(kubeconfig, [], tmp_path, extra=args, env={"POD_NAME": "pgwarden-7f9c-ab12c"})
+            wait_for(lambda: operator.healthy() or operator.proc.poll() is not None, timeout=60, message="healthz")
+            assert operator.proc.poll() is None, f"operator exited:\n{operator.logs()[-5000:]}"
+            apply_documents(cluster, watched, [policy], tmp_path / "policy.yaml")
+
+            for pid in doomed:
+                server.wait_gone(pid, timeout=30)
+            assert all(server.alive(pid) for pid in survivors)
+            wait_for(lambda: terminated_total(admin, watched, name) >= 3, timeout=30, message="status totals")
+            ready = condition(get_policy(admin, watched, name), ConditionType.READY)
+            assert ready is not None
+            assert ready["status"] == "True", ready
+            wait_for(
+                lambda: any(e.reason == EventReason.SESSIONS_TERMINATED for e in events(admin, watched, name)),
+                timeout=30,
+                message="a SessionsTerminated event",
+            )
+            peering = client.CustomObjectsApi(admin).get_namespaced_custom_object(
+                "kopf.dev", "v1", watched, "kopfpeerings", "pgwarden"
+            )
+            assert len(cast(dict[str, Any], peering).get("status") or {}) == 1, peering
+        logs = operator.logs()
+        assert "forbidden" not in logs.lower(), f"the operator was refused something:\n{logs[-5000:]}"
+        assert "'code': 403" not in logs
+    finally:
+        if operator is not None:
+            operator.stop()
+            print(f"--- operator log {operator.log_path} ---\n{operator.logs()[-8000:]}")
+        uninstall(cluster)
