@@ -28,9 +28,10 @@ from pgwarden.policy.api import ConditionType, EventReason
 from tests.fixtures.operator import OperatorProcess
 from tests.harness.controlplane import ControlPlane
 from tests.harness.helm import CHART, RELEASE, Key, by_key, helm, render, values_file
-from tests.harness.k8s import create_running_pod, new_namespace
+from tests.harness.k8s import as_dict, create_running_pod, new_namespace
 from tests.harness.manifests import (
     CRD_NAMES,
+    MANIFESTS,
     SYSTEM_NAMESPACE,
     apply_documents,
     crd_established,
@@ -61,7 +62,6 @@ RESOURCE = {
     "PodDisruptionBudget": "poddisruptionbudgets.policy",
     "NetworkPolicy": "networkpolicies.networking.k8s.io",
     "CustomResourceDefinition": "customresourcedefinitions.apiextensions.k8s.io",
-    "Namespace": "namespaces",
 }
 
 
@@ -92,8 +92,10 @@ def gone(plane: ControlPlane, object_key: Key) -> bool:
 
 
 def install(plane: ControlPlane, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """As the README installs: manifests/namespace.yaml first (its Pod Security labels), then the chart into it."""
+    plane.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
     return helm(
-        "install", RELEASE, str(CHART), "--namespace", SYSTEM_NAMESPACE, "--create-namespace", *extra,
+        "install", RELEASE, str(CHART), "--namespace", SYSTEM_NAMESPACE, *extra,
         kubeconfig=plane.kubeconfig, check=check,
     )  # fmt: skip
 
@@ -125,7 +127,6 @@ def test_hostile_values_fail_the_install_before_anything_is_created(cluster: Con
     assert releases(cluster) == ""
     for object_key in by_key(render()):
         assert not exists(cluster, object_key), object_key
-    assert not exists(cluster, ("Namespace", SYSTEM_NAMESPACE, ""))
     for name in CRD_NAMES:
         assert exists(cluster, ("CustomResourceDefinition", name, "")), name
 
@@ -150,6 +151,9 @@ def test_install_creates_every_object_and_uninstall_removes_them_but_the_crds(
     uninstall(cluster)
     for object_key in expected:
         wait_for(partial(gone, cluster, object_key), timeout=30, message=f"{object_key} deleted")
+    # Not the chart's: the namespace (with its Pod Security labels) stays, as after `kubectl apply -f`.
+    labels = as_dict(client.CoreV1Api(admin).read_namespace(SYSTEM_NAMESPACE))["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted", labels
     for name in CRD_NAMES:
         assert crd_established(admin, name), f"{name} was removed: Helm must leave crds/ in place"
     assert releases(cluster) == ""
