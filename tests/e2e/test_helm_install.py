@@ -15,6 +15,7 @@ deletes every PostgresPolicy). The uninstall test asserts that the CRDs stay.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from functools import partial
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import yaml
 from kubernetes import client
 
 from pgwarden.policy.api import ConditionType, EventReason
@@ -47,6 +49,10 @@ from tests.harness.postgres import running_server, wait_for
 
 pytestmark = pytest.mark.k8s
 
+# The README's CRD upgrade: Helm created the CRDs (an update by manager "helm"), so a server-side apply must
+# take the fields over (--force-conflicts) to change them.
+CRD_UPGRADE = ("apply", "--server-side", "--force-conflicts", "-f")
+NEXT = "PostgresPolicy, as a next chart version describes it"
 SERVICE_ACCOUNT = f"system:serviceaccount:{SYSTEM_NAMESPACE}:pgwarden"
 # RBAC does not depend on the PostgreSQL version: one server of the newest selected major (as test_rbac.py).
 PG_MAJOR = max(e2e_versions(), key=int)
@@ -108,6 +114,13 @@ def releases(plane: ControlPlane) -> str:
     return str(helm("list", "--all-namespaces", "--all", "-q", kubeconfig=plane.kubeconfig).stdout.strip())
 
 
+def crd_description(api: client.ApiClient) -> str | None:
+    """The description of the PostgresPolicy CRD's first version's schema, as stored."""
+    crd = as_dict(client.ApiextensionsV1Api(api).read_custom_resource_definition(CRD_NAMES[0]))
+    description = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].get("description")
+    return None if description is None else str(description)
+
+
 def can_i(plane: ControlPlane, verb: str, resource: str, namespace: str) -> bool:
     """`kubectl auth can-i` as the operator's ServiceAccount (impersonated by the admin)."""
     done = plane.kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={SERVICE_ACCOUNT}", check=False)
@@ -157,6 +170,32 @@ def test_install_creates_every_object_and_uninstall_removes_them_but_the_crds(
     for name in CRD_NAMES:
         assert crd_established(admin, name), f"{name} was removed: Helm must leave crds/ in place"
     assert releases(cluster) == ""
+
+
+def test_crds_upgrade_with_the_documented_command_not_with_helm_upgrade(
+    cluster: ControlPlane, admin: client.ApiClient, tmp_path: Path
+) -> None:
+    """Helm never upgrades crds/: `helm upgrade` with a changed CRD leaves the old one; the README's command
+    (kubectl apply --server-side of the chart's crds/, over the objects Helm created) installs the new one."""
+    chart = tmp_path / "pgwarden"
+    shutil.copytree(CHART, chart)
+    crd_file = chart / "crds" / "pgwarden.dev_postgrespolicies.yaml"
+    crd = yaml.safe_load(crd_file.read_text())
+    # A field Helm set at install, as a new version's schema changes them.
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert schema.get("description") != NEXT
+    schema["description"] = NEXT
+    crd_file.write_text(yaml.safe_dump(crd, sort_keys=False))
+    install(cluster)
+    try:
+        helm("upgrade", RELEASE, str(chart), "--namespace", SYSTEM_NAMESPACE, kubeconfig=cluster.kubeconfig)
+        assert crd_description(admin) != NEXT, "helm upgrade changed a CRD"
+        applied = cluster.kubectl(*CRD_UPGRADE, str(chart / "crds"), check=False)
+        assert applied.returncode == 0, applied.stderr
+        assert crd_description(admin) == NEXT
+        wait_for(partial(crd_established, admin, CRD_NAMES[0]), timeout=30, message="CRD Established")
+    finally:
+        uninstall(cluster)
 
 
 def test_install_for_chosen_namespaces_grants_there_only(
