@@ -151,7 +151,9 @@ def test_install_creates_every_object_and_uninstall_removes_them_but_the_crds(
     but the CRDs, which Helm never deletes."""
     expected = by_key(render())
     assert {k[0] for k in expected} >= {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service"}
-    install(cluster)
+    notes = install(cluster).stdout
+    # NOTES.txt tells users the CRD upgrade command test_crds_upgrade_... proves.
+    assert f"kubectl {' '.join(CRD_UPGRADE)} <new chart>/crds/" in notes, notes
     for object_key in expected:
         assert exists(cluster, object_key), object_key
     for name in CRD_NAMES:
