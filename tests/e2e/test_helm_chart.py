@@ -241,6 +241,8 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ("toleration-operator", {"tolerations": [{"key": "a", "operator": "Maybe"}]}, "/tolerations/0/operator"),
     ("affinity-unknown-key", {"affinity": {"nodeAffinty": {}}}, "nodeAffinty"),
     ("label-value-not-a-string", {"commonLabels": {"team": 7}}, "/commonLabels/team"),
+    ("label-key-with-space", {"commonLabels": {"my team": "dba"}}, "additional properties 'my team' not allowed"),
+    ("label-value-with-space", {"podLabels": {"team": "the dbas"}}, "/podLabels/team"),
 ]
 
 
