@@ -5,8 +5,10 @@
 # stamped as helm's own Makefile does, so `helm version` reports the pin. A rebuild happens only when the
 # pin changes (the cache key).
 #
-# Why Helm 3: it is what most clusters' tooling (CI images, GitOps controllers) still runs, and a chart of
-# apiVersion v2 that Helm 3 installs is one Helm 4 installs too; the reverse is not guaranteed.
+# Why Helm 3 (v3.22.0) rather than 4 (v4.3.1, also served): Helm 3 is what most clusters' tooling (CI
+# images, GitOps controllers) still runs, and Helm 4 still installs apiVersion v2 charts; testing with the
+# older major keeps the chart to what both take. PGWARDEN_HELM_VERSION may name another v3 release (the
+# ldflags below are Helm 3's package paths).
 #
 # Usage: hack/helm-build.sh            -> prints the directory holding the helm binary
 # Env:   PGWARDEN_HELM_VERSION (default v3.22.0),
