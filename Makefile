@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PGWARDEN_CACHE ?= /var/tmp/pgwarden-cache
 export PGWARDEN_CACHE
 
-.PHONY: help venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets crd \
+.PHONY: help venv test lint typecheck unit pytest devcluster devcluster-down demo lock bench clean assets crd chart-files \
 	cluster cluster-down cluster-status image cluster-test
 
 $(BIN)/pgwarden: pyproject.toml constraints.txt
@@ -22,19 +22,28 @@ $(BIN)/pgwarden: pyproject.toml constraints.txt
 venv: $(BIN)/pgwarden ## create .venv and install pgwarden with the test tools
 
 # PostgreSQL binaries and the control plane are fetched/built once and cached outside the checkout.
-assets: venv ## fetch/build PostgreSQL and control-plane binaries once (cached in the PGWARDEN_CACHE directory)
+assets: venv ## fetch/build PostgreSQL, control-plane and helm binaries once (cached in the PGWARDEN_CACHE directory)
 	@echo ">>> Debian packages the tests need (hack/test-deps.sh: only the missing ones)"
 	bash hack/test-deps.sh
 	@echo ">>> PostgreSQL binaries (every major the tiers run on: $${PGWARDEN_PG_VERSIONS:-14 15 16 17 18})"
 	$(BIN)/python -m tests.harness.pgbinaries
 	@echo ">>> control plane binaries (etcd, kube-apiserver, kubectl)"
 	$(BIN)/python -m tests.harness.controlplane_assets
+	@echo ">>> helm (hack/helm-build.sh: built from its Go module once)"
+	$(BIN)/python -m tests.harness.helm_assets
 
 # The CRD is generated from the model (operator/pgwarden/policy/model.py is its one source); run this after
 # changing the model. tests/unit/test_crd.py fails while the committed file is stale.
 # PYTHONPATH: generate from this checkout's model even when the venv was installed from another checkout.
-crd: venv ## regenerate manifests/crd/ from the pydantic model (its one source)
+crd: venv ## regenerate manifests/crd/ (and the Helm chart's copy) from the pydantic model (its one source)
 	PYTHONPATH=$(CURDIR)/operator $(BIN)/python -m pgwarden.policy.crd manifests/crd/pgwarden.dev_postgrespolicies.yaml
+	$(MAKE) --no-print-directory chart-files
+
+# The Helm chart carries copies of the CRD files (Helm installs crds/ from inside the chart; it loads symlinks
+# but warns about each on every command). tests/unit/test_helm_files.py fails while a copy differs.
+CHART_CRDS := manifests/helm/pgwarden/crds
+chart-files: ## copy the files the Helm chart shares with manifests/ into it
+	cp manifests/crd/pgwarden.dev_postgrespolicies.yaml manifests/peering/clusterkopfpeerings.kopf.dev.yaml $(CHART_CRDS)/
 
 lint: venv ## ruff, hadolint and the import-linter layer contracts
 	@echo ">>> ruff"
