@@ -59,7 +59,7 @@ from pgwarden.engine.connection import parse_dsn  # noqa: E402
 from pgwarden.engine.session import EngineTarget  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
 from pgwarden.policy import parse_spec  # noqa: E402
-from pgwarden.policy.api import GROUP, PLURAL, VERSION  # noqa: E402
+from pgwarden.policy.api import CREDENTIALS_LABEL, GROUP, PLURAL, VERSION  # noqa: E402
 from pgwarden.settings import DEFAULTS  # noqa: E402
 from tests.fixtures.operator import apply_crds  # noqa: E402
 from tests.harness.controlplane import ControlPlane  # noqa: E402
@@ -99,7 +99,7 @@ def prepare(server: PgServer) -> None:
 
 def operator_connections(servers: list[PgServer]) -> int:
     return sum(
-        int(s.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'")[0][0])
+        int(s.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgwarden%'")[0][0])
         for s in servers
     )
 
@@ -192,7 +192,7 @@ def create_secret(api: client.ApiClient, namespace: str) -> None:
         "username": base64.b64encode(USER.encode()).decode(),
         "password": base64.b64encode(PASSWORD.encode()).decode(),
     }
-    body = {"metadata": {"name": SECRET}, "data": data}
+    body = {"metadata": {"name": SECRET, "labels": {CREDENTIALS_LABEL: "true"}}, "data": data}
     client.CoreV1Api(api).create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
 
 

@@ -417,10 +417,12 @@ class PolicyWorker:
 
         wait_for_work wakes when *every* evaluation in flight has landed, not at each one: one step then
         harvests a whole pass and writes the status once. An evaluation in flight cannot make its target due
-        sooner than wake_floor after its pass began, so waking then (to harvest and schedule the others while a
-        slow target still runs) loses no deadline; after that, the slow one landing wakes the loop.
+        sooner than min_delay after its pass began, except for a crossing it saw: waking then (to harvest and
+        schedule the others while a slow target still runs) keeps a pass whole, so it is one status write, at
+        the cost of up to min_delay for a crossing seen by a target whose pass-mate is slow; after that, the
+        slow one landing wakes the loop. Targets not in flight wake the loop at their own due time.
         """
-        min_delay, idle_poll = self.settings.wake_floor, self.settings.idle_poll
+        min_delay, idle_poll = self.settings.min_delay, self.settings.idle_poll
         wakes = [max(s.next_due, s.held_until) for s in self.states.values() if s.task is None]
         wakes += [b.started + min_delay for s in self.states.values() if (b := s.batch) and b.started + min_delay > now]
         if not wakes:
