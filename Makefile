@@ -22,13 +22,15 @@ $(BIN)/pgwarden: pyproject.toml constraints.txt
 venv: $(BIN)/pgwarden ## create .venv and install pgwarden with the test tools
 
 # PostgreSQL binaries and the control plane are fetched/built once and cached outside the checkout.
-assets: venv ## fetch/build PostgreSQL and control-plane binaries once (cached in the PGWARDEN_CACHE directory)
+assets: venv ## fetch/build PostgreSQL, control-plane and Prometheus binaries once (cached in the PGWARDEN_CACHE directory)
 	@echo ">>> Debian packages the tests need (hack/test-deps.sh: only the missing ones)"
 	bash hack/test-deps.sh
 	@echo ">>> PostgreSQL binaries (every major the tiers run on: $${PGWARDEN_PG_VERSIONS:-14 15 16 17 18})"
 	$(BIN)/python -m tests.harness.pgbinaries
 	@echo ">>> control plane binaries (etcd, kube-apiserver, kubectl)"
 	$(BIN)/python -m tests.harness.controlplane_assets
+	@echo ">>> prometheus and promtool (the alert rules and the dashboard are tested with them)"
+	$(BIN)/python -m tests.harness.prometheus
 
 # The CRD is generated from the model (operator/pgwarden/policy/model.py is its one source); run this after
 # changing the model. tests/unit/test_crd.py fails while the committed file is stale.
