@@ -22,6 +22,16 @@ if [[ -x "$BIN/kube-apiserver" && -x "$BIN/etcd" && -x "$BIN/kubectl" ]]; then
   exit 0
 fi
 
+# One build at a time: `make test` starts the builds in the background while the first tiers run, and a
+# test that needs these binaries meanwhile waits here for that build instead of starting a second one.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.controlplane-build.lock"
+flock 9
+if [[ -x "$BIN/kube-apiserver" && -x "$BIN/etcd" && -x "$BIN/kubectl" ]]; then
+  echo "$BIN"
+  exit 0
+fi
+
 mkdir -p "$BIN" "$OUT/src"
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 minor_patch="${K8S#v1.}"           # e.g. 37.2

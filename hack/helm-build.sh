@@ -26,6 +26,16 @@ if [[ -x "$BIN/helm" ]]; then
   exit 0
 fi
 
+# One build at a time: `make test` starts the builds in the background while the first tiers run, and a
+# test that needs these binaries meanwhile waits here for that build instead of starting a second one.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.helm-build.lock"
+flock 9
+if [[ -x "$BIN/helm" ]]; then
+  echo "$BIN"
+  exit 0
+fi
+
 mkdir -p "$BIN"
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 module="helm.sh/helm/${HELM%%.*}" # helm.sh/helm/v3

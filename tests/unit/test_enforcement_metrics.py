@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 from pgwarden.enforcement import metrics
 from pgwarden.engine.autovacuum_plan import AutovacuumReport
@@ -101,8 +102,13 @@ def test_a_gone_pod_and_a_gone_policy_leave_no_series_behind() -> None:
         for pod in ("db-0", "db-1"):
             metrics.record_cycle(namespace, policy, pod, cycle_report(action(7), skipped=skipped), 0.1)
             metrics.record_error(namespace, policy, pod)
+            metrics.record_cycle(namespace, policy, pod, cycle_report(missing_privileges=("pg_signal_backend",)), 0.1)
         metrics.record_pass(namespace, policy, 2, 0.2)
         metrics.TARGETS.labels(namespace, policy).set(2)
+        metrics.record_interval(namespace, policy, 30.0)
+        metrics.record_ready(namespace, policy, False)
+    per_target = {m._name for m in metrics._PER_TARGET}
+    assert per_target <= {name for name, labels in _series_of(namespace) if labels[1:3] == ("p", "db-1")}
     metrics.forget_target(namespace, "p", "db-1")
     assert not [s for s in _series_of(namespace) if "db-1" in s[1] and s[1][1] == "p"]
     assert _value("pgwarden_target_errors_total", {"namespace": namespace, "policy": "p", "pod": "db-0"}) == 1
@@ -114,3 +120,60 @@ def test_a_gone_pod_and_a_gone_policy_leave_no_series_behind() -> None:
     metrics.forget_policy(namespace, "q")
     assert _series_of(namespace) == []
     assert not [k for k in metrics._backends_seen if k[0] == namespace]
+    assert not [k for k in metrics._states_seen if k[0] == namespace]
+
+
+def test_client_states_are_gauged_per_target_and_a_state_gone_drops_to_zero() -> None:
+    ns = _namespace()
+
+    def sessions(state: str) -> float | None:
+        return _value("pgwarden_client_sessions", {"namespace": ns, "policy": "p", "pod": "db-0", "state": state})
+
+    report = cycle_report()
+    report.client_states = {"idle": 2, "active": 1, "idle in transaction": 4}
+    metrics.record_cycle(ns, "p", "db-0", report, 0.01)
+    assert (sessions("idle"), sessions("active"), sessions("idle in transaction")) == (2, 1, 4)
+    report.client_states = {"idle": 1}
+    metrics.record_cycle(ns, "p", "db-0", report, 0.01)
+    assert (sessions("idle"), sessions("active"), sessions("idle in transaction")) == (1, 0, 0)
+
+
+def test_a_target_is_up_with_its_last_success_time_until_a_cycle_fails() -> None:
+    ns = _namespace()
+    labels = {"namespace": ns, "policy": "p", "pod": "db-0"}
+    before = time.time()
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(), 0.01)
+    success = _value("pgwarden_last_success_timestamp_seconds", labels)
+    assert success is not None
+    assert before <= success <= time.time()
+    assert _value("pgwarden_target_up", labels) == 1
+    metrics.record_error(ns, "p", "db-0")
+    assert _value("pgwarden_target_up", labels) == 0
+    # An interrupted cycle counts its signals, but neither brings the target up nor moves its last success.
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(action(1)), 0.01, completed=False)
+    assert _value("pgwarden_target_up", labels) == 0
+    assert _value("pgwarden_last_success_timestamp_seconds", labels) == success
+    acted = {"namespace": ns, "policy": "p", "rule": "idle", "action": "terminate", "mode": "enforce"}
+    assert _value("pgwarden_actions_total", acted) == 1
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(), 0.01)
+    assert _value("pgwarden_target_up", labels) == 1
+
+
+def test_missing_privileges_are_counted_per_target_and_clear_when_granted() -> None:
+    ns = _namespace()
+    labels = {"namespace": ns, "policy": "p", "pod": "db-0"}
+    missing = ("pg_read_all_stats", "pg_signal_backend")
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(missing_privileges=missing), 0.01)
+    assert _value("pgwarden_missing_privileges", labels) == 2
+    metrics.record_cycle(ns, "p", "db-0", cycle_report(), 0.01)
+    assert _value("pgwarden_missing_privileges", labels) == 0
+
+
+def test_policy_interval_and_readiness_are_gauged() -> None:
+    ns = _namespace()
+    labels = {"namespace": ns, "policy": "p"}
+    metrics.record_interval(ns, "p", 15.0)
+    metrics.record_ready(ns, "p", True)
+    assert (_value("pgwarden_policy_interval_seconds", labels), _value("pgwarden_policy_ready", labels)) == (15, 1)
+    metrics.record_ready(ns, "p", False)
+    assert _value("pgwarden_policy_ready", labels) == 0

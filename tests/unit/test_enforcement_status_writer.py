@@ -7,6 +7,7 @@ import copy
 import random
 from typing import Any
 
+from pgwarden.enforcement import metrics
 from pgwarden.enforcement.kube import StatusConflict, StatusRejected
 from pgwarden.enforcement.status import TargetUpdate, status_size
 from pgwarden.enforcement.status_writer import StatusWriter
@@ -181,3 +182,15 @@ async def test_a_status_refused_even_compact_is_logged_and_never_raised() -> Non
     assert policies.refused == 2  # the status, then its compact form
     assert policies.writes == []
     assert await _record(StatusWriter(FakePolicies()), _update(8))  # an ordinary API server is written to
+
+
+async def test_the_ready_gauge_follows_the_status_ready_condition() -> None:
+    """pgwarden_policy_ready (alert PgwardenPolicyNotReady) is the Ready condition the status carries."""
+    policies = FakePolicies()
+    writer = StatusWriter(policies)
+    labels = {"namespace": "ns", "policy": "p"}
+    failing = TargetUpdate("db-0", "127.0.0.2", EnforcerKind.CONTROLLER, error="connection refused")
+    assert await _record(writer, failing)
+    assert metrics.REGISTRY.get_sample_value("pgwarden_policy_ready", labels) == 0
+    assert await _record(writer, _update())
+    assert metrics.REGISTRY.get_sample_value("pgwarden_policy_ready", labels) == 1

@@ -434,6 +434,30 @@ async def test_an_interrupted_cycle_still_reports_what_postgresql_accepted(
     assert h.worker.states["db-0"].failures == 1
 
 
+async def test_the_target_is_up_after_a_completed_cycle_and_down_after_an_interrupted_one(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """pgwarden_target_up and the last success time (alerts PgwardenTargetFailing, PgwardenEnforcementStalled)
+    move with completed cycles only; the policy's interval is exported for the stall alert's threshold."""
+    h = make_harness()
+    labels = {"namespace": h.worker.namespace, "policy": "p", "pod": "db-0"}
+    await h.step([DB0])
+    await h.settle()
+    assert metrics.REGISTRY.get_sample_value("pgwarden_target_up", labels) == 1
+    success = metrics.REGISTRY.get_sample_value("pgwarden_last_success_timestamp_seconds", labels)
+    assert success is not None
+    interval = {"namespace": h.worker.namespace, "policy": "p"}
+    assert metrics.REGISTRY.get_sample_value("pgwarden_policy_interval_seconds", interval) == INTERVAL
+    h.engine.outcomes["127.0.0.2"] = CycleInterrupted("connection lost while signalling", cycle_report(action(41)))
+    await h.step([DB0])  # harvests the pass
+    h.clock.now += 2 * INTERVAL
+    await h.step([DB0])  # due again: the interrupted cycle
+    await h.settle()
+    assert h.engine.evaluated == ["127.0.0.2", "127.0.0.2"]
+    assert metrics.REGISTRY.get_sample_value("pgwarden_target_up", labels) == 0
+    assert metrics.REGISTRY.get_sample_value("pgwarden_last_success_timestamp_seconds", labels) == success
+
+
 async def test_the_endpoint_carries_the_policys_require_auth(make_harness: Callable[..., Harness]) -> None:
     """spec.connection.requireAuth reaches the engine (the weakest method the password is given to)."""
     h = make_harness()

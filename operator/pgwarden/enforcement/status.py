@@ -337,6 +337,14 @@ def _compact_entry(entry: Mapping[str, Any], actions: int | None, error_chars: i
     return out
 
 
+def is_ready(status: Mapping[str, Any]) -> bool:
+    """Whether a status's Ready condition is True (pgwarden_policy_ready; alerts fire on it being 0)."""
+    for condition in status.get("conditions") or []:
+        if isinstance(condition, Mapping) and condition.get("type") == ConditionType.READY:
+            return condition.get("status") == "True"
+    return False
+
+
 def _conditions(
     active: list[dict[str, Any]], failing: list[dict[str, Any]], override: PolicyCondition | None
 ) -> list[PolicyCondition]:

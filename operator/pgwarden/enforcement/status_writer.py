@@ -17,12 +17,14 @@ from typing import Any, Protocol
 
 import structlog
 
+from pgwarden.enforcement import metrics
 from pgwarden.enforcement.kube import StatusConflict, StatusRejected
 from pgwarden.enforcement.status import (
     PolicyCondition,
     TargetUpdate,
     compact_status,
     differs,
+    is_ready,
     last_write,
     next_status,
 )
@@ -112,6 +114,7 @@ class StatusWriter:
                 carried_totals=carried_totals,
                 write=write,
             )
+            metrics.record_ready(namespace, name, is_ready(new))
             stale = time.monotonic() - self._last_write.get(key, 0.0) >= self.heartbeat
             if not differs(current, new) and not (stale and updates):
                 return False

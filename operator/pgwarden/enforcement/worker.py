@@ -175,6 +175,7 @@ class PolicyWorker:
         if spec is None:
             return self.settings.invalid_spec_poll
         self._note_generation(generation)
+        metrics.record_interval(self.namespace, self.name, spec.interval.total_seconds())
         pods = list(pods)
         ours, skipped = self._choose_targets(spec, pods)
         self._counterpart_seen.update(p.name for p in skipped)
@@ -489,7 +490,7 @@ class PolicyWorker:
                     )
         except CycleInterrupted as exc:  # failed part way: what PostgreSQL accepted until then is still reported
             await self._failed(state, interval, exc)
-            self._report_actions(pod, exc.report, self.clock() - started)
+            self._report_actions(pod, exc.report, self.clock() - started, completed=False)
             self._note_privileges(state, exc.report)
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, report=exc.report, error=str(exc)[:1000])
         except Exception as exc:  # every engine failure is a per-target report, never a crash
@@ -564,9 +565,9 @@ class PolicyWorker:
         metrics.record_error(self.namespace, self.name, state.pod.name)
         log.warning("target failed", policy=self.name, namespace=self.namespace, pod=state.pod.name, error=str(exc))
 
-    def _report_actions(self, pod: PodInfo, report: CycleReport, seconds: float) -> None:
+    def _report_actions(self, pod: PodInfo, report: CycleReport, seconds: float, *, completed: bool = True) -> None:
         """Metrics and Events for what a cycle did (complete or interrupted): every accepted signal counts."""
-        metrics.record_cycle(self.namespace, self.name, pod.name, report, seconds)
+        metrics.record_cycle(self.namespace, self.name, pod.name, report, seconds, completed=completed)
         for event in events_for_cycle(pod.name, report, max_pids=self.settings.event_max_pids):
             self.post_event(event)
 
