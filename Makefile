@@ -46,6 +46,7 @@ crd: venv ## regenerate manifests/crd/ (and the Helm chart's copy) from the pyda
 CHART_CRDS := manifests/helm/pgwarden/crds
 chart-files: ## copy the files the Helm chart shares with manifests/ into it
 	cp manifests/crd/pgwarden.dev_postgrespolicies.yaml manifests/peering/clusterkopfpeerings.kopf.dev.yaml $(CHART_CRDS)/
+	cp manifests/monitoring/prometheusrule.yaml manifests/helm/pgwarden/files/
 
 lint: venv ## ruff, hadolint and the import-linter layer contracts
 	@echo ">>> ruff"

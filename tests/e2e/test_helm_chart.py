@@ -263,11 +263,13 @@ def test_same_port_twice_is_refused_by_the_chart(tmp_path: Path) -> None:
     assert "ports.metrics and ports.health must differ" in done.stderr, done.stderr
 
 
-def test_prometheus_rule_off_renders_nothing_and_on_needs_its_rules(tmp_path: Path) -> None:
-    """Off (the default): no PrometheusRule. On without the rules file the chart links from manifests/monitoring:
-    a clear refusal rather than an empty PrometheusRule."""
+def test_prometheus_rule_off_renders_nothing_and_on_renders_the_monitoring_rules(tmp_path: Path) -> None:
+    """Off (the default): no PrometheusRule. On: manifests/monitoring's rules, in the release's namespace, with
+    the chart's labels and the extra ones asked for."""
     assert not [d for d in render() if d["kind"] == "PrometheusRule"]
-    assert not (CHART / "files" / "prometheusrule.yaml").exists(), "rules linked: test that they render instead"
-    done = template("-f", str(values_file({"prometheusRule": {"enabled": True}}, tmp_path)), check=False)
-    assert done.returncode != 0
-    assert "ships no alerting rules" in done.stderr, done.stderr
+    values = {"prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}}}
+    (rule,) = [d for d in render("-f", str(values_file(values, tmp_path))) if d["kind"] == "PrometheusRule"]
+    (source,) = documents(MANIFESTS / "monitoring" / "prometheusrule.yaml")
+    assert rule["spec"] == source["spec"]
+    assert rule["metadata"]["namespace"] == SYSTEM_NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus"

@@ -30,6 +30,12 @@ def test_chart_crd_is_the_kustomize_file(source: Path) -> None:
     assert copy.read_bytes() == source.read_bytes(), f"{copy} differs from {source}: run `make chart-files`"
 
 
+def test_chart_rules_are_the_monitoring_file() -> None:
+    """The PrometheusRule the chart renders (prometheusRule.enabled) is manifests/monitoring's, copied."""
+    source, copy = MANIFESTS / "monitoring" / "prometheusrule.yaml", CHART_CRDS.parent / "files" / "prometheusrule.yaml"
+    assert copy.read_bytes() == source.read_bytes(), f"{copy} differs from {source}: run `make chart-files`"
+
+
 def test_chart_has_no_other_crd() -> None:
     """A CRD only in the chart would be one kustomize users never get."""
     assert sorted(p.name for p in CHART_CRDS.iterdir()) == sorted(p.name for p in SOURCES)
