@@ -1,0 +1,229 @@
+"""A policy's openreports `Report`, computed from the enforcement loop's outcomes: pure functions, no API calls.
+
+One namespaced Report per policy (same name, owned by it), one result per rule and pod: `fail` when the
+rule's last evaluation on that pod acted on sessions (or would have, in dry run), `warn` when it chose
+sessions but left them all alone, `pass` when it matched nothing; one `error` result for a pod that could
+not be evaluated, and one `skip` result for a pod its sidecar enforces. Results are the *last* evaluation's
+verdict, like the policy's status, so a reaped session shows as `fail` until the next quiet evaluation.
+
+The writer (report_queue.py) writes only when `differs` says the content changed: timestamps say when a
+result last changed, so a quiet cluster sees no write at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, privilege_error
+from pgwarden.engine.report import CycleReport
+from pgwarden.policy.api import (
+    API_VERSION,
+    KIND,
+    REPORT_KIND,
+    REPORT_POLICY_LABEL,
+    REPORT_SOURCE,
+    REPORTS_API_VERSION,
+    ReportResult,
+)
+from pgwarden.policy.model import PolicySpec, SessionAction
+
+MAX_MESSAGE_CHARS = 1000
+"""A result's message is cut to this (server errors can be long; the log and status have them)."""
+MAX_PIDS = 20
+"""Process ids listed in one result's message at most (the rest are counted)."""
+SUMMARY_KEYS = tuple(r.value for r in ReportResult)
+MANAGED_BY = {"app.kubernetes.io/managed-by": REPORT_SOURCE}
+
+
+def rule_names(spec: PolicySpec) -> list[str]:
+    """The rules a Report has a result for on each pod: session rules, then connection limits, as written."""
+    return [rule.name for rule in spec.sessions] + [limit.name for limit in spec.connection_limits]
+
+
+@dataclass
+class ReportState:
+    """The latest outcome per pod, folded from what the loop hands to its status sink step by step."""
+
+    outcomes: dict[str, TargetUpdate] = field(default_factory=dict)
+    policy_error: str | None = None
+    """Why nothing could be evaluated at all (an invalid spec): reported when no pod is."""
+
+    def apply(self, updates: Iterable[TargetUpdate], owned: Iterable[str], condition: PolicyCondition | None) -> None:
+        """Fold one step in. Pods neither owned nor named as skipped in this step are gone from the policy.
+
+        A condition with status False (credentials unusable, spec invalid) means no owned pod was evaluated:
+        each becomes an `error` with the condition's message until an evaluation says otherwise.
+        """
+        updates = list(updates)
+        keep = set(owned) | {u.pod for u in updates if u.skipped_reason}
+        self.outcomes = {pod: outcome for pod, outcome in self.outcomes.items() if pod in keep}
+        for update in updates:
+            if update.report is not None or update.error or update.skipped_reason:
+                self.outcomes[update.pod] = update  # released/writing records alone say nothing about rules
+        self.policy_error = None
+        if condition is not None and condition.status == "False":
+            self.policy_error = condition.message
+            for pod in owned:
+                self.outcomes[pod] = TargetUpdate(pod, None, "", error=condition.message)
+
+
+def report_body(
+    namespace: str,
+    policy: Mapping[str, Any],
+    rules: list[str],
+    state: ReportState,
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole Report for `policy` (its body: metadata.name and uid are read). Results that say what
+    `previous` already said keep its timestamp, so `differs` sees no change on a quiet cluster."""
+    meta = policy.get("metadata") or {}
+    name = str(meta.get("name"))
+    kept = _timestamps(previous)
+    results = [
+        _stamped(result, kept)
+        for pod in sorted(state.outcomes)
+        for result in _pod_results(namespace, name, rules, state.outcomes[pod])
+    ]
+    if not state.outcomes and state.policy_error:
+        results.append(_stamped(_result(name, None, ReportResult.ERROR, state.policy_error, None, ""), kept))
+    owner = {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": meta.get("uid"), "controller": True}
+    return {
+        "apiVersion": REPORTS_API_VERSION,
+        "kind": REPORT_KIND,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**MANAGED_BY, REPORT_POLICY_LABEL: name},
+            # Garbage collection removes the Report with its policy; blockOwnerDeletion would need update
+            # rights on the policy's finalizers, and nothing needs the Report gone first.
+            "ownerReferences": [{k: v for k, v in owner.items() if v is not None}],
+        },
+        "source": REPORT_SOURCE,
+        "summary": summary(results),
+        "results": results,
+    }
+
+
+def summary(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Counts of results by verdict, every key present (the CRD's printer columns read them)."""
+    counts = Counter(str(r.get("result")) for r in results)
+    return {key: counts.get(key, 0) for key in SUMMARY_KEYS}
+
+
+def differs(written: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> bool:
+    """Whether `wanted` says something `written` (the Report as last written or read) does not."""
+    if written is None:
+        return True
+    return _content(written) != _content(wanted)
+
+
+def _content(report: Mapping[str, Any]) -> tuple[Any, ...]:
+    meta = report.get("metadata") or {}
+    return (
+        report.get("source"),
+        report.get("summary"),
+        report.get("results") or [],
+        meta.get("labels") or {},
+        meta.get("ownerReferences") or [],
+    )
+
+
+def _pod_results(namespace: str, policy: str, rules: list[str], outcome: TargetUpdate) -> list[dict[str, Any]]:
+    resource = {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": outcome.pod}
+    if outcome.skipped_reason:
+        return [_result(policy, None, ReportResult.SKIP, outcome.skipped_reason, resource, outcome.when)]
+    error = outcome.error or privilege_error(outcome.report)
+    if error or outcome.report is None:
+        message = error or "not evaluated"
+        return [_result(policy, None, ReportResult.ERROR, message, resource, outcome.when)]
+    return [_rule_result(policy, rule, outcome.report, resource, outcome.when) for rule in rules]
+
+
+def _rule_result(policy: str, rule: str, report: CycleReport, resource: dict[str, Any], when: str) -> dict[str, Any]:
+    """One rule's verdict on one pod from its last cycle."""
+    actions = [a for a in report.actions if a.rule == rule]
+    skipped = [s for s in report.skipped if s.rule == rule]
+    mode = report.enforcement_action.value
+    if actions:
+        verbs = Counter(a.action for a in actions)
+        text = ", ".join(f"{_verb(kind, report.dry_run)} {count}" for kind, count in sorted(verbs.items()))
+        message = f"{text} session(s): pid {_pids(a.pid for a in actions)}"
+        if skipped:
+            message += f"; {len(skipped)} more left alone ({_reasons(skipped)})"
+        props = {"enforcementAction": mode, "sessions": str(len(actions)), "skipped": str(len(skipped))}
+        return _result(policy, rule, ReportResult.FAIL, message, resource, when, props)
+    if skipped:
+        pids = _pids(s.pid for s in skipped)
+        message = f"{len(skipped)} session(s) chosen but left alone ({_reasons(skipped)}): pid {pids}"
+        props = {"enforcementAction": mode, "sessions": "0", "skipped": str(len(skipped))}
+        return _result(policy, rule, ReportResult.WARN, message, resource, when, props)
+    props = {"enforcementAction": mode, "sessions": "0", "skipped": "0"}
+    return _result(policy, rule, ReportResult.PASS, "no session matched", resource, when, props)
+
+
+def _verb(action: str, dry_run: bool) -> str:
+    past: dict[str, str] = {SessionAction.TERMINATE: "terminated", SessionAction.CANCEL: "cancelled"}
+    return f"would {action}" if dry_run else past.get(action, action)
+
+
+def _pids(pids: Iterable[int]) -> str:
+    listed = sorted(pids)
+    more = len(listed) - MAX_PIDS
+    return ", ".join(str(p) for p in listed[:MAX_PIDS]) + (f" and {more} more" if more > 0 else "")
+
+
+def _reasons(skipped: Iterable[Any]) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in sorted(Counter(s.reason for s in skipped).items()))
+
+
+def _result(
+    policy: str,
+    rule: str | None,
+    verdict: ReportResult,
+    message: str,
+    resource: dict[str, Any] | None,
+    when: str,
+    properties: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"source": REPORT_SOURCE, "policy": policy}
+    if rule is not None:
+        result["rule"] = rule
+    result["result"] = verdict.value
+    result["message"] = message[:MAX_MESSAGE_CHARS]
+    if properties:
+        result["properties"] = properties
+    if resource is not None:
+        result["resources"] = [resource]
+    result["timestamp"] = _timestamp(when)
+    return result
+
+
+def _key(result: Mapping[str, Any]) -> str:
+    """A result without its timestamp: what it says. Key order ignored: the API server returns objects with
+    their keys in its own order, and a result read back must match the one built."""
+    return json.dumps({k: v for k, v in result.items() if k != "timestamp"}, sort_keys=True)
+
+
+def _timestamps(previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    results = (previous or {}).get("results") or []
+    return {_key(r): r["timestamp"] for r in results if isinstance(r, Mapping) and "timestamp" in r}
+
+
+def _stamped(result: dict[str, Any], kept: Mapping[str, Any]) -> dict[str, Any]:
+    """The result with the earlier timestamp when it says the same as before: it has not changed since."""
+    earlier = kept.get(_key(result))
+    return result if earlier is None else {**result, "timestamp": earlier}
+
+
+def _timestamp(when: str) -> dict[str, int]:
+    """The openreports timestamp (seconds and nanos since the epoch) of an RFC 3339 time; now if unparsable."""
+    try:
+        seconds = int(datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        seconds = int(datetime.now().timestamp())
+    return {"seconds": seconds, "nanos": 0}
