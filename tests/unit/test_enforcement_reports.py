@@ -201,12 +201,19 @@ class FakeReports:
     async def put(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         await self.open.wait()
         self.puts += 1
-        self.objects[(namespace, body["metadata"]["name"])] = copy.deepcopy(body)
-        return copy.deepcopy(body)
+        key = (namespace, body["metadata"]["name"])
+        uid = self.objects.get(key, {}).get("metadata", {}).get("uid") or f"uid-{self.puts}"
+        self.objects[key] = copy.deepcopy(body)
+        self.objects[key]["metadata"]["uid"] = uid
+        return copy.deepcopy(self.objects[key])
 
-    async def delete(self, namespace: str, name: str) -> bool:
+    async def delete(self, namespace: str, name: str, uid: str) -> bool:
         await self.open.wait()
-        return self.objects.pop((namespace, name), None) is not None
+        found = self.objects.get((namespace, name))
+        if found is None or found["metadata"]["uid"] != uid:
+            return False
+        del self.objects[(namespace, name)]
+        return True
 
 
 FAST = dataclasses.replace(DEFAULTS, min_delay=0.02, status_retry_max=0.05, api_timeout=0.2)
@@ -271,4 +278,26 @@ async def test_delete_removes_the_report() -> None:
     await reports.submit([update("db-0", cycle_report())], ["db-0"], None, False)
     await wait_for_async(lambda: store.puts == 1, within=5, message="the Report")
     await reports.delete()
+    assert store.objects == {}
+
+
+async def test_a_report_of_the_same_name_that_is_not_pgwarden_s_is_neither_overwritten_nor_deleted() -> None:
+    store = FakeReports()
+    theirs = {"metadata": {"name": "reaper", "namespace": NS, "uid": "theirs"}, "results": [], "source": "kyverno"}
+    store.objects[(NS, "reaper")] = copy.deepcopy(theirs)
+    reports = queue(store)
+    await reports.submit([update("db-0", cycle_report(action(1)))], ["db-0"], None, False)
+    await wait_for_async(lambda: reports.foreign, within=5, message="the Report read and found foreign")
+    await reports.delete()
+    assert store.objects[(NS, "reaper")] == theirs
+    assert store.puts == 0
+
+
+async def test_delete_reads_an_earlier_process_report_it_never_wrote() -> None:
+    store = FakeReports()
+    first = queue(store)
+    await first.submit([update("db-0", cycle_report())], ["db-0"], None, False)
+    await wait_for_async(lambda: store.puts == 1, within=5, message="the Report")
+    await first.close()
+    await queue(store).delete()  # a new process, deleted before its first write: still removes it
     assert store.objects == {}

@@ -336,8 +336,9 @@ class ReportApi:
             )
         return cast(dict[str, Any], obj)
 
-    async def delete(self, namespace: str, name: str) -> bool:
-        """Delete the Report; False if there was none."""
+    async def delete(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete the Report if it is still the object `uid` (the one pgwarden wrote, not one created under
+        the same name since); False if there was none (or another object holds the name: 409)."""
         try:
             await asyncio.to_thread(
                 self._custom.delete_namespaced_custom_object,
@@ -346,10 +347,11 @@ class ReportApi:
                 namespace,
                 REPORTS_PLURAL,
                 name,
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)),
                 _request_timeout=self._timeout,
             )
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in (404, 409):
                 return False
             raise
         return True

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from pgwarden.enforcement.reports import ReportState, differs, report_body, rule_names
+from pgwarden.enforcement.reports import ReportState, differs, ours, report_body, rule_names
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.policy import PolicyError, parse_spec
 from pgwarden.settings import DEFAULTS, Settings
@@ -34,8 +34,8 @@ class ReportStore(Protocol):
     async def put(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create or update the Report; returns it as stored."""
 
-    async def delete(self, namespace: str, name: str) -> bool:
-        """Delete the Report; False if there was none."""
+    async def delete(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete the Report if it is still the object `uid`; False if there was none."""
 
 
 @dataclass
@@ -53,6 +53,8 @@ class ReportQueue:
     failures: int = 0
     _written: Mapping[str, Any] | None = None  # what the Report holds, as last written or read
     _read: bool = False  # whether an earlier process's Report has been read
+    foreign: bool = False
+    """A Report of that name exists and is not pgwarden's: it is left alone (neither written nor deleted)."""
     _rules: tuple[int | None, list[str]] | None = None  # (generation, its rule names)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -77,12 +79,16 @@ class ReportQueue:
             await asyncio.gather(task, return_exceptions=True)
 
     async def delete(self) -> None:
-        """Remove the Report (the policy is gone); bounded, and never raises: garbage collection of the
-        owner reference removes it anyway where a controller manager runs."""
+        """Remove the Report (the policy is gone), if it is pgwarden's; bounded, and never raises: garbage
+        collection of the owner reference removes it anyway where a controller manager runs."""
         await self.close()
         try:
             async with asyncio.timeout(self.settings.api_timeout * 2):
-                deleted = await self.store.delete(self.namespace, self.name)
+                existing = self._written if self._read else await self.store.get(self.namespace, self.name)
+                uid = (existing or {}).get("metadata", {}).get("uid")
+                if existing is None or not ours(existing) or not uid:
+                    return
+                deleted = await self.store.delete(self.namespace, self.name, str(uid))
             log.info("policy report deleted", policy=self.name, namespace=self.namespace, existed=deleted)
         except Exception as exc:
             log.warning("policy report not deleted", policy=self.name, namespace=self.namespace, error=str(exc)[:300])
@@ -115,6 +121,15 @@ class ReportQueue:
         if not self._read:
             self._written = await self.store.get(self.namespace, self.name)
             self._read = True
+            if self._written is not None and not ours(self._written):
+                self.foreign = True
+                log.warning(
+                    "a Report of the policy's name is not pgwarden's; no policy report written",
+                    policy=self.name,
+                    namespace=self.namespace,
+                )
+        if self.foreign:
+            return
         policy = self.latest()
         wanted = report_body(self.namespace, policy, self._rule_names(policy), self.state, self._written)
         if not differs(self._written, wanted):

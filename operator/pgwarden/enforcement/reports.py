@@ -115,6 +115,13 @@ def summary(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return {key: counts.get(key, 0) for key in SUMMARY_KEYS}
 
 
+def ours(report: Mapping[str, Any]) -> bool:
+    """Whether a Report found under the policy's name is pgwarden's (its label), not another tool's or a
+    person's that pgwarden must neither overwrite nor delete."""
+    labels = (report.get("metadata") or {}).get("labels") or {}
+    return bool(labels.get("app.kubernetes.io/managed-by") == REPORT_SOURCE)
+
+
 def differs(written: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> bool:
     """Whether `wanted` says something `written` (the Report as last written or read) does not."""
     if written is None:
