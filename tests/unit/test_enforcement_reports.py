@@ -10,10 +10,11 @@ import asyncio
 import copy
 import dataclasses
 import json
+from collections import Counter
 from typing import Any
 
 from pgwarden.enforcement.report_queue import ReportQueue
-from pgwarden.enforcement.reports import ReportState, differs, report_body, rule_names
+from pgwarden.enforcement.reports import MAX_REPORT_BYTES, ReportState, differs, report_body, rule_names
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.engine.report import CycleReport, SkipRecord
 from pgwarden.policy import parse_spec
@@ -21,6 +22,7 @@ from pgwarden.policy.api import (
     API_VERSION,
     KIND,
     REPORT_KIND,
+    REPORT_OMITTED_ANNOTATION,
     REPORT_SOURCE,
     REPORTS_API_VERSION,
     ConditionReason,
@@ -176,6 +178,26 @@ def test_quiet_cycles_change_nothing_a_new_verdict_does_and_keeps_unchanged_time
     by = results_by(changed)
     assert by[("db-0", "idle")]["timestamp"]["seconds"] == EPOCH + 300  # changed: when it changed
     assert by[("db-1", "idle")]["timestamp"]["seconds"] == EPOCH  # unchanged: since when it holds
+
+
+def test_a_report_too_large_leaves_passes_out_first_and_counts_everything() -> None:
+    """200 pods x 10 rules is ~650 KB of results: over MAX_REPORT_BYTES, so passes go, fails and errors stay."""
+    many = [f"rule-{i}" for i in range(10)]
+    state = ReportState()
+    acted = {i: action(1000 + i, rule="rule-3") for i in range(0, 199, 50)}  # 4 pods where rule-3 acted
+    updates = [update(f"db-{i:03}", cycle_report(*([acted[i]] if i in acted else []))) for i in range(199)]
+    updates.append(update("db-199", error="connection refused"))
+    state.apply(updates, [u.pod for u in updates], None)
+    report = report_body(NS, POLICY, many, state)
+
+    assert report["summary"] == {"pass": 199 * 10 - 4, "fail": 4, "warn": 0, "error": 1, "skip": 0}
+    stored = len(json.dumps(report, separators=(",", ":")))  # the API server keeps compact JSON
+    assert MAX_REPORT_BYTES * 0.9 < stored <= MAX_REPORT_BYTES + 2048  # the estimate is close
+    kept = Counter(r["result"] for r in report["results"])
+    assert (kept["fail"], kept["error"]) == (4, 1)
+    omitted = 199 * 10 + 1 - len(report["results"])
+    assert omitted > 0
+    assert report["metadata"]["annotations"] == {REPORT_OMITTED_ANNOTATION: str(omitted)}
 
 
 def test_long_pid_lists_are_cut() -> None:

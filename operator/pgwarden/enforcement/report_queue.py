@@ -20,6 +20,7 @@ import structlog
 from pgwarden.enforcement.reports import ReportState, differs, ours, report_body, rule_names
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.policy import PolicyError, parse_spec
+from pgwarden.policy.api import REPORT_OMITTED_ANNOTATION
 from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
@@ -66,7 +67,11 @@ class ReportQueue:
         write-ahead, `must_land`, carries no verdict of any rule: it is not a step.)"""
         if must_land:
             return
-        self.state.apply(updates, owned, condition)
+        try:
+            self.state.apply(updates, owned, condition)
+        except Exception as exc:  # a view for dashboards: whatever goes wrong here, the status and the loop go on
+            log.warning("policy report not updated", policy=self.name, namespace=self.namespace, error=repr(exc)[:300])
+            return
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"pgwarden report {self.namespace}/{self.name}")
         self._wake.set()
@@ -136,8 +141,10 @@ class ReportQueue:
             return
         self._written = await self.store.put(self.namespace, wanted)
         self.writes += 1
-        summary = wanted["summary"]
-        log.info("policy report written", policy=self.name, namespace=self.namespace, **summary)
+        omitted = (wanted["metadata"].get("annotations") or {}).get(REPORT_OMITTED_ANNOTATION)
+        log.info(
+            "policy report written", policy=self.name, namespace=self.namespace, omitted=omitted, **wanted["summary"]
+        )
 
     def _rule_names(self, policy: Mapping[str, Any]) -> list[str]:
         """The spec's rule names, parsed again only when the generation moves (an invalid spec has none)."""

@@ -12,7 +12,6 @@ result last changed, so a quiet cluster sees no write at all.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pgwarden.policy.api import (
     API_VERSION,
     KIND,
     REPORT_KIND,
+    REPORT_OMITTED_ANNOTATION,
     REPORT_POLICY_LABEL,
     REPORT_SOURCE,
     REPORTS_API_VERSION,
@@ -36,6 +36,14 @@ MAX_MESSAGE_CHARS = 1000
 """A result's message is cut to this (server errors can be long; the log and status have them)."""
 MAX_PIDS = 20
 """Process ids listed in one result's message at most (the rest are counted)."""
+MAX_REPORT_BYTES = 512 * 1024
+"""A Report's results are kept under about this much JSON: etcd refuses objects over ~1.5 MiB, and dashboards
+read the whole object. Measured: ~330 bytes per result, so 200 pods x 10 rules (~650 KB) needs `_fit`."""
+RESULT_OVERHEAD = 270
+"""Bytes of one result's compact JSON (as stored) besides its names and message (keys, timestamp, properties):
+the estimate `_fit` uses, so no result is serialised just to be measured."""
+DROP_FIRST = (ReportResult.PASS, ReportResult.SKIP, ReportResult.WARN)
+"""What a Report too large leaves out first: the least news first; `fail` and `error` are kept longest."""
 SUMMARY_KEYS = tuple(r.value for r in ReportResult)
 MANAGED_BY = {"app.kubernetes.io/managed-by": REPORT_SOURCE}
 
@@ -92,21 +100,56 @@ def report_body(
     if not state.outcomes and state.policy_error:
         results.append(_stamped(_result(name, None, ReportResult.ERROR, state.policy_error, None, ""), kept))
     owner = {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": meta.get("uid"), "controller": True}
+    counts = summary(results)
+    results, omitted = _fit(results)
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {**MANAGED_BY, REPORT_POLICY_LABEL: name},
+        # Garbage collection removes the Report with its policy; blockOwnerDeletion would need update
+        # rights on the policy's finalizers, and nothing needs the Report gone first.
+        "ownerReferences": [{k: v for k, v in owner.items() if v is not None}],
+    }
+    if omitted:
+        metadata["annotations"] = {REPORT_OMITTED_ANNOTATION: str(omitted)}
     return {
         "apiVersion": REPORTS_API_VERSION,
         "kind": REPORT_KIND,
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {**MANAGED_BY, REPORT_POLICY_LABEL: name},
-            # Garbage collection removes the Report with its policy; blockOwnerDeletion would need update
-            # rights on the policy's finalizers, and nothing needs the Report gone first.
-            "ownerReferences": [{k: v for k, v in owner.items() if v is not None}],
-        },
+        "metadata": metadata,
         "source": REPORT_SOURCE,
-        "summary": summary(results),
+        "summary": counts,
         "results": results,
     }
+
+
+def _fit(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The results that fit MAX_REPORT_BYTES, and how many were left out: `pass`, then `skip`, then `warn`
+    results go first; what must still go is cut from the end (pods in name order)."""
+    sizes = [_estimate(r) for r in results]
+    total = sum(sizes)
+    if total <= MAX_REPORT_BYTES:
+        return results, 0
+    dropped: set[int] = set()
+    for verdict in DROP_FIRST:
+        for i, result in enumerate(results):
+            if total <= MAX_REPORT_BYTES:
+                break
+            if result.get("result") == verdict:
+                dropped.add(i)
+                total -= sizes[i]
+    kept, used = [], 0
+    for i, result in enumerate(results):
+        if i not in dropped and used + sizes[i] <= MAX_REPORT_BYTES:
+            kept.append(result)
+            used += sizes[i]
+    return kept, len(results) - len(kept)
+
+
+def _estimate(result: Mapping[str, Any]) -> int:
+    """Bytes of the result's compact JSON, near enough (see RESULT_OVERHEAD)."""
+    names = [result.get(k) for k in ("policy", "rule", "message")]
+    names += [r.get(k) for r in result.get("resources") or [] for k in ("namespace", "name")]
+    return RESULT_OVERHEAD + sum(len(str(n)) for n in names if n is not None)
 
 
 def summary(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -136,6 +179,7 @@ def _content(report: Mapping[str, Any]) -> tuple[Any, ...]:
         report.get("summary"),
         report.get("results") or [],
         meta.get("labels") or {},
+        meta.get("annotations") or {},
         meta.get("ownerReferences") or [],
     )
 
@@ -210,18 +254,27 @@ def _result(
     return result
 
 
-def _key(result: Mapping[str, Any]) -> str:
+def _key(result: Mapping[str, Any]) -> tuple[Any, ...]:
     """A result without its timestamp: what it says. Key order ignored: the API server returns objects with
-    their keys in its own order, and a result read back must match the one built."""
-    return json.dumps({k: v for k, v in result.items() if k != "timestamp"}, sort_keys=True)
+    their keys in its own order, and a result read back must match the one built. (Not a JSON dump: this runs
+    for every result of every step that changes anything, on the loop every policy shares.)"""
+    return (
+        result.get("policy"),
+        result.get("rule"),
+        result.get("result"),
+        result.get("message"),
+        result.get("source"),
+        tuple(sorted((result.get("properties") or {}).items())),
+        tuple((r.get("kind"), r.get("namespace"), r.get("name")) for r in result.get("resources") or []),
+    )
 
 
-def _timestamps(previous: Mapping[str, Any] | None) -> dict[str, Any]:
+def _timestamps(previous: Mapping[str, Any] | None) -> dict[tuple[Any, ...], Any]:
     results = (previous or {}).get("results") or []
     return {_key(r): r["timestamp"] for r in results if isinstance(r, Mapping) and "timestamp" in r}
 
 
-def _stamped(result: dict[str, Any], kept: Mapping[str, Any]) -> dict[str, Any]:
+def _stamped(result: dict[str, Any], kept: Mapping[tuple[Any, ...], Any]) -> dict[str, Any]:
     """The result with the earlier timestamp when it says the same as before: it has not changed since."""
     earlier = kept.get(_key(result))
     return result if earlier is None else {**result, "timestamp": earlier}

@@ -104,6 +104,8 @@ REPORT_SOURCE: Final = "pgwarden"
 """`source` of every Report and result pgwarden writes: how report readers tell its findings apart."""
 REPORT_POLICY_LABEL: Final = f"{GROUP}/policy"
 """On each Report: the name of the PostgresPolicy it reports on."""
+REPORT_OMITTED_ANNOTATION: Final = f"{GROUP}/omitted-results"
+"""On a Report too large to hold every result: how many were left out (`summary` still counts them all)."""
 
 
 class ReportResult(StrEnum):
