@@ -138,6 +138,13 @@ class Settings:
         "the evaluation in flight.",
         minimum=0.0,
     )
+    policy_reports: int = _knob(
+        1,
+        "1: the controller keeps an openreports.io Report per policy when those CRDs are installed (detected at "
+        "start); 0: never (also `pgwarden run --no-policy-reports`).",
+        minimum=0,
+        integer=True,
+    )
     event_max_pids: int = _knob(
         20, "Process ids listed in one Event's message at most (the rest are counted).", minimum=1, integer=True
     )

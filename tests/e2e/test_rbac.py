@@ -4,8 +4,9 @@ The API server runs with `--authorization-mode=RBAC`. The operator is started as
 (`pgwarden-system/pgwarden`, a token from the TokenRequest API, as a pod would mount) with the arguments of
 manifests/operator/deployment.yaml, i.e. as deployed: `--all-namespaces`, peering through the
 ClusterKopfPeering `pgwarden`. End to end it must list and watch policies and pods, read the credentials
-Secret by name, terminate idle sessions on a real PostgreSQL server, write status, post Events, add and
-remove its finalizer, and keep its peering record alive, with no request refused (kopf logs each 403).
+Secret by name, terminate idle sessions on a real PostgreSQL server, write status, post Events, write and
+delete the policy's openreports Report, add and remove its finalizer, and keep its peering record alive,
+with no request refused (kopf logs each 403).
 
 Then what that identity may do is listed with SelfSubjectRulesReview (what `kubectl auth can-i --list`
 asks) and compared with EXPECTED, verb by verb: a broader grant (another verb, a wildcard, `list` on
@@ -46,6 +47,7 @@ from tests.harness.manifests import (
     open_session_mix,
     prepare_example_server,
 )
+from tests.harness.openreports import get_report, install_openreports
 from tests.harness.pgbinaries import e2e_versions
 from tests.harness.policies import condition, events, get_policy, next_host, terminated_total
 from tests.harness.postgres import PgServer, running_server, wait_for
@@ -81,6 +83,11 @@ EXPECTED: frozenset[Rule] = frozenset(
         ("", "secrets", "get", ""),
         # One Event per target per cycle that acted.
         ("", "events", "create", ""),
+        # Policy reports: the Report of each policy read once, written when it changes, deleted with the policy.
+        ("openreports.io", "reports", "get", ""),
+        ("openreports.io", "reports", "create", ""),
+        ("openreports.io", "reports", "patch", ""),
+        ("openreports.io", "reports", "delete", ""),
         # kopf's peering: watch every ClusterKopfPeering (kopf cannot narrow the watch), patch ours only.
         ("kopf.dev", "clusterkopfpeerings", "list", ""),
         ("kopf.dev", "clusterkopfpeerings", "watch", ""),
@@ -134,6 +141,9 @@ CAN_I = [
     ("create", "clusterkopfpeerings.kopf.dev", True),
     ("delete", "clusterkopfpeerings.kopf.dev", False),
     ("list", "kopfpeerings.kopf.dev", False),
+    ("patch", "reports.openreports.io", True),
+    ("list", "reports.openreports.io", False),
+    ("delete", "clusterreports.openreports.io", False),
     ("create", "serviceaccounts/token", False),
     ("impersonate", "serviceaccounts", False),
 ]
@@ -144,9 +154,12 @@ CAN_I = [
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ControlPlane]:
-    """A control plane of this module's own with manifests/ installed, as on a real cluster."""
+    """A control plane of this module's own with manifests/ installed, as on a real cluster, and the openreports
+    CRDs (policy reports are on where they are installed: their grants are exercised too)."""
     with ControlPlane() as plane:
         install_manifests(plane)
+        with plane.api_client() as api:
+            install_openreports(api)
         yield plane
 
 
@@ -358,6 +371,9 @@ def test_operator_enforces_as_its_service_account_as_deployed(
         timeout=30,
         message="a SessionsTerminated event",
     )
+    # reports get/create/patch: the policy's Report, with the target's verdict.
+    report = wait_for(lambda: get_report(admin, namespace, name), timeout=30, message="the policy's openreports Report")
+    assert [r["resources"][0]["name"] for r in report["results"]] == ["db-0"]
     # clusterkopfpeerings list/watch/patch: its record is in the ClusterKopfPeering, and it is not paused.
     records = wait_for(lambda: peering_records(admin), timeout=30, message="the operator's peering record")
     assert len(records) == 1, records
@@ -373,6 +389,8 @@ def test_operator_enforces_as_its_service_account_as_deployed(
         return False
 
     wait_for(deleted, timeout=30, message="the policy and its finalizer to go")
+    # reports delete: the Report goes with its policy.
+    wait_for(lambda: get_report(admin, namespace, name) is None, timeout=30, message="the Report to go")
     logs = operator.logs()
     assert "forbidden" not in logs.lower(), "the operator was refused something (see its log)"
     assert "'code': 403" not in logs

@@ -1,6 +1,7 @@
 """`pgwarden run`: the central controller, enforcing PostgresPolicy objects on the pods they select.
 
-pgwarden run [--namespace NS]... [--all-namespaces] [--standalone] [--metrics-port 9090] [--health-port 8080]
+pgwarden run [--namespace NS]... [--all-namespaces] [--standalone] [--no-policy-reports] [--metrics-port 9090]
+             [--health-port 8080]
 
 Exit codes: 0 after SIGINT/SIGTERM; 2 a configuration error found at start-up, nothing started (invalid
 arguments or settings, no kubeconfig, or no peering object without --standalone: the message names the CRD
@@ -48,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="evaluations run at once over all policies and targets (default 32, or $PGWARDEN_CONCURRENCY)",
     )
+    parser.add_argument(
+        "--no-policy-reports",
+        action="store_true",
+        help="never write openreports.io Reports, even when their CRDs are installed (or $PGWARDEN_POLICY_REPORTS=0)",
+    )
     add_common_options(parser)
     parser.set_defaults(handler=handle)
 
@@ -56,7 +62,9 @@ def handle(args: argparse.Namespace) -> int:
     if args.all_namespaces and args.namespaces:
         print("pgwarden run: --all-namespaces and --namespace are mutually exclusive", file=sys.stderr)
         return EXIT_USAGE
-    settings = load_settings("pgwarden run", concurrency=args.concurrency)
+    settings = load_settings(
+        "pgwarden run", concurrency=args.concurrency, policy_reports=0 if args.no_policy_reports else None
+    )
     if settings is None:
         return EXIT_USAGE
     # kopf and kubernetes load only for this command

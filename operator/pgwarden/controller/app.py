@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import kopf
 import structlog
+from kubernetes import client
 
 from pgwarden.controller import loop_errors
 from pgwarden.controller.constants import PEERING_NAME
@@ -14,7 +15,8 @@ from pgwarden.controller.identity import peering_identity
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement import metrics
 from pgwarden.enforcement.activation import ActivationGate, watch_own_record
-from pgwarden.enforcement.kube import PeeringUnavailable, ensure_peering, load_api_client
+from pgwarden.enforcement.kube import PeeringUnavailable, ensure_peering, load_api_client, reports_served
+from pgwarden.policy.api import REPORT_KIND, REPORTS_API_VERSION
 from pgwarden.settings import DEFAULTS, Settings
 
 log = structlog.get_logger("pgwarden.controller")
@@ -43,6 +45,7 @@ def run_controller(
     if not standalone:
         outcomes = ensure_peering(api, PEERING_NAME, None if clusterwide else list(namespaces))
         log.info("peering object", name=PEERING_NAME, clusterwide=clusterwide, outcomes=outcomes)
+    policy_reports = _policy_reports(api, settings)
     metrics.serve(metrics_port)
     asyncio.run(
         _operate(
@@ -50,10 +53,23 @@ def run_controller(
             namespaces=() if clusterwide else list(namespaces),
             health_port=health_port,
             standalone=standalone,
-            runtime=Runtime(settings, api=api, identity=identity),
+            runtime=Runtime(settings, api=api, identity=identity, policy_reports=policy_reports),
         )
     )
     return 0
+
+
+def _policy_reports(api: client.ApiClient, settings: Settings) -> bool:
+    """Whether to keep openreports Reports: on unless turned off, and only where the API server serves them
+    (installing the CRDs later takes a restart of the operator). Logged either way."""
+    if not settings.policy_reports:
+        log.info("policy reports off", reason="turned off (--no-policy-reports or PGWARDEN_POLICY_REPORTS=0)")
+        return False
+    if not reports_served(api, settings.api_timeout):
+        log.info("policy reports off", reason=f"the {REPORTS_API_VERSION} reports CRD is not installed")
+        return False
+    log.info("policy reports on", api=REPORTS_API_VERSION, kind=REPORT_KIND)
+    return True
 
 
 async def _operate(

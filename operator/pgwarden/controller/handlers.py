@@ -16,9 +16,11 @@ from pgwarden.controller.constants import PEERING_NAME
 from pgwarden.controller.runtime import Runtime
 from pgwarden.enforcement.events import PolicyEvent
 from pgwarden.enforcement.kube import load_api_client
+from pgwarden.enforcement.report_queue import ReportQueue
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.status_queue import StatusQueue
 from pgwarden.enforcement.targets import PodInfo, pod_info_from
-from pgwarden.enforcement.worker import PolicyWorker, needs_release, wait_for_work
+from pgwarden.enforcement.worker import PolicyWorker, StatusSink, needs_release, wait_for_work
 from pgwarden.policy import PolicyError, parse_spec
 from pgwarden.policy.api import FINALIZER, GROUP, PLURAL, VERSION, EnforcerKind
 
@@ -84,6 +86,11 @@ async def enforce(
     status = StatusQueue(
         runtime.writer, namespace, name, EnforcerKind.CONTROLLER, latest=lambda: dict(body), settings=runtime.settings
     )
+    reports = (
+        ReportQueue(runtime.reports, namespace, name, latest=lambda: dict(body), settings=runtime.settings)
+        if runtime.reports is not None
+        else None
+    )
 
     def post_event(event: PolicyEvent) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -93,7 +100,7 @@ async def enforce(
         name=name,
         secrets=runtime.secrets,
         make_enforcer=runtime.make_enforcer,
-        write_status=status.submit,
+        write_status=status.submit if reports is None else _both(status.submit, reports.submit),
         post_event=post_event,
         concurrency=runtime.concurrency,
         check_pod=runtime.check_pod,
@@ -119,9 +126,42 @@ async def enforce(
             await wait_for_work(delay, worker.inflight(), stopped.wait())
     finally:
         runtime.loops.pop((namespace, name), None)
-        await asyncio.shield(worker.close())
-        await asyncio.shield(status.close(flush_within=runtime.settings.api_timeout if not stopped else None))
-        runtime.writer.forget(namespace, name)
+        deleted = stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason
+        flush = runtime.settings.api_timeout if not stopped else None
+        # One shielded wind-down: kopf cancels a deleted policy's daemon right after asking it to stop, and a
+        # cancellation landing between separately shielded steps skipped the rest (writer tasks left running).
+        await asyncio.shield(_wind_down(runtime, worker, status, reports, flush, deleted))
+
+
+async def _wind_down(
+    runtime: Runtime,
+    worker: PolicyWorker,
+    status: StatusQueue,
+    reports: ReportQueue | None,
+    flush: float | None,
+    deleted: bool,
+) -> None:
+    """Let go of the targets, stop the status writer (after a last write if `flush`), and stop the Report
+    writer: a deleted policy's Report goes with it (the owner reference covers clusters with a garbage
+    collector); paused for a peer or exiting, it stays, and the replica that goes on keeps it."""
+    await worker.close()
+    await status.close(flush_within=flush)
+    runtime.writer.forget(status.namespace, status.name)
+    if reports is not None:
+        await (reports.delete() if deleted else reports.close())
+
+
+def _both(status: StatusSink, reports: StatusSink) -> StatusSink:
+    """One sink feeding the status and the Report: the Report first (it only folds the step into memory), so
+    the status's own bounded wait (the autovacuum write-ahead) is unchanged."""
+
+    async def sink(
+        updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, must: bool
+    ) -> None:
+        await reports(updates, owned, condition, must)
+        await status(updates, owned, condition, must)
+
+    return sink
 
 
 @kopf.on.probe(id="enforcement")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from kubernetes import client
 
 from pgwarden.enforcement.activation import ActivationGate
-from pgwarden.enforcement.kube import PodAddressCheck, PodApi, PolicyApi, SecretReader
+from pgwarden.enforcement.kube import PodAddressCheck, PodApi, PolicyApi, ReportApi, SecretReader
 from pgwarden.enforcement.pool import ConnectionPool, controller_application_name, engine_target
 from pgwarden.enforcement.status_writer import StatusWriter
 from pgwarden.enforcement.worker import Endpoint, TargetEnforcer
@@ -35,6 +35,9 @@ class Runtime:
     """The replica's name in the peering object; its engine connections are named after it."""
     gate: ActivationGate | None = None
     """Peered replicas only: holds each policy loop's first action (pgwarden.enforcement.activation)."""
+    policy_reports: bool = False
+    """Whether to keep an openreports Report per policy: the CRDs were found at start and not turned off."""
+    reports: ReportApi | None = None
 
     def __post_init__(self) -> None:
         self.concurrency = asyncio.Semaphore(self.settings.concurrency)
@@ -56,6 +59,7 @@ class Runtime:
         )
         self.check_pod = PodAddressCheck(PodApi(api, timeout))
         self._writer = StatusWriter.configured(PolicyApi(api, timeout), self.settings)
+        self.reports = ReportApi(api, timeout) if self.policy_reports else None
 
     def tick(self, namespace: str, name: str) -> None:
         self.loops[(namespace, name)] = time.monotonic()

@@ -19,7 +19,17 @@ from kubernetes.client.exceptions import ApiException
 
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.policy import CredentialsSecret
-from pgwarden.policy.api import API_VERSION, CREDENTIALS_LABEL, GROUP, KIND, PLURAL, VERSION
+from pgwarden.policy.api import (
+    API_VERSION,
+    CREDENTIALS_LABEL,
+    GROUP,
+    KIND,
+    PLURAL,
+    REPORTS_GROUP,
+    REPORTS_PLURAL,
+    REPORTS_VERSION,
+    VERSION,
+)
 from pgwarden.policy.api import ConditionReason as Reason
 
 DEFAULT_API_TIMEOUT = 10.0
@@ -270,6 +280,97 @@ class PolicyApi:
                 ) from None
             raise
         return str(cast(dict[str, Any], obj)["metadata"]["resourceVersion"])
+
+
+class ReportApi:
+    """Reads, writes and deletes openreports `Report` objects (pgwarden's own: one per policy, same name)."""
+
+    def __init__(self, api: client.ApiClient, timeout: float = DEFAULT_API_TIMEOUT) -> None:
+        self._custom = client.CustomObjectsApi(api)
+        self._timeout = timeout
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await asyncio.to_thread(
+                self._custom.get_namespaced_custom_object,
+                REPORTS_GROUP,
+                REPORTS_VERSION,
+                namespace,
+                REPORTS_PLURAL,
+                name,
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return cast(dict[str, Any], obj)
+
+    async def put(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create the Report, or merge-patch an existing one with the whole content (pgwarden is its only
+        writer: the active replica of one policy's loop; lists in a merge patch replace the stored ones)."""
+        name = str(body["metadata"]["name"])
+        try:
+            obj = await asyncio.to_thread(
+                self._custom.patch_namespaced_custom_object,
+                REPORTS_GROUP,
+                REPORTS_VERSION,
+                namespace,
+                REPORTS_PLURAL,
+                name,
+                body,
+                _content_type="application/merge-patch+json",
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            obj = await asyncio.to_thread(
+                self._custom.create_namespaced_custom_object,
+                REPORTS_GROUP,
+                REPORTS_VERSION,
+                namespace,
+                REPORTS_PLURAL,
+                body,
+                _request_timeout=self._timeout,
+            )
+        return cast(dict[str, Any], obj)
+
+    async def delete(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete the Report if it is still the object `uid` (the one pgwarden wrote, not one created under
+        the same name since); False if there was none (or another object holds the name: 409)."""
+        try:
+            await asyncio.to_thread(
+                self._custom.delete_namespaced_custom_object,
+                REPORTS_GROUP,
+                REPORTS_VERSION,
+                namespace,
+                REPORTS_PLURAL,
+                name,
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)),
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+
+def reports_served(api: client.ApiClient, timeout: float = DEFAULT_API_TIMEOUT) -> bool:
+    """Whether the API server serves openreports `reports` (its CRDs installed), by discovery: readable by
+    every authenticated identity, so no RBAC on CRDs is needed. Any answer but "not found" is raised.
+
+    Synchronous on purpose: it runs once before kopf starts, and its answer decides what the loops do."""
+    try:
+        resources = client.CustomObjectsApi(api).get_api_resources(
+            REPORTS_GROUP, REPORTS_VERSION, _request_timeout=timeout
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return any(r.name == REPORTS_PLURAL for r in (resources.resources or []))
 
 
 class PodApi:

@@ -106,3 +106,34 @@ class Untouched(StrEnum):
 class EnforcerKind(StrEnum):
     CONTROLLER = "controller"
     SIDECAR = "sidecar"
+
+
+# -- policy reports (openreports.io) ----------------------------------------------------------------
+# pgwarden writes one namespaced `Report` per policy when the openreports CRDs are installed, for the tools
+# platform teams already read policy findings in (Policy Reporter, Kyverno's report views).
+REPORTS_GROUP: Final = "openreports.io"
+REPORTS_VERSION: Final = "v1alpha1"
+REPORTS_API_VERSION: Final = f"{REPORTS_GROUP}/{REPORTS_VERSION}"
+REPORT_KIND: Final = "Report"
+REPORTS_PLURAL: Final = "reports"
+REPORT_SOURCE: Final = "pgwarden"
+"""`source` of every Report and result pgwarden writes: how report readers tell its findings apart."""
+REPORT_POLICY_LABEL: Final = f"{GROUP}/policy"
+"""On each Report: the name of the PostgresPolicy it reports on."""
+REPORT_OMITTED_ANNOTATION: Final = f"{GROUP}/omitted-results"
+"""On a Report too large to hold every result: how many were left out (`summary` still counts them all)."""
+
+
+class ReportResult(StrEnum):
+    """A result's verdict, as the openreports schema spells it."""
+
+    PASS = "pass"  # noqa: S105 - a verdict, not a password
+    """The rule matched no session on this pod in its last evaluation."""
+    FAIL = "fail"
+    """The rule acted on sessions on this pod in its last evaluation (or, in dry run, would have)."""
+    WARN = "warn"
+    """The rule chose sessions on this pod but left them all alone (limits, races, refusals: see message)."""
+    ERROR = "error"
+    """The pod could not be evaluated (unreachable, credentials, missing grants)."""
+    SKIP = "skip"
+    """The pod is enforced by its sidecar, not by the controller that writes this Report."""
