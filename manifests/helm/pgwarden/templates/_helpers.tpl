@@ -81,6 +81,12 @@ namespace), kopfpeerings for a Role in a watched namespace (what `pgwarden run -
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Policy reports (openreports.io, used only when its CRDs are installed; --no-policy-reports turns them off):
+# one Report per policy. get: read what an earlier process wrote; create and patch: write it when it changes;
+# delete: remove it with its policy. No list or watch.
+- apiGroups: ["openreports.io"]
+  resources: ["reports"]
+  verbs: ["get", "create", "patch", "delete"]
 # High availability: replicas see each other through kopf's peering objects. kopf lists and watches the
 # whole collection and never reads one by name...
 - apiGroups: ["kopf.dev"]
