@@ -224,6 +224,28 @@ class StatusConflict(Exception):
     """Someone else wrote the policy between our read and our write."""
 
 
+async def get_custom(
+    custom: client.CustomObjectsApi, kind: tuple[str, str, str], namespace: str, name: str, request_timeout: float
+) -> dict[str, Any] | None:
+    """One namespaced custom object (`kind`: group, version, plural), or None when it does not exist."""
+    group, version, plural = kind
+    try:
+        obj = await asyncio.to_thread(
+            custom.get_namespaced_custom_object,
+            group,
+            version,
+            namespace,
+            plural,
+            name,
+            _request_timeout=request_timeout,
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return cast(dict[str, Any], obj)
+
+
 class StatusRejected(Exception):
     """The API server refused the status itself (413 too large, 422 invalid), not the moment of the write."""
 
@@ -236,21 +258,7 @@ class PolicyApi:
         self._timeout = timeout
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj = await asyncio.to_thread(
-                self._custom.get_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                _request_timeout=self._timeout,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return cast(dict[str, Any], obj)
+        return await get_custom(self._custom, (GROUP, VERSION, PLURAL), namespace, name, self._timeout)
 
     async def write_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> str:
         """Merge-patch `status` only if the object is still at `resource_version`; return the new version.
@@ -290,21 +298,9 @@ class ReportApi:
         self._timeout = timeout
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj = await asyncio.to_thread(
-                self._custom.get_namespaced_custom_object,
-                REPORTS_GROUP,
-                REPORTS_VERSION,
-                namespace,
-                REPORTS_PLURAL,
-                name,
-                _request_timeout=self._timeout,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return cast(dict[str, Any], obj)
+        return await get_custom(
+            self._custom, (REPORTS_GROUP, REPORTS_VERSION, REPORTS_PLURAL), namespace, name, self._timeout
+        )
 
     async def put(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create the Report, or merge-patch an existing one with the whole content (pgwarden is its only
