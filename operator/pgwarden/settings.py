@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +155,13 @@ class Settings:
         never longer than `interval` nor max_backoff (and never shorter than min_delay)."""
         doubling = self.min_delay * 2.0 ** min(max(0, failures - 1), 30)
         return max(self.min_delay, min(interval, self.max_backoff, doubling))
+
+    def api_retry_delay(self, failures: int) -> float:
+        """Seconds before the next attempt of a background API write (status, policy report) after `failures`
+        consecutive failures: full jitter over a cap that doubles from min_delay up to status_retry_max, so
+        writers that failed together do not retry together."""
+        cap = min(self.status_retry_max, self.min_delay * 2.0 ** min(failures - 1, 20))
+        return random.uniform(self.min_delay / 2, max(self.min_delay / 2, cap))  # noqa: S311 - jitter, not a secret
 
     def crossing_floor(self, duration: float) -> float:
         """Seconds after an evaluation that took `duration` before a wake-up for a crossing it saw: wake_floor,

@@ -10,7 +10,6 @@ A failed write is retried with capped, jittered backoff, like the status; every 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -110,7 +109,7 @@ class ReportQueue:
                 raise
             except Exception as exc:  # never ends the writer: the next attempt comes after a backoff
                 self.failures += 1
-                delay = self._backoff()
+                delay = self.settings.api_retry_delay(self.failures)
                 log.warning(
                     "policy report not written; retrying",
                     policy=self.name,
@@ -156,8 +155,3 @@ class ReportQueue:
                 names = []
             self._rules = (generation, names)
         return self._rules[1]
-
-    def _backoff(self) -> float:
-        """Full jitter over a cap that doubles from min_delay up to status_retry_max (as the status writer)."""
-        cap = min(self.settings.status_retry_max, self.settings.min_delay * 2.0 ** min(self.failures - 1, 20))
-        return random.uniform(self.settings.min_delay / 2, max(self.settings.min_delay / 2, cap))  # noqa: S311

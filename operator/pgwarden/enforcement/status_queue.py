@@ -10,7 +10,6 @@ write-ahead waits, bounded, because PostgreSQL must not be written before status
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -157,7 +156,7 @@ class StatusQueue:
                 raise
             except Exception as exc:  # never ends the writer: the next attempt comes after a backoff
                 self.failures += 1
-                delay = self._backoff()
+                delay = self.settings.api_retry_delay(self.failures)
                 log.warning(
                     "status not written; retrying",
                     policy=self.name,
@@ -221,8 +220,3 @@ class StatusQueue:
     def _forget_ghosts(self) -> None:
         self._ghosts.clear()
         self._ghost_batches.clear()
-
-    def _backoff(self) -> float:
-        """Full jitter over a cap that doubles from min_delay up to status_retry_max."""
-        cap = min(self.settings.status_retry_max, self.settings.min_delay * 2.0 ** min(self.failures - 1, 20))
-        return random.uniform(self.settings.min_delay / 2, max(self.settings.min_delay / 2, cap))  # noqa: S311
