@@ -64,17 +64,20 @@ typecheck: venv ## mypy --strict over operator/, tests/, bench/ and hack/
 unit: venv ## the unit tests only: no PostgreSQL, no control plane, nothing to build (seconds)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-# On a cold machine the Go builds (control plane, helm, prometheus: 25 min of the 2 cores) run in the background,
-# niced, while the tiers that need none run first (tests/conftest.py orders them); a test that needs a tool
-# still being built waits for that build (the scripts take a lock). Warm, the builds are no-ops.
+# On a cold machine the Go builds (control plane, helm, prometheus, the node's components) and the images run
+# in the background, niced, while the tiers that need none of them run first (tests/conftest.py orders them:
+# the real node last); a test that needs a tool still being built waits for that build (the scripts take a
+# lock). Warm, the Go builds are no-ops and the images are rebuilt from cached layers (this checkout's code).
 pytest: venv ## the whole test suite (fetches and builds what it needs first); PYTEST_ARGS passes options
 	@echo ">>> Debian packages the tests need (hack/test-deps.sh: only the missing ones)"
 	bash hack/test-deps.sh
 	@echo ">>> PostgreSQL binaries (every major the tiers run on: $${PGWARDEN_PG_VERSIONS:-14 15 16 17 18})"
 	$(BIN)/python -m tests.harness.pgbinaries
-	@echo ">>> control plane, helm, prometheus: built in the background if not cached (log: .assets-build.log)"
+	@echo ">>> control plane, helm, prometheus, node, images: built in the background (log: .assets-build.log)"
 	nohup nice -n 19 bash -c '$(BIN)/python -m tests.harness.controlplane_assets && \
-	  $(BIN)/python -m tests.harness.helm_assets && $(BIN)/python -m tests.harness.prometheus' \
+	  $(BIN)/python -m tests.harness.helm_assets && $(BIN)/python -m tests.harness.prometheus && \
+	  bash hack/cluster-deps.sh && bash hack/cluster-build.sh && \
+	  bash hack/image-build.sh pause postgres postgres18 pgwarden' \
 	  > .assets-build.log 2>&1 < /dev/null &
 	@echo ">>> pytest"
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -120,7 +123,7 @@ image:
 
 # Tests on the real node (tests/cluster): reuse a running `make cluster`, else start and stop their own.
 cluster-test: venv image
-	$(BIN)/pytest -m cluster tests/cluster $(PYTEST_ARGS)
+	$(BIN)/pytest tests/cluster $(PYTEST_ARGS)
 
 # Benchmarks print numbers; they are not part of the test suite (see README, Benchmarks).
 bench: assets ## run every benchmark (prints numbers; not part of the suite)

@@ -31,6 +31,16 @@ if have_all; then
   exit 0
 fi
 
+# One build at a time (as hack/controlplane-build.sh): `make test` builds this in the background, and the
+# cluster tier waits here for that build instead of starting a second one.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.cluster-build.lock"
+flock 9
+if have_all; then
+  echo "$BIN"
+  exit 0
+fi
+
 start=$(date +%s)
 # The control plane first: its wrapper module's go.mod is where the replaces come from.
 CP_BIN=$(nice -n 19 bash "$HERE/controlplane-build.sh")

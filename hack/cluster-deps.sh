@@ -10,6 +10,9 @@ for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
 done
 (( ${#missing[@]} == 0 )) && exit 0
+# apt-get fails at once if another apt holds its lock; `make test` runs this in the background.
+exec 9>/var/lock/pgwarden-cluster-deps.lock
+flock 9
 echo "[cluster-deps] installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

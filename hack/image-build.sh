@@ -23,6 +23,10 @@ SUITE=bookworm
 DEBIAN_BASE="localhost/pgwarden-base/debian:$SUITE"
 PYTHON_BASE="localhost/pgwarden-base/python:3.11-$SUITE"
 mkdir -p "$OUT"
+# One build at a time: `make test` builds the images in the background, and the cluster tier waits on this
+# lock (tests/cluster/conftest.py) so it never loads an image half written or one about to be replaced.
+exec 9>"$OUT/.build.lock"
+flock 9
 
 log() { echo "[image-build] $*" >&2; }
 # buildah keeps its layers in the cache, not in /var/lib/containers, so removing the cache removes it all.
@@ -86,8 +90,9 @@ python_base() {
 # Save an image as a docker-archive (tags survive `ctr import`) and load it into the node's containerd.
 export_and_load() {
   local image=$1 file="$OUT/$2.tar"
-  rm -f "$file"
-  bah push --quiet "$image" "docker-archive:$file:$image" >/dev/null
+  rm -f "$file.tmp"
+  bah push --quiet "$image" "docker-archive:$file.tmp:$image" >/dev/null
+  mv "$file.tmp" "$file"  # `make cluster` imports every archive here: never a half-written one
   if [[ -S "$SOCK" ]]; then
     ctr --address "$SOCK" -n k8s.io images import --no-unpack=false "$file" >/dev/null
     log "$image loaded into the cluster's containerd"

@@ -6,6 +6,7 @@ session starts and takes down again, failing if `down` finds anything left on th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import secrets
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.harness import cluster
+from tests.harness.paths import cache_root
 from tests.harness.postgres import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +45,18 @@ def kubectl_json(*args: str) -> Any:
     return json.loads(kubectl(*args, "-o", "json").stdout)
 
 
+def wait_for_image_builds() -> None:
+    """Block while hack/image-build.sh runs (it holds this lock): `make test` builds the images in the
+    background, and a cluster brought up meanwhile would import an archive that is about to be replaced."""
+    lock = cache_root() / "images" / ".build.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+
+
 @pytest.fixture(scope="session")
 def real_cluster() -> Iterator[None]:
+    wait_for_image_builds()
     if cluster.running():
         yield
         return
