@@ -59,7 +59,9 @@ _INTERVAL_RULE = CelRule(
     rule=f"self.matches('{_GO_DURATION}') && duration(self) >= duration('1s')",
     message_expression=(
         f"self.matches('{_GO_DURATION}')"
-        " ? 'must be at least 1s: pgwarden reads pg_stat_activity at most once a second per target'"
+        " ? 'must be at least 1s: interval is the longest gap between two reads of pg_stat_activity"
+        " (known threshold crossings get a read of their own), and reading every target more often than"
+        " once a second only loads the server'"
         f" : '{_NOT_A_DURATION}'"
     ),
     message=_NOT_A_DURATION,
