@@ -81,8 +81,15 @@ _LOOKAHEAD: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], dict[str, tu
 )
 
 
+def _last_seen(conn: psycopg.AsyncConnection[Any], policy: str, spec: PolicySpec) -> Observation | None:
+    """This policy's last observation on `conn`, if it was made for this very spec (a changed spec may select
+    other sessions: its crossings are unknown until it observes once)."""
+    last = _LOOKAHEAD.get(conn, {}).get(policy)
+    return last[1] if last is not None and last[0] is spec else None
+
+
 def _due_on_wake(
-    conn: psycopg.AsyncConnection[Any],
+    last: Observation | None,
     spec: PolicySpec,
     policy: str,
     protected_pids: Collection[int],
@@ -93,10 +100,9 @@ def _due_on_wake(
     """What to signal in the observing statement: the last observation's upcoming sessions due by now, decided
     like any cycle (rules, protections, the blast radius's window). Blocking rules are left to the plain path,
     whose signal re-checks the lock graph."""
-    last = _LOOKAHEAD.get(conn, {}).get(policy)
-    if last is None or last[0] is not spec or budget is None:
+    if last is None or budget is None:
         return ()
-    carried = memory.without_recent(due_now(last[1], now), now)
+    carried = memory.without_recent(due_now(last, now), now)
     if not carried.sessions:
         return ()
     decision = plan(carried, spec, protected_pids, used=budget.used(policy, spec.interval.total_seconds(), now))
@@ -142,7 +148,7 @@ def _remember(
 
 
 def _interrupted_report(
-    conn: psycopg.AsyncConnection[Any],
+    seen: Observation | None,
     policy: str,
     target: str,
     mode: EnforcementAction,
@@ -151,8 +157,6 @@ def _interrupted_report(
 ) -> CycleReport:
     """The report of a cycle whose wake-up statement lost the connection: counts as last seen, the signals'
     outcome unknown."""
-    last = _LOOKAHEAD.get(conn, {}).get(policy)
-    seen = last[1] if last is not None else None
     return CycleReport(
         policy=policy,
         target=target,
@@ -374,7 +378,8 @@ async def run_cycle(
 
     query = compiled_observation(spec, protected_pids)
     memory = _SIGNALLED.setdefault(conn, SignalMemory())
-    due = () if dry_run else _due_on_wake(conn, spec, policy, protected_pids, budget, memory, started)
+    last = None if dry_run else _last_seen(conn, policy, spec)
+    due = _due_on_wake(last, spec, policy, protected_pids, budget, memory, started)
     woke = acting.ActOutcome()
     if due:
         try:
@@ -382,7 +387,7 @@ async def run_cycle(
         except _WakeLost as lost_wake:
             raise CycleInterrupted(
                 lost_wake.outcome.lost or "connection lost",
-                _interrupted_report(conn, policy, target, mode, lost_wake.outcome, started),
+                _interrupted_report(last, policy, target, mode, lost_wake.outcome, started),
             ) from None
         _remember(memory, budget, policy, due, woke)
     else:
