@@ -100,7 +100,7 @@ def test_explain_from_status_lists_only_would_be_actions() -> None:
         ],
     }
     (row,) = kubectl_explain.from_status(policy(status={"targets": [target]}, mode="dryRun"))
-    assert (row.target, row.pid, row.crosses_at, row.crosses_in) == ("db-0", 7, "2026-05-01T11:59:00Z", 0.0)
+    assert (row.target, row.record.pid, row.crosses_at, row.crosses_in) == ("db-0", 7, "2026-05-01T11:59:00Z", 0.0)
     line = kubectl_explain.render([row], kubectl_explain.SOURCE_STATUS, NOW).splitlines()[1]
     assert line.endswith("now as of 1m ago")
 
@@ -126,7 +126,7 @@ def test_explain_from_cycle_now_held_back_then_the_next_crossings() -> None:
     record = ActionRecord("idle", "terminate", acted.pid, "app", "shop", "web", None, "idle", 30.0, False)
     cycle = report([record], [SkipRecord("idle", held.pid, SkipReason.MAX_ACTIONS)])
     rows = kubectl_explain.from_cycle(cycle, upcoming, NOW, next_count=1)
-    assert [(r.pid, r.crosses_in, r.held_back) for r in rows] == [
+    assert [(r.record.pid, r.crosses_in, r.held_back) for r in rows] == [
         (acted.pid, 0.0, None),
         (held.pid, 0.0, SkipReason.MAX_ACTIONS),
         (soon.pid, pytest.approx(2.0), None),  # --next 1: the sooner of the two later ones

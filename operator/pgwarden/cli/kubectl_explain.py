@@ -23,7 +23,7 @@ from typing import Any
 from pgwarden.cli.kubectl_status import NO_VALUE, age, table
 from pgwarden.engine.connection import parse_dsn
 from pgwarden.engine.explain import Crossing, look_ahead
-from pgwarden.engine.report import CycleReport
+from pgwarden.engine.report import ActionRecord, CycleReport
 from pgwarden.engine.session import TargetSession
 from pgwarden.policy.model import PolicySpec
 
@@ -36,18 +36,15 @@ HEADERS = ("TARGET", "RULE", "ACTION", "PID", "USER", "APPLICATION", "STATE", "S
 
 @dataclass(frozen=True)
 class ExplainRow:
-    """One session a rule acts on now (crosses_in 0) or will act on once `crosses_in` seconds have passed."""
+    """One session a rule acts on now (crosses_in 0) or will act on once `crosses_in` seconds have passed.
+
+    The session and the rule are an `ActionRecord`, the engine's own record of an action (here never done:
+    explain signals nothing); the row adds where and when. Fields a source does not know stay None: the
+    status records no state age, a held-back session the look-ahead no longer saw keeps only its pid.
+    """
 
     target: str
-    rule: str
-    action: str
-    pid: int
-    user: str | None
-    database: str | None
-    application_name: str | None
-    state: str | None
-    state_age_seconds: float | None
-    """How long the session has been in `state` (unknown from status: it does not record it)."""
+    record: ActionRecord
     crosses_at: str
     """RFC 3339 time of the crossing (for `now`: when it was seen past the thresholds)."""
     crosses_in: float
@@ -55,16 +52,17 @@ class ExplainRow:
     """For a session past a rule now but held back by the blast radius (or not signalable): the skip reason."""
 
     def to_json(self) -> dict[str, Any]:
+        record = self.record
         return {
             "target": self.target,
-            "rule": self.rule,
-            "action": self.action,
-            "pid": self.pid,
-            "user": self.user,
-            "database": self.database,
-            "applicationName": self.application_name,
-            "state": self.state,
-            "stateAgeSeconds": None if self.state_age_seconds is None else round(self.state_age_seconds, 1),
+            "rule": record.rule,
+            "action": record.action,
+            "pid": record.pid,
+            "user": record.user,
+            "database": record.database,
+            "applicationName": record.application_name,
+            "state": record.state,
+            "stateAgeSeconds": None if record.state_age_seconds is None else round(record.state_age_seconds, 1),
             "crosses": NOW if self.crosses_in <= 0 else self.crosses_at,
             "crossesAt": self.crosses_at,
             "crossesInSeconds": round(self.crosses_in, 1),
@@ -102,19 +100,19 @@ def stale_status(policy: Mapping[str, Any]) -> str | None:
 
 
 def _status_row(pod: str, when: str, action: Mapping[str, Any]) -> ExplainRow:
-    return ExplainRow(
-        target=pod,
+    record = ActionRecord(
         rule=str(action.get("rule")),
         action=str(action.get("action")),
         pid=int(action.get("pid", 0)),
         user=action.get("user"),
         database=action.get("database"),
         application_name=action.get("applicationName"),
+        client_address=action.get("clientAddress"),
         state=action.get("state"),
-        state_age_seconds=None,
-        crosses_at=when,
-        crosses_in=0.0,
+        state_age_seconds=None,  # the status does not record it
+        done=False,
     )
+    return ExplainRow(target=pod, record=record, crosses_at=when, crosses_in=0.0)
 
 
 # -- from a dry-run cycle and a look-ahead against a DSN -----------------------------------------------------
@@ -141,22 +139,7 @@ def from_cycle(report: CycleReport, upcoming: list[Crossing], seen: datetime, *,
     """
     by_pid = {c.session.pid: c for c in upcoming}
     now_text = rfc3339(seen)
-    rows = [
-        ExplainRow(
-            report.target,
-            a.rule,
-            a.action,
-            a.pid,
-            a.user,
-            a.database,
-            a.application_name,
-            a.state,
-            a.state_age_seconds,
-            now_text,
-            0.0,
-        )
-        for a in report.actions
-    ]
+    rows = [ExplainRow(report.target, a, now_text, 0.0) for a in report.actions]
     decided = {a.pid for a in report.actions}
     for skip in report.skipped:
         crossing = by_pid.get(skip.pid)
@@ -179,16 +162,21 @@ def _crossing_row(
     """A row from the look-ahead; a held-back session it no longer saw keeps only what the skip says."""
     session = crossing.session if crossing is not None else None
     wait = 0.0 if held is not None or crossing is None else crossing.seconds
-    return ExplainRow(
-        target=target,
+    record = ActionRecord(
         rule=rule or (crossing.rule if crossing else NO_VALUE),
         action=crossing.action if crossing else NO_VALUE,
         pid=pid if pid is not None else (session.pid if session else 0),
         user=session.user if session else None,
         database=session.database if session else None,
         application_name=session.application_name if session else None,
+        client_address=session.client_address if session else None,
         state=session.state if session else None,
         state_age_seconds=session.state_age if session else None,
+        done=False,
+    )
+    return ExplainRow(
+        target=target,
+        record=record,
         crosses_at=rfc3339(seen + timedelta(seconds=wait)),
         crosses_in=wait,
         held_back=held,
@@ -222,13 +210,13 @@ def render(rows: Iterable[ExplainRow], source: str, now: datetime | None = None)
     cells = [
         [
             r.target,
-            r.rule,
-            r.action,
-            str(r.pid),
-            r.user or NO_VALUE,
-            r.application_name or NO_VALUE,
-            r.state or NO_VALUE,
-            duration(r.state_age_seconds),
+            r.record.rule,
+            r.record.action,
+            str(r.record.pid),
+            r.record.user or NO_VALUE,
+            r.record.application_name or NO_VALUE,
+            r.record.state or NO_VALUE,
+            duration(r.record.state_age_seconds),
             crosses_cell(r, source, moment),
         ]
         for r in rows

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from pgwarden.enforcement.background import write_when_woken
 from pgwarden.enforcement.reports import ReportState, differs, ours, report_body, rule_names
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.policy import PolicyError, parse_spec
@@ -98,28 +99,19 @@ class ReportQueue:
             log.warning("policy report not deleted", policy=self.name, namespace=self.namespace, error=str(exc)[:300])
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(self.settings.api_timeout * 2):
-                    await self._write_if_changed()
-                self.failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # never ends the writer: the next attempt comes after a backoff
-                self.failures += 1
-                delay = self.settings.api_retry_delay(self.failures)
-                log.warning(
-                    "policy report not written; retrying",
-                    policy=self.name,
-                    namespace=self.namespace,
-                    attempt=self.failures,
-                    retry_in=round(delay, 2),
-                    error=str(exc)[:300] or type(exc).__name__,
-                )
-                await asyncio.sleep(delay)
-                self._wake.set()
+        await write_when_woken(
+            self,
+            self._wake,
+            self._attempt,
+            "policy report not written; retrying",
+            policy=self.name,
+            namespace=self.namespace,
+        )
+
+    async def _attempt(self) -> None:
+        async with asyncio.timeout(self.settings.api_timeout * 2):
+            await self._write_if_changed()
+        self.failures = 0
 
     async def _write_if_changed(self) -> None:
         if not self._read:

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from pgwarden.enforcement.background import write_when_woken
 from pgwarden.enforcement.status import TOTAL_KEYS, PolicyCondition, TargetUpdate, write_key
 from pgwarden.enforcement.status_writer import GhostLanded, StatusWriter, WriteOutcomeUnknown
 from pgwarden.settings import DEFAULTS, Settings
@@ -145,28 +146,14 @@ class StatusQueue:
             self._task = asyncio.create_task(self._run(), name=f"pgwarden status {self.namespace}/{self.name}")
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                async with self._lock:
-                    async with asyncio.timeout(self.settings.api_timeout * 2):
-                        await self._write_pending()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # never ends the writer: the next attempt comes after a backoff
-                self.failures += 1
-                delay = self.settings.api_retry_delay(self.failures)
-                log.warning(
-                    "status not written; retrying",
-                    policy=self.name,
-                    namespace=self.namespace,
-                    attempt=self.failures,
-                    retry_in=round(delay, 2),
-                    error=str(exc)[:300] or type(exc).__name__,
-                )
-                await asyncio.sleep(delay)
-                self._wake.set()
+        await write_when_woken(
+            self, self._wake, self._attempt, "status not written; retrying", policy=self.name, namespace=self.namespace
+        )
+
+    async def _attempt(self) -> None:
+        async with self._lock:
+            async with asyncio.timeout(self.settings.api_timeout * 2):
+                await self._write_pending()  # resets `failures` when it lands
 
     async def _write_pending(self) -> None:
         """Write everything handed over so far (callers hold the lock: one write at a time, so the batch is
