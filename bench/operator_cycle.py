@@ -34,6 +34,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -249,17 +250,23 @@ def policy_events(api: client.ApiClient, namespace: str) -> int:
 class Operator:
     """`pgwarden run --namespace NS` as a process, as in production (and in tests/fixtures/operator.py)."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, logdir: Path) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, logdir: Path, snapshot: Path | None = None) -> None:
+        """`snapshot`: run under tracemalloc (bench/traced_operator.py); `snapshot_now()` dumps one."""
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.log_path = logdir / f"operator-{self.metrics_port}.log"
+        self.snapshot_prefix = snapshot
+        self.snapshots = 0
         profile = os.environ.get("PGWARDEN_BENCH_PROFILE")  # a directory: the operator runs under cProfile
         args = [sys.executable]
         if profile:
             args += ["-m", "cProfile", "-o", str(Path(profile) / f"operator-{self.metrics_port}.prof")]
-        args += ["-m", "pgwarden", "run", "--namespace", namespace, "--standalone"]  # one replica, no peering
+        args += [str(REPO / "bench" / "traced_operator.py")] if snapshot else ["-m", "pgwarden"]
+        args += ["run", "--namespace", namespace, "--standalone"]  # one replica, no peering
         args += ["--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)]
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONPATH=str(REPO / "operator"))
+        if snapshot:
+            env["PGWARDEN_BENCH_SNAPSHOT"] = str(snapshot)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._healthy, timeout=60, interval=0.2, message="operator /healthz")
@@ -285,6 +292,16 @@ class Operator:
             line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ":" in line
         )
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def snapshot_now(self, timeout: float = 120) -> Path:
+        """Have the traced operator dump a tracemalloc snapshot (SIGUSR1), and wait for the file."""
+        if self.snapshot_prefix is None:
+            raise RuntimeError("the operator is not traced")
+        path = Path(f"{self.snapshot_prefix}.{self.snapshots}")
+        self.snapshots += 1
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_for(path.exists, timeout=timeout, interval=0.5, message=f"snapshot {path}")
+        return path
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the operator has used so far (/proc/PID/stat, fields 14 and 15)."""
