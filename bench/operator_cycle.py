@@ -21,6 +21,7 @@ Targets: cycle / floor <= 1.5; 0 writes and 0 Events per steady-state minute; RS
 PGWARDEN_BENCH_PROFILE=DIR runs the operator under cProfile (one DIR/operator-PORT.prof per phase).
 
     .venv/bin/python bench/operator_cycle.py [--major 15] [--servers 4] [--targets 200] [--minute 60]
+    .venv/bin/python bench/operator_cycle.py --targets 1000 --servers 20 --policies 1   (1,000 targets)
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ SECRET = "pg-credentials"  # noqa: S105 - the Secret's name, not a secret
 def addresses(servers: int, per_server: int) -> list[list[str]]:
     """Disjoint 127.0.x.y address sets, one per server (127.0.200.1 ... for server 0, and so on)."""
     return [[f"127.0.{200 + s}.{i + 1}" for i in range(per_server)] for s in range(servers)]
+
+
+MAX_LISTEN = 64
+"""PostgreSQL's MAXLISTEN: a server listens on at most 64 sockets (1,000 targets need 16 servers or more)."""
 
 
 def shared_free_port(hosts: list[str], attempts: int = 20) -> int:
@@ -631,10 +636,13 @@ def main() -> None:
     if args.targets % args.servers:
         parser.error("--targets must be a multiple of --servers")
     per_server = args.targets // args.servers
+    if per_server > MAX_LISTEN:
+        fewest = -(-args.targets // MAX_LISTEN)
+        parser.error(f"at most {MAX_LISTEN} addresses per server: use --servers {fewest} or more")
     sets = addresses(args.servers, per_server)
     hosts = [h for s in sets for h in s]
     port = shared_free_port(hosts)
-    raise_fd_limit(args.policies * args.targets + 1000)
+    raise_fd_limit(args.policies * args.targets + 2 * args.targets + 1000)  # and this process's reference rounds
     configure_logging("warning")  # the engine (reference rounds) logs through structlog
     print(f"PostgreSQL {args.major}: {args.servers} servers x {per_server} addresses, port {port}", flush=True)
 
