@@ -45,10 +45,14 @@ LABEL org.opencontainers.image.title="pgwarden" \
       org.opencontainers.image.licenses="Apache-2.0"
 # HOME=/tmp: the numeric user has no passwd entry and /tmp is the one writable mount (an emptyDir)
 # under readOnlyRootFilesystem, so anything that wants a home directory gets a usable one.
+# MALLOC_ARENA_MAX=2: glibc's malloc gives each thread that allocates (kopf's executor, the metrics server,
+# the kubernetes client's pool) its own arena; two keep 8 MB of RSS less at 20 policies x 200 pods
+# (bench/operator_memory.py), at no measurable cost: one event loop does nearly all the allocating.
 ENV PATH=/opt/pgwarden/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    MALLOC_ARENA_MAX=2
 COPY --from=build /opt/pgwarden /opt/pgwarden
 # Numeric, so Kubernetes' runAsNonRoot can verify it; matches runAsUser/runAsGroup in manifests/.
 USER 10001:10001

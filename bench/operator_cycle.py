@@ -21,6 +21,7 @@ Targets: cycle / floor <= 1.5; 0 writes and 0 Events per steady-state minute; RS
 PGWARDEN_BENCH_PROFILE=DIR runs the operator under cProfile (one DIR/operator-PORT.prof per phase).
 
     .venv/bin/python bench/operator_cycle.py [--major 15] [--servers 4] [--targets 200] [--minute 60]
+    .venv/bin/python bench/operator_cycle.py --targets 1000 --servers 20 --policies 1   (1,000 targets)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -75,6 +77,10 @@ SECRET = "pg-credentials"  # noqa: S105 - the Secret's name, not a secret
 def addresses(servers: int, per_server: int) -> list[list[str]]:
     """Disjoint 127.0.x.y address sets, one per server (127.0.200.1 ... for server 0, and so on)."""
     return [[f"127.0.{200 + s}.{i + 1}" for i in range(per_server)] for s in range(servers)]
+
+
+MAX_LISTEN = 64
+"""PostgreSQL's MAXLISTEN: a server listens on at most 64 sockets (1,000 targets need 16 servers or more)."""
 
 
 def shared_free_port(hosts: list[str], attempts: int = 20) -> int:
@@ -246,20 +252,31 @@ def policy_events(api: client.ApiClient, namespace: str) -> int:
 
 
 # -- the operator -----------------------------------------------------------------------------------------
+IMAGE_ENV = {"MALLOC_ARENA_MAX": "2"}
+"""What the image's Dockerfile sets for the operator's process (the caller's environment wins): glibc's malloc
+otherwise gives each thread that allocates its own arena, 8 MB of RSS at 20 policies x 200 pods."""
+
+
 class Operator:
     """`pgwarden run --namespace NS` as a process, as in production (and in tests/fixtures/operator.py)."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, logdir: Path) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, logdir: Path, snapshot: Path | None = None) -> None:
+        """`snapshot`: run under tracemalloc (bench/traced_operator.py); `snapshot_now()` dumps one."""
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.log_path = logdir / f"operator-{self.metrics_port}.log"
+        self.snapshot_prefix = snapshot
+        self.snapshots = 0
         profile = os.environ.get("PGWARDEN_BENCH_PROFILE")  # a directory: the operator runs under cProfile
         args = [sys.executable]
         if profile:
             args += ["-m", "cProfile", "-o", str(Path(profile) / f"operator-{self.metrics_port}.prof")]
-        args += ["-m", "pgwarden", "run", "--namespace", namespace, "--standalone"]  # one replica, no peering
+        args += [str(REPO / "bench" / "traced_operator.py")] if snapshot else ["-m", "pgwarden"]
+        args += ["run", "--namespace", namespace, "--standalone"]  # one replica, no peering
         args += ["--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)]
-        env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONPATH=str(REPO / "operator"))
+        env = IMAGE_ENV | dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONPATH=str(REPO / "operator"))
+        if snapshot:
+            env["PGWARDEN_BENCH_SNAPSHOT"] = str(snapshot)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._healthy, timeout=60, interval=0.2, message="operator /healthz")
@@ -285,6 +302,16 @@ class Operator:
             line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ":" in line
         )
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def snapshot_now(self, timeout: float = 120) -> Path:
+        """Have the traced operator dump a tracemalloc snapshot (SIGUSR1), and wait for the file."""
+        if self.snapshot_prefix is None:
+            raise RuntimeError("the operator is not traced")
+        path = Path(f"{self.snapshot_prefix}.{self.snapshots}")
+        self.snapshots += 1
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_for(path.exists, timeout=timeout, interval=0.5, message=f"snapshot {path}")
+        return path
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the operator has used so far (/proc/PID/stat, fields 14 and 15)."""
@@ -609,10 +636,13 @@ def main() -> None:
     if args.targets % args.servers:
         parser.error("--targets must be a multiple of --servers")
     per_server = args.targets // args.servers
+    if per_server > MAX_LISTEN:
+        fewest = -(-args.targets // MAX_LISTEN)
+        parser.error(f"at most {MAX_LISTEN} addresses per server: use --servers {fewest} or more")
     sets = addresses(args.servers, per_server)
     hosts = [h for s in sets for h in s]
     port = shared_free_port(hosts)
-    raise_fd_limit(args.policies * args.targets + 1000)
+    raise_fd_limit(args.policies * args.targets + 2 * args.targets + 1000)  # and this process's reference rounds
     configure_logging("warning")  # the engine (reference rounds) logs through structlog
     print(f"PostgreSQL {args.major}: {args.servers} servers x {per_server} addresses, port {port}", flush=True)
 

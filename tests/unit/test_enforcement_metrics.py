@@ -85,13 +85,36 @@ def test_skipped_sessions_are_counted_by_rule_and_reason() -> None:
     assert skipped_total("slow", SkipReason.MAX_ACTIONS) is None
 
 
+PER_TARGET_METRICS = {
+    "pgwarden_backends",
+    "pgwarden_client_sessions",
+    "pgwarden_target_errors",
+    "pgwarden_target_up",
+    "pgwarden_last_success_timestamp_seconds",
+    "pgwarden_missing_privileges",
+}
+"""Every metric labelled by pod (README's metrics table)."""
+PER_POLICY_METRICS = PER_TARGET_METRICS | {
+    "pgwarden_actions",
+    "pgwarden_skipped",
+    "pgwarden_cycle_duration_seconds",
+    "pgwarden_policy_pass_duration_seconds",
+    "pgwarden_policy_pass_targets",
+    "pgwarden_targets",
+    "pgwarden_policy_interval_seconds",
+    "pgwarden_policy_ready",
+}
+"""Every metric labelled by policy."""
+
+
 def _series_of(namespace: str) -> list[tuple[str, tuple[str, ...]]]:
-    """Every labelled series of the namespace, in every pgwarden metric."""
+    """Every labelled series of the namespace, in every pgwarden metric, as exported: (metric, labels after
+    the namespace: policy, pod, ...)."""
     return [
-        (metric._name, tuple(labels))
-        for metric in metrics._PER_POLICY
-        for labels in list(metric._metrics)
-        if labels[0] == namespace
+        (family.name, tuple(sample.labels.values())[1:])
+        for family in metrics.REGISTRY.collect()
+        for sample in family.samples
+        if sample.labels.get("namespace") == namespace
     ]
 
 
@@ -107,20 +130,17 @@ def test_a_gone_pod_and_a_gone_policy_leave_no_series_behind() -> None:
         metrics.TARGETS.labels(namespace, policy).set(2)
         metrics.record_interval(namespace, policy, 30.0)
         metrics.record_ready(namespace, policy, False)
-    per_target = {m._name for m in metrics._PER_TARGET}
-    assert per_target <= {name for name, labels in _series_of(namespace) if labels[1:3] == ("p", "db-1")}
+    assert {name for name, labels in _series_of(namespace) if labels[:2] == ("p", "db-1")} >= PER_TARGET_METRICS
     metrics.forget_target(namespace, "p", "db-1")
-    assert not [s for s in _series_of(namespace) if "db-1" in s[1] and s[1][1] == "p"]
+    assert not [s for s in _series_of(namespace) if s[1][:2] == ("p", "db-1")]
     assert _value("pgwarden_target_errors_total", {"namespace": namespace, "policy": "p", "pod": "db-0"}) == 1
     metrics.forget_policy(namespace, "p")
     left = _series_of(namespace)
     assert left
-    assert {labels[1] for _, labels in left} == {"q"}  # the other policy's series are untouched
-    assert {name for name, _ in left} == {m._name for m in metrics._PER_POLICY}
+    assert {labels[0] for _, labels in left} == {"q"}  # the other policy's series are untouched
+    assert {name for name, _ in left} == PER_POLICY_METRICS
     metrics.forget_policy(namespace, "q")
     assert _series_of(namespace) == []
-    assert not [k for k in metrics._backends_seen if k[0] == namespace]
-    assert not [k for k in metrics._states_seen if k[0] == namespace]
 
 
 def test_client_states_are_gauged_per_target_and_a_state_gone_drops_to_zero() -> None:

@@ -360,7 +360,13 @@ async def test_a_departed_pod_is_closed_forgotten_and_its_series_dropped(make_ha
 
 
 def _series(namespace: str, pod: str) -> set[tuple[str, ...]]:
-    return {tuple(labels) for labels in metrics.BACKENDS._metrics if labels[:3] == (namespace, "p", pod)}
+    return {
+        tuple(sample.labels.values())
+        for family in metrics.REGISTRY.collect()
+        if family.name == "pgwarden_backends"
+        for sample in family.samples
+        if (sample.labels["namespace"], sample.labels["policy"], sample.labels["pod"]) == (namespace, "p", pod)
+    }
 
 
 async def test_the_controller_leaves_sidecar_pods_alone_with_a_notice(make_harness: Callable[..., Harness]) -> None:

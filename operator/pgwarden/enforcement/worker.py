@@ -113,8 +113,10 @@ class Pass:
     pending: int
 
 
-@dataclass
+@dataclass(slots=True)
 class TargetState:
+    """One target of one policy (20 policies x 200 pods: 4,000 of them, so slots, not a dict each)."""
+
     pod: PodInfo
     endpoint: Endpoint | None = None
     enforcer: TargetEnforcer | None = None

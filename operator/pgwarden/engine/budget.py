@@ -13,17 +13,26 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+_EMPTY: deque[float] = deque(maxlen=0)
+"""The window of a policy that took no action: shared, and never written (its maxlen is 0)."""
+
 
 @dataclass
 class ActionBudget:
     """When each action of the last window was taken, per policy (monotonic seconds)."""
 
     _taken: dict[str, deque[float]] = field(default_factory=dict)
+    """Only policies with an action in the window: an empty deque is ~600 bytes, and most policies on most
+    targets act on nothing (20 policies x 200 pods held 4,000 of them)."""
 
     def _window(self, policy: str, window: float, now: float) -> deque[float]:
-        taken = self._taken.setdefault(policy, deque())
+        taken = self._taken.get(policy)
+        if taken is None:
+            return _EMPTY
         while taken and taken[0] <= now - window:  # an action exactly `window` ago is out of this one
             taken.popleft()
+        if not taken:
+            del self._taken[policy]
         return taken
 
     def used(self, policy: str, window: float, now: float) -> int:
@@ -32,7 +41,8 @@ class ActionBudget:
 
     def record(self, policy: str, count: int, at: float) -> None:
         """`count` actions taken, all at `at` (record once every signal was accepted: never early)."""
-        self._taken.setdefault(policy, deque()).extend([at] * count)
+        if count > 0:
+            self._taken.setdefault(policy, deque()).extend([at] * count)
 
     def frees_at(self, policy: str, window: float, now: float) -> float | None:
         """Seconds after `now` when the oldest action leaves the window (a slot frees); None if none held."""

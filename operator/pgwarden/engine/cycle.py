@@ -401,8 +401,12 @@ async def run_cycle(
     else:
         used = budget.used(policy, spec.interval.total_seconds(), started) if budget is not None else 0
         decision = plan(observation, spec, protected_pids, used=used)
-        if not dry_run:
+        if not dry_run and observation.upcoming:
             _LOOKAHEAD.setdefault(conn, {})[policy] = (spec, observation)
+        elif not dry_run:
+            # Nothing upcoming: a wake-up would carry nothing forward (see _due_on_wake), so nothing is kept;
+            # 20 policies x 200 pods kept ~1.2 KB each of observations no wake-up would read.
+            _LOOKAHEAD.get(conn, {}).pop(policy, None)
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:

@@ -87,11 +87,17 @@ class TargetSession:
         A connection lost between cycles (a server restart, pg_terminate_backend, a proxy's idle timeout)
         is replaced here, silently, once: only a failure of the new one fails the cycle.
         """
-        if self._conn is None or self._conn.closed or self._conn.broken or _dropped_while_idle(self._conn):
+        if not self._usable():
             await self.close()
             self._conn = await connect(self.dsn)
             self._target = target_of(self._conn)
+        assert self._conn is not None
         return self._conn
+
+    def _usable(self) -> bool:
+        """The open connection is there and the server has not spoken on it while it idled."""
+        conn = self._conn
+        return conn is not None and not conn.closed and not conn.broken and not _dropped_while_idle(conn)
 
     async def ensure_connected(self) -> None:
         """Connect now if there is no usable connection, within the evaluation bound.
@@ -99,6 +105,8 @@ class TargetSession:
         Callers that share a concurrency limit call this first, so a target that cannot be reached
         waits for (and fails on) its own connection without holding a slot others need.
         """
+        if self._usable():
+            return  # nothing to wait for, so no timer: it is called twice per evaluation, and a timer is costly
         try:
             async with asyncio.timeout(self.evaluation_timeout):
                 await self.connection()
