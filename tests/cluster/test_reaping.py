@@ -6,13 +6,16 @@ the pod network and reads the credentials Secret with its ServiceAccount token.
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pgwarden.policy.api import EventReason
-from tests.cluster.conftest import kubectl_json
+from pgwarden.policy.model import EnforcementAction, SessionAction
+from tests.cluster.conftest import SYSTEM_NAMESPACE, kubectl_json
 from tests.cluster.postgres_pod import (
     APP_PASSWORD,
     REAP_TIMEOUT,
@@ -28,6 +31,35 @@ from tests.cluster.postgres_pod import (
 from tests.harness.postgres import wait_for
 
 pytestmark = pytest.mark.cluster
+
+METRICS_SERVICE = "pgwarden-metrics"
+
+
+def metrics_address() -> str:
+    """The metrics Service's ClusterIP and port, as Prometheus would find it (the host reaches the
+    Service range: kube-proxy's rules apply to this machine's own traffic too)."""
+    service = kubectl_json("get", "service", METRICS_SERVICE, "-n", SYSTEM_NAMESPACE)["spec"]
+    (port,) = [p["port"] for p in service["ports"] if p["name"] == "metrics"]
+    return f"{service['clusterIP']}:{port}"
+
+
+def terminations_scraped(address: str, namespace: str) -> float | None:
+    """pgwarden_actions_total for the idle-reaper's terminations in `namespace`, from one scrape through
+    the Service (None when the replica that answered has no such series: the standby enforces nothing)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = {
+        "namespace": namespace,
+        "policy": "idle-reaper",
+        "rule": "idle",
+        "action": SessionAction.TERMINATE.value,
+        "mode": EnforcementAction.ENFORCE.value,
+    }
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "pgwarden_actions_total" and sample.labels == wanted:
+                return float(sample.value)
+    return None
 
 
 @pytest.mark.parametrize("major", ["15", "18"])
@@ -60,6 +92,22 @@ def test_idle_sessions_on_a_statefulset_pod_are_reaped_with_status_and_events(na
         (event, *_) = wait_for(events, timeout=60, interval=0.5, message="a SessionsTerminated Event")
         assert event["type"] == "Normal"
         assert event["involvedObject"]["kind"] == "PostgresPolicy"
+
+        # /metrics through the Service: each scrape lands on one replica; the enforcing one counts exactly
+        # the sessions terminated, the standby has no series for the policy (never a second count).
+        address = metrics_address()
+        seen: list[float] = []
+
+        def counted() -> bool:
+            value = terminations_scraped(address, namespace)
+            if value is not None:
+                seen.append(value)
+            return value is not None
+
+        wait_for(counted, timeout=60, interval=0.5, message="pgwarden_actions_total through the Service")
+        for _ in range(10):  # more scrapes, over both replicas: the count stays exact, no second counter
+            counted()
+        assert set(seen) == {float(len(doomed_pids))}
     finally:
         busy.close()
         for conn in doomed:

@@ -9,7 +9,11 @@ directory and must reap idle sessions its policy selects, while the central cont
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,9 @@ EXAMPLE = REPO / "manifests" / "sidecar" / "examples" / "statefulset.yaml"
 SIDECAR_RBAC = REPO / "manifests" / "sidecar"
 IMAGES = {"postgres:18.1": "localhost/postgres:18", "localhost/pgwarden:0.1.0": "localhost/pgwarden:dev"}
 POSTGRES_UID = 999  # the postgres user of the official image and of localhost/postgres:*
+# An address on the pod network that no pod has (host-local IPAM hands out addresses from the bottom of
+# 10.88.0.0/16): packets to it go onto the bridge and nothing answers, like an API server behind a partition.
+NOBODY = "10.88.255.254"
 
 
 def example_with_local_images() -> dict[str, Any]:
@@ -134,3 +141,107 @@ def test_sidecar_example_runs_as_shipped_and_reaps_over_the_socket(namespace: st
     finally:
         for conn in doomed:
             conn.close()
+
+
+def sidecar_pod(namespace: str) -> dict[str, Any] | None:
+    found = kubectl("get", "pod", "orders-db-0", "-n", namespace, "-o", "json", check=False)
+    return dict(json.loads(found.stdout)) if found.returncode == 0 else None
+
+
+def ready_two_of_two(pod: dict[str, Any] | None) -> bool:
+    """The pod Ready and both containers ready and running (what `kubectl get` shows as 2/2 Running)."""
+    status = (pod or {}).get("status", {})
+    conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+    containers = status.get("containerStatuses", [])
+    return (
+        conditions.get("Ready") == "True"
+        and len(containers) == 2
+        and all(c["ready"] and "running" in c["state"] for c in containers)
+    )
+
+
+def liveness_window(statefulset: dict[str, Any]) -> float:
+    """How long the kubelet needs to restart a sidecar whose /healthz fails from the start: period times
+    failureThreshold (Kubernetes' default 3), plus one more period so a restart would have shown."""
+    (sidecar,) = [c for c in statefulset["spec"]["template"]["spec"]["containers"] if c["name"] == "pgwarden"]
+    probe = sidecar["livenessProbe"]
+    period = float(probe.get("periodSeconds", 10))
+    return float(probe.get("initialDelaySeconds", 0)) + period * (int(probe.get("failureThreshold", 3)) + 1)
+
+
+def healthz(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The sidecar's own /healthz body, from the host on the pod's address (None until it listens: the
+    container is "running" from its first instruction, the health server a few seconds of imports later)."""
+    try:
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8080/healthz", timeout=5) as response:
+            return dict(json.loads(response.read()))
+    except ConnectionRefusedError:
+        return None
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, ConnectionRefusedError):
+            return None
+        raise
+
+
+@pytest.mark.parametrize("fault", ["no-rolebinding", "api-unreachable"])
+def test_sidecar_keeps_its_pod_ready_when_it_cannot_use_the_api(
+    namespace: str, volume: dict[str, Any], fault: str
+) -> None:
+    """A sidecar that cannot use the API server (its RoleBinding missing, or the server unreachable) must
+    not take its database out of service: the pod stays 2/2 Ready and the sidecar is never restarted, over
+    longer than liveness needs to restart it; its /healthz says what is wrong, with status 200."""
+    statefulset = example_with_local_images()
+    if fault == "no-rolebinding":
+        # Only the ServiceAccount the pod runs as: manifests/sidecar's Role and RoleBinding not applied.
+        kubectl("apply", "-n", namespace, "-f", str(SIDECAR_RBAC / "serviceaccount.yaml"))
+    else:
+        # The RBAC applied; the sidecar's in-cluster configuration points at an address nothing answers on
+        # (KUBERNETES_SERVICE_HOST from the pod spec wins over the kubelet's Service variables).
+        kubectl("apply", "-k", str(SIDECAR_RBAC), "-n", namespace)
+        (sidecar,) = [c for c in statefulset["spec"]["template"]["spec"]["containers"] if c["name"] == "pgwarden"]
+        sidecar["env"].append({"name": "KUBERNETES_SERVICE_HOST", "value": NOBODY})
+    superuser = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "orders-db-superuser", "namespace": namespace},
+        "stringData": {"password": SUPERUSER_PASSWORD},
+    }
+    apply(namespace, superuser, credentials_secret(namespace), statefulset)
+
+    pod = wait_for(
+        lambda: (lambda p: p if ready_two_of_two(p) else None)(sidecar_pod(namespace)),
+        timeout=REAP_TIMEOUT,
+        interval=0.5,
+        message="orders-db-0 Ready 2/2",
+    )
+    # The fault is real: the sidecar has tried the API server and failed, and says so.
+    # Forbidden without the RoleBinding; when unreachable, a connection that never got an HTTP answer: the
+    # loop's own read reports urllib3's MaxRetryError, a status write the message naming the address.
+    expected = ("403",) if fault == "no-rolebinding" else ("MaxRetryError", NOBODY)
+    body = wait_for(
+        lambda: (lambda b: b if b and not b["apiReachable"] and b["lastError"] else None)(healthz(pod)),
+        timeout=60,
+        interval=1,
+        message="the sidecar reporting the API unusable",
+    )
+    assert body["loop"] is True
+    assert any(text in body["lastError"] for text in expected), body
+    if fault == "api-unreachable":
+        assert "403" not in body["lastError"], body
+
+    # Watched, not slept through: every second until past the time liveness would have restarted it.
+    deadline = time.monotonic() + liveness_window(statefulset)
+
+    def held_until_deadline() -> bool:
+        current = sidecar_pod(namespace)
+        assert current is not None
+        assert ready_two_of_two(current), current["status"]
+        restarts = {c["name"]: c["restartCount"] for c in current["status"]["containerStatuses"]}
+        assert restarts == {"postgres": 0, "pgwarden": 0}
+        return time.monotonic() >= deadline
+
+    wait_for(held_until_deadline, timeout=liveness_window(statefulset) + 30, interval=1, message="the window")
+    final = healthz(pod)
+    assert final is not None
+    assert final["apiReachable"] is False
+    assert final["loop"] is True

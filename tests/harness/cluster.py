@@ -94,6 +94,7 @@ KUBELET_HEALTHZ_PORT = 10248
 PROXY_HEALTHZ_PORT = 10256
 PAUSE_IMAGE = "localhost/pause:pgwarden"
 ISOLATION_CHAIN = "PGWARDEN-ISOLATE"
+AUDIT_LOG = DATA_DIR / "audit.log"  # the API server's record of who did what (removed by `down`)
 # Started in this order, stopped in the reverse; the kubelet needs containerd, kube-proxy the Node.
 ORDER = (
     "containerd",
@@ -312,6 +313,24 @@ def proxy_config() -> dict[str, Any]:
     }
 
 
+def audit_policy() -> dict[str, Any]:
+    """What the API server records, at Metadata level (who, which verb, which object; never bodies, so no
+    Secret's data): every request by pgwarden's namespace's ServiceAccounts, and every write to pgwarden's
+    own resources by anyone. Tests read AUDIT_LOG to prove which identity the operator acts as; nothing
+    else is kept, so the log stays small."""
+    writes = ["create", "update", "patch", "delete"]
+    return {
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [
+            {"level": "Metadata", "userGroups": ["system:serviceaccounts:pgwarden-system"]},
+            {"level": "Metadata", "verbs": writes, "resources": [{"group": "pgwarden.dev"}]},
+            {"level": "None"},
+        ],
+    }
+
+
 def write_configs(host: str) -> None:
     pki = STATE_DIR / "pki"
     server = f"https://{host}:{API_PORT}"
@@ -329,6 +348,7 @@ def write_configs(host: str) -> None:
     (STATE_DIR / "containerd.toml").write_text(containerd_config())
     (STATE_DIR / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(pki)))
     (STATE_DIR / "kube-proxy.yaml").write_text(yaml.safe_dump(proxy_config()))
+    (STATE_DIR / "audit-policy.yaml").write_text(yaml.safe_dump(audit_policy()))
     (STATE_DIR / "resolv.conf").write_text("# no DNS in pods: they use Service and pod IPs\n")
     cni = DATA_DIR / "cni" / "net.d"
     cni.mkdir(parents=True, exist_ok=True)
@@ -371,6 +391,10 @@ def argv_for(name: str, bins: Bins, host: str) -> list[str]:
             f"--kubelet-client-certificate={pki / 'admin.crt'}",
             f"--kubelet-client-key={pki / 'admin.key'}",
             "--kubelet-preferred-address-types=InternalIP",
+            f"--audit-policy-file={STATE_DIR / 'audit-policy.yaml'}",
+            f"--audit-log-path={AUDIT_LOG}",
+            "--audit-log-maxsize=20",  # MB, then rotated once: a long session cannot fill the disk
+            "--audit-log-maxbackup=1",
         ]
     if name == "kube-controller-manager":
         return [
