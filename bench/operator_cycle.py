@@ -584,25 +584,42 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
 
 
+@dataclass
+class World:
+    """What a benchmark run stands on: the servers behind the pods' addresses, the control plane, the pods."""
+
+    servers: list[PgServer]
+    plane: ControlPlane
+    api: client.ApiClient
+    namespace: str
+
+
+def world(
+    stack: contextlib.ExitStack, major: str, sets: list[list[str]], port: int, connections: int, shards: int, name: str
+) -> World:
+    """One server per address set (`connections` each), a control plane, the Secret and the Running pods."""
+    servers = []
+    for group in sets:
+        settings = {"listen_addresses": "'" + ",".join(group) + "'", "max_connections": str(connections)}
+        server = stack.enter_context(running_server(major, host=group[0], port=port, hba="password", settings=settings))
+        prepare(server)
+        servers.append(server)
+    plane = stack.enter_context(ControlPlane())
+    api = stack.enter_context(plane.api_client())
+    apply_crds(api)
+    namespace = new_namespace(api, name)
+    create_secret(api, namespace)
+    create_pods(api, namespace, [h for s in sets for h in s], shards)
+    return World(servers, plane, api, namespace)
+
+
 def run(args: argparse.Namespace, sets: list[list[str]], port: int, logdir: Path) -> None:
     """Servers, control plane, pods; the reference rounds around the one-policy phase; the RSS phases."""
     hosts = [h for s in sets for h in s]
     connections = len(sets[0]) * args.policies + 100  # enough even if every policy had its own connections
     with contextlib.ExitStack() as stack:
-        servers = []
-        for group in sets:
-            settings = {"listen_addresses": "'" + ",".join(group) + "'", "max_connections": str(connections)}
-            server = stack.enter_context(
-                running_server(args.major, host=group[0], port=port, hba="password", settings=settings)
-            )
-            prepare(server)
-            servers.append(server)
-        plane = stack.enter_context(ControlPlane())
-        api = stack.enter_context(plane.api_client())
-        apply_crds(api)
-        namespace = new_namespace(api, "bench")
-        create_secret(api, namespace)
-        create_pods(api, namespace, hosts, args.policies)
+        w = world(stack, args.major, sets, port, connections, args.policies, "bench")
+        servers, plane, api, namespace = w.servers, w.plane, w.api, w.namespace
         print(f"control plane {plane.server}, namespace {namespace}, {len(hosts)} pods", flush=True)
         bench = Bench(api, plane.kubeconfig, namespace, port, servers, logdir)
 

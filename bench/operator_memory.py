@@ -37,24 +37,19 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO), str(REPO / "bench")]
 from operator_cycle import (  # noqa: E402
     Operator,
     addresses,
-    create_pods,
-    create_secret,
     custom,
     delete_policies,
     operator_connections,
     policy,
-    prepare,
     raise_fd_limit,
     sample,
     shared_free_port,
+    world,
 )
 
 from pgwarden.policy.api import GROUP, PLURAL, VERSION  # noqa: E402
-from tests.fixtures.operator import apply_crds  # noqa: E402
-from tests.harness.controlplane import ControlPlane  # noqa: E402
-from tests.harness.k8s import new_namespace  # noqa: E402
 from tests.harness.pgbinaries import selected_versions  # noqa: E402
-from tests.harness.postgres import running_server, wait_for  # noqa: E402
+from tests.harness.postgres import wait_for  # noqa: E402
 
 IMPORTS = (
     ("python itself", ""),
@@ -231,20 +226,8 @@ def main() -> None:
     raise_fd_limit(args.policies * args.targets + 1000)
     logdir = Path(tempfile.mkdtemp(prefix="pgwarden-memory-"))
     with contextlib.ExitStack() as stack:
-        servers = []
-        for group in sets:
-            settings = {"listen_addresses": "'" + ",".join(group) + "'", "max_connections": str(per_server + 100)}
-            server = stack.enter_context(
-                running_server(args.major, host=group[0], port=port, hba="password", settings=settings)
-            )
-            prepare(server)
-            servers.append(server)
-        plane = stack.enter_context(ControlPlane())
-        api = stack.enter_context(plane.api_client())
-        apply_crds(api)
-        namespace = new_namespace(api, "memory")
-        create_secret(api, namespace)
-        create_pods(api, namespace, hosts, args.policies)
+        w = world(stack, args.major, sets, port, per_server + 100, args.policies, "memory")
+        servers, plane, api, namespace = w.servers, w.plane, w.api, w.namespace
         print(f"\n{len(hosts)} pods, {args.policies} policies each on every pod", flush=True)
         idle, rss, hwm, _ = phase(args, plane.kubeconfig, api, namespace, port, logdir, None)
         print(f"  operator connections during the run: {operator_connections(servers)} (after deletion)")
