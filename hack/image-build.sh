@@ -73,13 +73,19 @@ debian_base() {
   log "$DEBIAN_BASE ready after $((SECONDS - started))s"
 }
 
-# RUN steps see the host's CA bundle (read-only, never in a layer): where egress goes through a proxy with
-# its own CA, pip inside the build must trust what the host trusts.
-CA_BUNDLE="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
 bud() {
-  nice -n 19 buildah --root "$OUT/storage" --runroot "$OUT/run" bud --isolation chroot --layers \
-    --volume "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro" "$@"
+  nice -n 19 buildah --root "$OUT/storage" --runroot "$OUT/run" bud --isolation chroot --layers "$@"
 }
+
+# The project's Dockerfile's RUN steps see the host's CA bundle (read-only, never in a layer): where egress
+# goes through a proxy with its own CA, pip inside the build must trust what the host trusts. Only there:
+# an image whose build installs Debian's ca-certificates (the Python base) must own that file, or its
+# post-install script fails to replace it ("Device or resource busy"). apt needs no CA: the mirror is
+# the one apt on this host uses.
+bud_trusting_host() {
+  bud --volume "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro" "$@"
+}
+CA_BUNDLE="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
 
 python_base() {
   have "$PYTHON_BASE" && return
@@ -105,7 +111,7 @@ build_pgwarden() {
   python_base
   local started=$SECONDS
   # The project's own Dockerfile, unchanged; only its base comes from here.
-  bud --build-arg "BASE=$PYTHON_BASE" -t localhost/pgwarden:dev -f "$REPO/Dockerfile" "$REPO"
+  bud_trusting_host --build-arg "BASE=$PYTHON_BASE" -t localhost/pgwarden:dev -f "$REPO/Dockerfile" "$REPO"
   export_and_load localhost/pgwarden:dev pgwarden-dev
   log "localhost/pgwarden:dev built and loaded in $((SECONDS - started))s"
 }
