@@ -74,7 +74,8 @@ debian_base() {
 }
 
 bud() {
-  nice -n 19 buildah --root "$OUT/storage" --runroot "$OUT/run" bud --isolation chroot --layers "$@"
+  # --force-rm: a failed step leaves no container (nor its overlay mount) behind.
+  nice -n 19 buildah --root "$OUT/storage" --runroot "$OUT/run" bud --isolation chroot --layers --force-rm "$@"
 }
 
 # The project's Dockerfile's RUN steps see the host's CA bundle (read-only, never in a layer): where egress
