@@ -155,3 +155,60 @@ def pids(connections: list[psycopg.Connection[Any]]) -> list[int]:
 def policy_totals(namespace: str, name: str = "idle-reaper") -> dict[str, Any]:
     policy = kubectl_json("get", "postgrespolicy", name, "-n", namespace)
     return dict((policy.get("status") or {}).get("totals") or {})
+
+
+CLIENT_POD = "client"
+CLIENT_APP = "web"  # the application name idle-reaper.yaml's rule selects
+
+
+def client_pod(namespace: str, server: str, count: int) -> dict[str, Any]:
+    """A pod holding `count` idle sessions to `server`, as an application would: one psql each, waiting on a
+    stdin that never speaks, so its session stays `idle`. localhost/postgres:15 brings psql (a 15 client
+    speaks to 18 as well); restricted-level security context."""
+    script = f"for i in $(seq {count}); do sleep 2147483647 | psql -X -q & done; wait"
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": CLIENT_POD, "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "psql",
+                    "image": "localhost/postgres:15",
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", script],
+                    "env": [
+                        {"name": "PGHOST", "value": server},
+                        {"name": "PGUSER", "value": "app"},
+                        {"name": "PGDATABASE", "value": "postgres"},
+                        {"name": "PGAPPNAME", "value": CLIENT_APP},
+                        {"name": "PGPASSWORD", "value": APP_PASSWORD},
+                    ],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def client_sessions(host: str, namespace: str, count: int) -> list[int] | None:
+    """The pids of the client pod's idle sessions once all `count` are there (else None): matched by the
+    pod's own address, so nothing else on the server can be mistaken for them."""
+    client_ip = kubectl_json("get", "pod", CLIENT_POD, "-n", namespace)["status"].get("podIP")
+    if not client_ip:
+        return None
+    with superuser(host) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE client_addr = %s::inet AND application_name = %s"
+            " AND usename = %s AND state = 'idle' ORDER BY pid",
+            (client_ip, CLIENT_APP, "app"),
+        ).fetchall()
+    return [row[0] for row in rows] if len(rows) == count else None

@@ -1,7 +1,8 @@
 """pgwarden, as deployed, reaps idle sessions on a PostgreSQL pod of a StatefulSet on the real node.
 
-Everything is real: the PostgreSQL image runs under the kubelet, pgwarden reaches it on its pod IP over
-the pod network and reads the credentials Secret with its ServiceAccount token.
+Everything is real: the PostgreSQL image runs under the kubelet, a client pod holds the idle sessions over
+the pod network as an application would, pgwarden reaches the server on its pod IP and reads the
+credentials Secret with its ServiceAccount token.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from tests.cluster.postgres_pod import (
     REAP_TIMEOUT,
     alive,
     apply,
+    client_pod,
+    client_sessions,
     credentials_secret,
     fast_idle_reaper,
-    open_idle,
-    pids,
     policy_totals,
     start_postgres,
 )
@@ -65,11 +66,16 @@ def terminations_scraped(address: str, namespace: str) -> float | None:
 @pytest.mark.parametrize("major", ["15", "18"])
 def test_idle_sessions_on_a_statefulset_pod_are_reaped_with_status_and_events(namespace: str, major: str) -> None:
     host = start_postgres(namespace, major)
-    doomed = open_idle(host, 3)
+    apply(namespace, client_pod(namespace, host, 3))
     busy = psycopg.connect(host=host, user="app", password=APP_PASSWORD, dbname="postgres", application_name="web")
     busy.execute("SELECT 1")  # idle in transaction: not `idle`, so the rule must leave it alone
     try:
-        doomed_pids = pids(doomed)
+        doomed_pids = wait_for(
+            lambda: client_sessions(host, namespace, 3),
+            timeout=REAP_TIMEOUT,
+            interval=0.5,
+            message="the client pod's 3 idle sessions",
+        )
         apply(namespace, credentials_secret(namespace), fast_idle_reaper(namespace))
 
         wait_for(
@@ -110,5 +116,3 @@ def test_idle_sessions_on_a_statefulset_pod_are_reaped_with_status_and_events(na
         assert set(seen) == {float(len(doomed_pids))}
     finally:
         busy.close()
-        for conn in doomed:
-            conn.close()
