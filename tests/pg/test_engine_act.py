@@ -6,6 +6,8 @@ These tests drive the seams of a cycle (observe, plan, then act) so something ca
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -146,3 +148,34 @@ async def test_engine_connection_lost_between_cycles_is_replaced_before_the_next
         assert second.server_version == first.server_version
     finally:
         await target.close()
+
+
+async def test_engine_connection_on_a_descriptor_past_1023_is_kept_between_cycles(
+    pg: PgServer, request: pytest.FixtureRequest
+) -> None:
+    """An operator with a thousand targets holds descriptors past select()'s FD_SETSIZE: the check for a
+    connection dropped while idle must not take those for dropped (it did, reconnecting every cycle)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2048), hard))
+    fillers: list[int] = []
+    app = unique(request)
+    target = TargetSession(parse_dsn(pg.dsn(), application_name=app))
+    spec = spec_of(sessions=[{"name": "idle", "action": "terminate", "stateAge": "1h", "applicationNames": [app]}])
+    try:
+        while not fillers or fillers[-1] < 1024:  # the lowest free descriptors taken: the socket gets a high one
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        conn = await target.connection()
+        assert conn.pgconn.socket >= 1024
+        engine_pid = conn.info.backend_pid
+        for _ in range(3):
+            report = await target.run(spec, policy="test")
+            assert report.errors == []
+        assert (await target.connection()).info.backend_pid == engine_pid
+        rows = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (app,))
+        assert [r[0] for r in rows] == [engine_pid]  # one backend all along: never reopened
+    finally:
+        await target.close()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

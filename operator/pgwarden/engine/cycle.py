@@ -7,6 +7,7 @@ last observation's clock reading per connection, to notice a step of the server'
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections import OrderedDict
@@ -38,6 +39,28 @@ from pgwarden.policy.api import ConditionReason
 from pgwarden.policy.model import Autovacuum, EnforcementAction, PolicySpec
 
 log = structlog.get_logger("pgwarden.engine")
+_STDLIB_LOG = logging.getLogger("pgwarden.engine")
+"""The stdlib logger behind `log` (structlog's first processor filters by its level)."""
+
+
+class _BoundOnUse:
+    """`log.bind(**fields)`, made on the first call through it.
+
+    Most cycles log nothing; binding looks the stdlib logger up again (under the logging module's lock),
+    which was ~5 % of an idle evaluation's client CPU at 200 targets.
+    """
+
+    __slots__ = ("_bound", "_fields")
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = fields
+        self._bound: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._bound is None:
+            self._bound = log.bind(**self._fields)
+        return getattr(self._bound, name)
+
 
 INSUFFICIENT_PRIVILEGES_PREFIX = f"{ConditionReason.INSUFFICIENT_PRIVILEGES}: "
 """Every `errors` entry about a missing grant starts with this; the typed list is
@@ -374,7 +397,7 @@ async def run_cycle(
     started = time.monotonic()
     dry_run = dry_run_override or spec.dry_run
     mode = EnforcementAction.DRY_RUN if dry_run else EnforcementAction.ENFORCE
-    bound = log.bind(policy=policy, target=target)
+    bound = _BoundOnUse(policy=policy, target=target)
 
     query = compiled_observation(spec, protected_pids)
     memory = _SIGNALLED.setdefault(conn, SignalMemory())
@@ -466,13 +489,14 @@ async def run_cycle(
         report.errors.append(lost)
         bound.error("cycle interrupted", error=lost, actions=len(report.actions))
         raise CycleInterrupted(lost, report)
-    bound.debug(
-        "cycle done",
-        dry_run=dry_run,
-        actions=len(report.actions),
-        skipped=len(report.skipped),
-        errors=len(report.errors),
-        next_deadline=report.next_deadline,
-        duration_seconds=round(report.duration_seconds, 4),
-    )
+    if _STDLIB_LOG.isEnabledFor(logging.DEBUG):  # what filter_by_level decides, without building the event
+        bound.debug(
+            "cycle done",
+            dry_run=dry_run,
+            actions=len(report.actions),
+            skipped=len(report.skipped),
+            errors=len(report.errors),
+            next_deadline=report.next_deadline,
+            duration_seconds=round(report.duration_seconds, 4),
+        )
     return report

@@ -280,7 +280,8 @@ def plan(observation: Observation, spec: PolicySpec, protected_pids: Collection[
         if not is_protected(s, spec.exclude, protected) and not is_own(s, observation.own_roles)
     ]
 
-    rules = [RuleMatcher.of(rule) for rule in spec.sessions]
+    # Built only when there is a session to match (a quiet cycle returns none: see observe.py).
+    rules = [RuleMatcher.of(rule) for rule in spec.sessions] if candidates else []
     by_rule: list[tuple[int, float, int, PlannedAction]] = []
     not_permitted: list[SkipRecord] = []
     for session in candidates:
