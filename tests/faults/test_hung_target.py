@@ -26,6 +26,7 @@ from pgwarden.enforcement.pool import ConnectionPool
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
 from pgwarden.enforcement.worker import PolicyWorker, wait_for_work
+from pgwarden.engine import session as session_module
 from pgwarden.engine.connection import parse_dsn
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.session import EVALUATION_TIMEOUT_SECONDS, TargetSession
@@ -89,6 +90,33 @@ async def test_server_going_silent_after_connect_is_cut_at_the_bound(pg: PgServe
         "server silent after connect", "relay stops forwarding mid-session (TargetSession)", detect_s=elapsed
     )
     assert EVALUATION_TIMEOUT_SECONDS <= elapsed < BOUND
+
+
+async def test_a_cycle_that_outlives_its_severed_socket_is_ended_by_the_backstop(
+    pg: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline severs the socket, which ends any statement; a cycle stuck elsewhere (here: one that
+    waits on nothing the socket can end) is cut SEVER_GRACE_SECONDS later, and its connection dropped."""
+    never = asyncio.Event()
+
+    async def stuck_cycle(*args: Any, **kwargs: Any) -> None:
+        await never.wait()
+
+    session = TargetSession(parse_dsn(pg.dsn(dbname="postgres")), evaluation_timeout=0.5)
+    try:
+        await session.run(spec_of(), policy="stuck")  # connected, one real cycle
+        backend = (await session.connection()).info.backend_pid
+        monkeypatch.setattr(session_module, "run_cycle", stuck_cycle)
+        monkeypatch.setattr(session_module, "SEVER_GRACE_SECONDS", 0.5)
+        clock = Stopwatch()
+        async with asyncio.timeout(20):  # without the backstop the cycle would never end
+            with pytest.raises(TargetUnreachable, match=r"did not answer within 0.5 s while running the cycle"):
+                await session.run(spec_of(), policy="stuck")
+        elapsed = clock()
+    finally:
+        await session.close()
+    assert 1.0 <= elapsed < 5.0
+    pg.wait_gone(backend)  # abandoned: the server sees the connection closed
 
 
 class OneSecret:

@@ -57,6 +57,15 @@ def sever_connection(conn: psycopg.AsyncConnection[Any]) -> None:
             sock.close()
 
 
+def _sever_then_arm(
+    conn: psycopg.AsyncConnection[Any], backstop: asyncio.Timeout, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The evaluation's deadline: sever the connection, and give the cycle SEVER_GRACE_SECONDS to end."""
+    sever_connection(conn)
+    with contextlib.suppress(RuntimeError):  # the cycle ended in the same loop turn: nothing left to bound
+        backstop.reschedule(loop.time() + SEVER_GRACE_SECONDS)
+
+
 class TargetSession:
     """One server: connects on first use, and again on the next cycle after the connection broke."""
 
@@ -129,16 +138,21 @@ class TargetSession:
         """One cycle, within `evaluation_timeout`; a lost connection is closed so the next call reconnects."""
         started = time.monotonic()
         try:
-            await self.ensure_connected()
-            conn = await self.connection()
+            conn = self._conn if self._usable() else None  # one check of the socket, not one per helper
+            if conn is None:
+                await self.ensure_connected()
+                conn = await self.connection()
             await self.checked(conn, check, self.evaluation_timeout - (time.monotonic() - started))
             # Past the deadline the socket is shut down under the statement that waits: psycopg sees EOF and
             # fails at once. (Cancelling the task instead makes psycopg send a cancel request and wait for
-            # its effect first: up to 10 s more on a server that does not answer.)
+            # its effect first: up to 10 s more on a server that does not answer.) Only then is the backstop
+            # armed, in case severing did not end it: one timer per evaluation, not two.
             remaining = max(0.0, self.evaluation_timeout - (time.monotonic() - started))
-            severing = asyncio.get_running_loop().call_later(remaining, sever_connection, conn)
+            loop = asyncio.get_running_loop()
+            backstop = asyncio.timeout(None)
+            severing = loop.call_later(remaining, _sever_then_arm, conn, backstop, loop)
             try:
-                async with asyncio.timeout(remaining + SEVER_GRACE_SECONDS):  # if severing did not end it
+                async with backstop:
                     return await run_cycle(
                         conn,
                         spec,
