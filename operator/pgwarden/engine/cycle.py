@@ -400,7 +400,9 @@ async def run_cycle(
     bound = _BoundOnUse(policy=policy, target=target)
 
     query = compiled_observation(spec, protected_pids)
-    memory = _SIGNALLED.setdefault(conn, SignalMemory())
+    memory = _SIGNALLED.get(conn)
+    if memory is None:
+        memory = _SIGNALLED[conn] = SignalMemory()
     last = None if dry_run else _last_seen(conn, policy, spec)
     due = _due_on_wake(last, spec, policy, protected_pids, budget, memory, started)
     woke = acting.ActOutcome()
@@ -433,7 +435,11 @@ async def run_cycle(
     if dry_run:
         outcome = acting.dry_run(decision.actions, bound)
     else:
-        outcome = await acting.act(conn, decision.actions, bound, target=target, reserve=decision.reserve)
+        outcome = (  # a quiet cycle (the common case) skips the call: nothing is sent either way
+            await acting.act(conn, decision.actions, bound, target=target, reserve=decision.reserve)
+            if decision.actions
+            else acting.ActOutcome()
+        )
         signalled = {a.pid for a in outcome.actions if a.done}
         memory.remember([a.session for a in decision.actions if a.session.pid in signalled], time.monotonic())
     # What the limits held back, less the sessions that took a refused signal's slot.
@@ -482,7 +488,8 @@ async def run_cycle(
     # Missing grants first in `errors`: they explain the rest. Checked every cycle at no cost: the session
     # grants are columns of the observation, the autovacuum ones of the privileges it reads anyway.
     report.missing_privileges = tuple(sessions_missing + autovacuum_missing)
-    report.errors[:0] = privilege_errors(_role(observation), sessions_missing, autovacuum_missing)
+    if sessions_missing or autovacuum_missing:
+        report.errors[:0] = privilege_errors(_role(observation), sessions_missing, autovacuum_missing)
     report.duration_seconds = time.monotonic() - started
     if lost is not None:
         # The cycle failed after it began to act: the report of what was done goes with the error.
