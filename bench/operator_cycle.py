@@ -275,7 +275,8 @@ class Operator:
         args = [sys.executable]
         if profile:
             args += ["-m", "cProfile", "-o", str(Path(profile) / f"operator-{self.metrics_port}.prof")]
-        args += [str(REPO / "bench" / "traced_operator.py")] if snapshot else ["-m", "pgwarden"]
+        # As the image runs it: without the development venv's `rich` (see bench/as_image.py).
+        args += [str(REPO / "bench" / ("traced_operator.py" if snapshot else "as_image.py"))]
         args += ["run", "--namespace", namespace, "--standalone"]  # one replica, no peering
         args += ["--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)]
         env = IMAGE_ENV | dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONPATH=str(REPO / "operator"))
