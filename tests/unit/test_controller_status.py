@@ -306,3 +306,49 @@ def test_a_cap_conflict_is_degraded_autovacuum_conflict_naming_the_other_policy(
     assert (degraded["status"], degraded["reason"]) == ("True", ConditionReason.AUTOVACUUM_CONFLICT)
     assert "ns/cap-b" in degraded["message"]
     assert "db-0" in degraded["message"]
+
+
+def test_next_status_never_changes_the_status_it_is_given() -> None:
+    """`current` is kopf's body of the policy: next_status shares the entries it leaves alone instead of
+    copying the whole status, so whatever it changes (entries, lastActions, autovacuum records, writes,
+    totals, conditions, a compaction) must be built anew, never edited in place."""
+    busy = cycle_report(TERMINATED, TERMINATED, backends={"client backend": 3, "walwriter": 1})
+    current = next_status(
+        None,
+        generation=1,
+        updates=[
+            TargetUpdate("db-0", "127.0.0.2", "controller", busy),
+            TargetUpdate("db-1", "127.0.0.3", "controller", error="connection refused"),
+            TargetUpdate("db-2", "127.0.0.4", "controller", writing=3),
+            TargetUpdate("db-3", "127.0.0.5", "sidecar", busy),
+        ],
+        write=("controller", "first"),
+    )
+    before = copy.deepcopy(current)
+    steps: list[tuple[list[TargetUpdate], list[str] | None, PolicyCondition | None]] = [
+        ([TargetUpdate("db-0", "127.0.0.2", "controller", cycle_report())], ["db-0", "db-2"], None),
+        ([TargetUpdate("db-2", "127.0.0.4", "controller", released=True)], ["db-2"], None),
+        ([TargetUpdate("db-3", "127.0.0.5", "controller", skipped_reason="its sidecar enforces it")], ["db-0"], None),
+        ([TargetUpdate("db-1", "127.0.0.3", "controller", busy)], None, None),
+        ([], [], PolicyCondition(ConditionType.READY, "False", ConditionReason.INVALID_SPEC, "bad")),
+    ]
+    for updates, owned, condition in steps:
+        after = next_status(
+            current,
+            generation=2,
+            updates=updates,
+            owned_pods=owned,
+            policy_condition=condition,
+            carried_totals={"actions": 2, "terminated": 2},
+            write=("sidecar/db-3", "second"),
+        )
+        assert after != current
+    assert current == before
+
+    # Over the size limit: every entry is compacted, into new entries.
+    crowded = next_status(
+        None, generation=1, updates=[TargetUpdate(f"db-{i}", None, "controller", error="e" * 900) for i in range(400)]
+    )
+    crowded_before = copy.deepcopy(crowded)
+    next_status(crowded, generation=1, updates=[TargetUpdate("db-0", None, "controller", busy)])
+    assert crowded == crowded_before

@@ -8,7 +8,6 @@ writer (status_writer.py) makes that read-modify-write safe with a resourceVersi
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -218,7 +217,10 @@ def next_status(
     (see StatusQueue): they count in `totals` though their entries were superseded.
     `write` is (writer key, write id): recorded in `writes`, so a write whose answer was lost can be recognised.
     """
-    status: dict[str, Any] = copy.deepcopy(dict(current or {}))
+    # A shallow copy: nothing below changes a value of `current` in place (each entry, list and map that
+    # changes is built anew), so the entries that do not change are shared, not copied. `current` is kopf's
+    # body; deep-copying its 200 target entries on every pass cost more than the rest of this function.
+    status: dict[str, Any] = dict(current or {})
     updates = list(updates)
     by_pod = {t["pod"]: t for t in status.get("targets") or [] if isinstance(t, dict) and "pod" in t}
     if owned_pods is not None:
