@@ -687,6 +687,40 @@ async def test_a_target_is_observed_once_per_shortest_threshold_even_with_nothin
     assert await h.starts([DB0], interval="30s", sessions=rules) == 1  # at 3 s, not at 30 s
 
 
+async def test_a_pass_that_split_merges_again_at_the_next_regular_pass(make_harness: Callable[..., Harness]) -> None:
+    """db-1 fails once and its retry puts it a second behind db-0: at db-0's next pass it joins early,
+    and from then on both are one pass (one step, one status write), not two for good."""
+    h = make_harness()
+    h.engine.outcomes["127.0.0.3"] = TargetUnreachable("connection refused")
+    assert await h.starts([DB0, DB1]) == 2
+    del h.engine.outcomes["127.0.0.3"]
+    h.clock.advance(MIN_DELAY)
+    assert await h.starts([DB0, DB1]) == 1  # db-1's retry, alone
+    h.clock.advance(INTERVAL - MIN_DELAY)
+    assert await h.starts([DB0, DB1]) == 2  # db-0 is due; db-1, due a second later, joins it
+    h.clock.advance(INTERVAL - 0.01)
+    assert await h.starts([DB0, DB1]) == 0
+    h.clock.advance(0.01)
+    assert await h.starts([DB0, DB1]) == 2  # together
+    assert h.engine.evaluated.count("127.0.0.3") == 4
+
+
+async def test_a_target_waiting_for_a_crossing_neither_joins_early_nor_pulls_others_forward(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness()
+    h.engine.outcomes["127.0.0.3"] = (cycle_report(), 6.0)  # db-1: a session crosses in 6 s
+    assert await h.starts([DB0, DB1]) == 2
+    h.engine.outcomes["127.0.0.3"] = (cycle_report(), 5.0)  # and then another 5 s later
+    h.clock.advance(6.0)
+    assert await h.starts([DB0, DB1]) == 1  # db-1 at its crossing; db-0 (due in 4 s) is not pulled forward
+    h.clock.advance(4.0)
+    assert await h.starts([DB0, DB1]) == 1  # db-0 at its interval; db-1 waits for its crossing, a second on
+    h.clock.advance(1.0)
+    assert await h.starts([DB0, DB1]) == 1
+    assert h.engine.evaluated == ["127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.2", "127.0.0.3"]
+
+
 async def test_a_pod_taken_from_the_sidecar_is_held_for_the_handover_grace(
     make_harness: Callable[..., Harness],
 ) -> None:

@@ -126,6 +126,7 @@ class TargetState:
     batch: Pass | None = None  # the pass that evaluation belongs to
     missing_privileges: tuple[str, ...] = ()  # the grants the last report said were missing (Event per change)
     held_until: float = 0.0  # handover: nothing starts on this target before then (see PolicyWorker._handover_hold)
+    regular: bool = False  # next_due is its pass's start plus the observation gap: no crossing is waited for
 
     async def drop_connection(self) -> None:
         if self.enforcer is not None:
@@ -373,16 +374,26 @@ class PolicyWorker:
     async def _start_due(self, spec: PolicySpec, now: float) -> PolicyCondition | None:
         """Start an evaluation task on every idle target that is due; a credentials problem instead backs
         them all off and is returned as the condition to report."""
-        due = [s for s in self.states.values() if s.task is None and s.next_due <= now and s.held_until <= now]
+        ready = [s for s in self.states.values() if s.task is None and s.held_until <= now]
+        due = [s for s in ready if s.next_due <= now]
         if not due:
             return None
         interval = spec.interval.total_seconds()
+        if any(s.regular for s in due):
+            # A pass that split (a target that landed late, a first pass that spent seconds connecting) would
+            # stay split for good, each part its own step and its own pass. So targets due by the gap alone
+            # within `_joining` join the pass that is due now: observed early once, together from then on.
+            # Never one that waits for a crossing (it would be observed before it, for nothing), and only
+            # when a regular target is due (crossings come often; they must not drag the others forward).
+            horizon = now + self._joining(spec)
+            due += [s for s in ready if s.regular and now < s.next_due <= horizon]
         try:
             endpoints = {s.pod.name: await self._endpoint(spec, s.pod) for s in due}
         except CredentialsError as exc:
             for state in due:
                 state.failures += 1
                 state.next_due = now + self._backoff(state, interval)
+                state.regular = False
                 await state.drop_connection()
             log.warning("credentials unavailable; nothing enforced", policy=self.name, reason=exc.reason)
             return PolicyCondition(ConditionType.READY, "False", exc.reason, str(exc))
@@ -465,6 +476,12 @@ class PolicyWorker:
             pod.pod_ip, conn.port, conn.database, conn.ssl_mode.value, user, password, source, conn.require_auth.value
         )
 
+    def _joining(self, spec: PolicySpec) -> float:
+        """How early a target due by the gap may join a pass: at most half the gap, and never so early that it
+        is observed twice within min_delay (its previous pass began a gap before its due time)."""
+        gap = spec.observation_gap()
+        return max(0.0, min(gap - self.settings.min_delay, gap / 2))
+
     def _backoff(self, state: TargetState, interval: float) -> float:
         return self.settings.retry_delay(state.failures, interval)
 
@@ -502,6 +519,7 @@ class PolicyWorker:
             return TargetUpdate(pod.name, pod.pod_ip, self.enforcer_kind, error=str(exc)[:1000])
         state.failures = 0
         gap = spec.observation_gap()  # interval, or the shortest threshold: no session crosses unseen
+        state.regular = next_in is None
         if next_in is None:
             # From the start of the pass, not of this evaluation (which waited its turn at the semaphore):
             # targets due together stay together, so the next pass is again one step, not a trickle of many.
@@ -563,6 +581,7 @@ class PolicyWorker:
         """Back off, drop the connection (the next attempt reconnects), count and log the failure."""
         state.failures += 1
         state.next_due = self.clock() + self._backoff(state, interval)
+        state.regular = False
         await state.drop_connection()
         metrics.record_error(self.namespace, self.name, state.pod.name)
         log.warning("target failed", policy=self.name, namespace=self.namespace, pod=state.pod.name, error=str(exc))
