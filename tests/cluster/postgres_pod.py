@@ -7,6 +7,7 @@ pgwarden-role.sql, the credentials Secret and the idle-reaper example. Sessions 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,13 @@ def fast_idle_reaper(namespace: str) -> dict[str, Any]:
 
 
 def pod_ip(namespace: str) -> str | None:
-    pod = kubectl_json("get", "pod", "postgres-0", "-n", namespace)
+    """postgres-0's IP once Ready; None while the StatefulSet controller has not created the pod yet."""
+    found = kubectl("get", "pod", "postgres-0", "-n", namespace, "-o", "json", check=False)
+    if found.returncode != 0 and "NotFound" in found.stderr:
+        return None
+    if found.returncode != 0:
+        raise AssertionError(f"kubectl get pod postgres-0 failed ({found.returncode}): {found.stderr}")
+    pod = json.loads(found.stdout)
     conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
     return pod["status"].get("podIP") if conditions.get("Ready") == "True" else None
 
