@@ -79,6 +79,32 @@ def test_failing_target_makes_policy_degraded_and_names_it() -> None:
     assert (status["targetCount"], status["readyTargets"]) == (2, 1)
 
 
+def test_a_policy_is_not_ready_before_its_first_evaluation_lands() -> None:
+    """The first step writes while the first pass is in flight: owned pods, no entry yet. That is not Ready
+    (it once said Ready=True "no running pod matches spec.selector"), and nothing failed: not Degraded."""
+    first = next_status(None, generation=1, updates=[], owned_pods=["db-0", "db-1"])
+    conditions = {c["type"]: c for c in first["conditions"]}
+    assert conditions[ConditionType.READY]["status"] == "False"
+    assert conditions[ConditionType.READY]["reason"] == ConditionReason.TARGETS_PENDING
+    assert conditions[ConditionType.READY]["message"] == "2 selected targets, none evaluated yet"
+    assert conditions[ConditionType.DEGRADED]["status"] == "False"
+    assert first["targetCount"] == 0
+
+    landed = next_status(
+        first, generation=1, updates=[TargetUpdate("db-0", None, "controller", cycle_report())], owned_pods=["db-0"]
+    )
+    conditions = {c["type"]: c for c in landed["conditions"]}
+    assert conditions[ConditionType.READY]["status"] == "True"
+    assert conditions[ConditionType.READY]["reason"] == ConditionReason.TARGETS_EVALUATED
+
+    nothing = next_status(None, generation=1, updates=[], owned_pods=[])
+    conditions = {c["type"]: c for c in nothing["conditions"]}
+    assert (conditions[ConditionType.READY]["status"], conditions[ConditionType.READY]["reason"]) == (
+        "True",
+        ConditionReason.NO_TARGETS,
+    )
+
+
 def test_departed_pods_are_dropped_but_other_writers_entries_stay() -> None:
     status = next_status(
         None,

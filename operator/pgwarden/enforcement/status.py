@@ -248,7 +248,9 @@ def next_status(
     status["readyTargets"] = len(active) - len(failing)
     if generation is not None:
         status["observedGeneration"] = generation
-    conditions = _conditions(active, failing, policy_condition)
+    # Pods this writer enforces that have no entry yet: their first evaluation is still in flight.
+    pending = len(set(owned_pods or ()) - set(by_pod))
+    conditions = _conditions(active, failing, policy_condition, pending)
     status["conditions"] = _carry_transitions(status.get("conditions") or [], conditions, generation)
     return fit_status(status)
 
@@ -348,7 +350,7 @@ def is_ready(status: Mapping[str, Any]) -> bool:
 
 
 def _conditions(
-    active: list[dict[str, Any]], failing: list[dict[str, Any]], override: PolicyCondition | None
+    active: list[dict[str, Any]], failing: list[dict[str, Any]], override: PolicyCondition | None, pending: int = 0
 ) -> list[PolicyCondition]:
     if override is not None:
         degraded = PolicyCondition(ConditionType.DEGRADED, "True", override.reason, override.message)
@@ -369,13 +371,22 @@ def _conditions(
             for t in conflicts[:5]
         )
         return _ready_and_degraded(False, ConditionReason.AUTOVACUUM_CONFLICT, f"pgwarden does not write it: {detail}")
+    if not active and pending:
+        # Not Ready until something was evaluated: a new policy's first write (its first pass still in flight)
+        # once said Ready=True "no running pod matches", and a GitOps health check took that for done.
+        # Nothing failed, so not Degraded either.
+        message = f"{pending} selected targets, none evaluated yet"
+        return [
+            PolicyCondition(ConditionType.READY, "False", ConditionReason.TARGETS_PENDING, message),
+            PolicyCondition(ConditionType.DEGRADED, "False", ConditionReason.TARGETS_PENDING, message),
+        ]
     if not active:
         return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
     return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")
 
 
 def _ready_and_degraded(ready: bool, reason: ConditionReason, message: str) -> list[PolicyCondition]:
-    """Ready and Degraded always disagree, for one reason."""
+    """Ready and Degraded disagree, for one reason (only pending targets make both False)."""
     return [
         PolicyCondition(ConditionType.READY, "True" if ready else "False", reason, message),
         PolicyCondition(ConditionType.DEGRADED, "False" if ready else "True", reason, message),

@@ -42,6 +42,7 @@ class ConditionType(StrEnum):
 class ConditionReason(StrEnum):
     TARGETS_EVALUATED = "TargetsEvaluated"
     NO_TARGETS = "NoTargets"
+    TARGETS_PENDING = "TargetsPending"
     TARGET_ERRORS = "TargetErrors"
     INVALID_SPEC = "InvalidSpec"
     INSUFFICIENT_PRIVILEGES = "InsufficientPrivileges"
