@@ -13,6 +13,7 @@ Needs the package index, or pip's cache, for the dependencies' wheels: the modul
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -396,6 +397,23 @@ def test_dockerfile_follows_the_image_rules(stages: list[list[Instruction]]) -> 
     venv_bin = next(w for w in shlex.split(" ".join(values(stages[0], "RUN"))) if w.endswith("/pgwarden"))
     assert env["PATH"].startswith(f"{venv_bin}/bin:"), "the entrypoint's `pgwarden` is the venv's"
     assert entrypoint(stages) == ["pgwarden", "run"]
+
+
+def test_the_benchmarks_run_the_operator_with_the_images_malloc_settings(stages: list[list[Instruction]]) -> None:
+    """bench/operator_cycle.py's IMAGE_ENV is what the memory figures in the README were measured with: it must
+    be the image's glibc settings, or those figures describe a process that does not ship."""
+    env: dict[str, str] = {}
+    for value in values(stages[-1], "ENV"):
+        env |= key_values(value)
+    shipped = {k: v for k, v in env.items() if k.startswith("MALLOC_")}
+    bench = ast.parse((REPO / "bench" / "operator_cycle.py").read_text())
+    (assigned,) = [
+        node.value
+        for node in bench.body
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["IMAGE_ENV"]
+    ]
+    assert shipped
+    assert ast.literal_eval(assigned) == shipped
 
 
 def test_deployment_runs_this_version_as_this_user(stages: list[list[Instruction]]) -> None:
