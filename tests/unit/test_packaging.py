@@ -95,6 +95,14 @@ def key_values(value: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in shlex.split(value))
 
 
+def stage_env(stage: list[Instruction]) -> dict[str, str]:
+    """Every `ENV` of the stage, later ones winning."""
+    env: dict[str, str] = {}
+    for value in values(stage, "ENV"):
+        env |= key_values(value)
+    return env
+
+
 def copy_sources(stage: list[Instruction]) -> list[str]:
     """What the stage copies from the build context (COPY without --from), as written."""
     sources: list[str] = []
@@ -391,9 +399,7 @@ def test_dockerfile_follows_the_image_rules(stages: list[list[Instruction]]) -> 
         labels |= key_values(value)
     assert labels["org.opencontainers.image.version"] == VERSION
     assert {"title", "description", "source", "licenses"} <= {k.rsplit(".", 1)[1] for k in labels}
-    env: dict[str, str] = {}
-    for value in values(final, "ENV"):
-        env |= key_values(value)
+    env = stage_env(final)
     venv_bin = next(w for w in shlex.split(" ".join(values(stages[0], "RUN"))) if w.endswith("/pgwarden"))
     assert env["PATH"].startswith(f"{venv_bin}/bin:"), "the entrypoint's `pgwarden` is the venv's"
     assert entrypoint(stages) == ["pgwarden", "run"]
@@ -402,10 +408,7 @@ def test_dockerfile_follows_the_image_rules(stages: list[list[Instruction]]) -> 
 def test_the_benchmarks_run_the_operator_with_the_images_malloc_settings(stages: list[list[Instruction]]) -> None:
     """bench/operator_cycle.py's IMAGE_ENV is what the memory figures in the README were measured with: it must
     be the image's glibc settings, or those figures describe a process that does not ship."""
-    env: dict[str, str] = {}
-    for value in values(stages[-1], "ENV"):
-        env |= key_values(value)
-    shipped = {k: v for k, v in env.items() if k.startswith("MALLOC_")}
+    shipped = {k: v for k, v in stage_env(stages[-1]).items() if k.startswith("MALLOC_")}
     bench = ast.parse((REPO / "bench" / "operator_cycle.py").read_text())
     (assigned,) = [
         node.value

@@ -248,8 +248,9 @@ def next_status(
     status["readyTargets"] = len(active) - len(failing)
     if generation is not None:
         status["observedGeneration"] = generation
-    # Pods this writer enforces that have no entry yet: their first evaluation is still in flight.
-    pending = len(set(owned_pods or ()) - set(by_pod))
+    # Pods this writer enforces that have no entry yet (their first evaluation is in flight): they decide the
+    # conditions only while no target has been evaluated, so they are counted only then.
+    pending = 0 if active else len(set(owned_pods or ()) - set(by_pod))
     conditions = _conditions(active, failing, policy_condition, pending)
     status["conditions"] = _carry_transitions(status.get("conditions") or [], conditions, generation)
     return fit_status(status)
@@ -376,20 +377,21 @@ def _conditions(
         # once said Ready=True "no running pod matches", and a GitOps health check took that for done.
         # Nothing failed, so not Degraded either.
         message = f"{pending} selected targets, none evaluated yet"
-        return [
-            PolicyCondition(ConditionType.READY, "False", ConditionReason.TARGETS_PENDING, message),
-            PolicyCondition(ConditionType.DEGRADED, "False", ConditionReason.TARGETS_PENDING, message),
-        ]
+        return _ready_and_degraded(False, ConditionReason.TARGETS_PENDING, message, degraded=False)
     if not active:
         return _ready_and_degraded(True, ConditionReason.NO_TARGETS, "no running pod matches spec.selector")
     return _ready_and_degraded(True, ConditionReason.TARGETS_EVALUATED, f"all {len(active)} targets evaluated")
 
 
-def _ready_and_degraded(ready: bool, reason: ConditionReason, message: str) -> list[PolicyCondition]:
-    """Ready and Degraded disagree, for one reason (only pending targets make both False)."""
+def _ready_and_degraded(
+    ready: bool, reason: ConditionReason, message: str, *, degraded: bool | None = None
+) -> list[PolicyCondition]:
+    """Ready and Degraded, for one reason: they disagree unless `degraded` says otherwise (pending targets:
+    not Ready, and nothing failed)."""
+    degraded = not ready if degraded is None else degraded
     return [
         PolicyCondition(ConditionType.READY, "True" if ready else "False", reason, message),
-        PolicyCondition(ConditionType.DEGRADED, "False" if ready else "True", reason, message),
+        PolicyCondition(ConditionType.DEGRADED, "True" if degraded else "False", reason, message),
     ]
 
 
