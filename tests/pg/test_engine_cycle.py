@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from pgwarden.engine.connection import connect, parse_dsn, target_of
+from pgwarden.engine.cycle import run_cycle
 from pgwarden.engine.errors import TargetNotConfirmed
 from pgwarden.engine.session import EngineTarget
 from tests.harness.engine import enforce, spec_of, unique
@@ -133,3 +135,18 @@ async def test_a_new_connection_is_checked_before_anything_is_done_on_it(
         assert checks == ["refuse", "refuse", "pass", "pass"]  # the reconnect was checked before acting
     finally:
         await target.close()
+
+
+async def test_the_observation_is_prepared_from_its_first_run(pg: PgServer) -> None:
+    """Unprepared, each run is parsed and planned afresh by the server (~1.4 ms of its CPU against ~0.15 ms),
+    and psycopg prepares only from the fifth: after a restart, every target's server paid that four times."""
+    conn = await connect(parse_dsn(pg.dsn()))
+    try:
+        await run_cycle(conn, spec_of(), policy="test", target=target_of(conn))
+        cur = await conn.execute(
+            "SELECT statement, generic_plans + custom_plans FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql"
+        )
+        prepared = await cur.fetchall()
+    finally:
+        await conn.close()
+    assert [runs for statement, runs in prepared if "pg_stat_get_activity" in statement] == [1]

@@ -419,6 +419,11 @@ async def observe(
 ) -> Observation:
     """Run the compiled observation; errors become TargetUnreachable (connection gone) or QueryFailed.
 
+    Prepared from its first run (`prepare=True`), not psycopg's fifth: the same text runs every cycle, and each
+    unprepared run makes the server parse and plan it afresh, ~1.4 ms of its CPU against ~0.15 ms prepared.
+    Measured on a new connection (PostgreSQL 15, 50 sessions): 8.7 ms of server CPU over the first 12 runs,
+    2.0 ms prepared from the first; after an operator restart that is every target's server at once.
+
     With `signals`, the same round trip first signals those sessions (guarded: see `WAKE_SIGNALS`); what
     became of each is in `Observation.signal_results`, in order. A psycopg error is then raised as it is:
     the caller must tell a refused signal from a lost connection, and whether anything was delivered.
@@ -430,10 +435,10 @@ async def observe(
             "sig_change": [s.state_change for s in signals],
             "sig_action": [s.action for s in signals],
         }
-        cur = await conn.execute(query.wake_statement, params)
+        cur = await conn.execute(query.wake_statement, params, prepare=True)
         return _observation(await cur.fetchone(), time.monotonic(), signalled=len(signals))
     try:
-        cur = await conn.execute(query.statement, query.params)
+        cur = await conn.execute(query.statement, query.params, prepare=True)
         row = await cur.fetchone()
         received_at = time.monotonic()
     except psycopg.Error as exc:
