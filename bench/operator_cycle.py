@@ -6,11 +6,16 @@ one policy's `connection.port`. Nothing matches any rule. Measured in one run, e
   floor    median wall time of `SELECT count(*) FROM pg_stat_activity` (one read of the view: what a cycle
            physically needs) on every target, on the engine's own connection to it (one backend per target,
            as under the operator), at the operator's concurrency (Runtime's semaphore); interleaved with
+  statement the same for the policy's compiled observation statement through bare psycopg: what the rules
+           cost the server and the driver, without the engine's Python (engine / statement is that Python)
   engine   the same for one engine cycle of the policy per target (`EngineTarget.evaluate`, what the
            operator's worker calls), so the controller's own share is cycle / engine
+  settle   the first pass's duration (connections included), and when passes are whole again: two passes
+           in a row over every target (a first pass longer than the gap splits the ones after it for a while)
   cycle    median wall time of one full cycle of one policy over every target (interval 2s), from the
            operator's pgwarden_policy_pass_duration_seconds: targets that fell due together, from then until
-           the last is reported, status bookkeeping included; only passes over every target count
+           the last is reported, status bookkeeping included; only passes over every target count; measured
+           once passes are whole again
   status   the size of the policy's status (JSON) at the end of the steady-state minute
   writes   changes to the policy object per steady-state minute, from a watch on the API server: status
            writes that said something new, heartbeats (only timestamps and counts moved), anything else
@@ -22,10 +27,10 @@ PGWARDEN_BENCH_PROFILE=DIR runs the operator under cProfile (one DIR/operator-PO
 
     .venv/bin/python bench/operator_cycle.py [--major 15] [--servers 4] [--targets 200] [--minute 60]
     .venv/bin/python bench/operator_cycle.py --targets 1000 --servers 20 --policies 1 --reference-rounds 5
-(1,000 targets, about 10 minutes on 2 cores. There the first pass, connections included, takes seconds,
-so the targets fall due at different moments from then on and a pass never holds all of them, at 2s or
-5s: no full-cycle figure, only floor and engine alone. Each reference round is ~1 s of floor and ~1.5 s of
-engine, hence 5 rounds.)
+(1,000 targets, about 5 minutes on 2 cores. There the first pass, 1,000 new connections, takes seconds,
+longer than the 2s gap: its targets land overdue at different moments and the passes after it are split
+until they merge again, which `settle` times. Each reference round is ~1 s of floor and ~1.5 s of engine,
+hence 5 rounds.)
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO)]
 from kubernetes import client, watch  # noqa: E402
 
 from pgwarden.enforcement.status import differs  # noqa: E402
+from pgwarden.engine.observe import compile_observation  # noqa: E402
 from pgwarden.engine.session import EngineTarget  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
 from pgwarden.policy import parse_spec  # noqa: E402
@@ -117,26 +123,34 @@ FLOOR_STATEMENT = "SELECT count(*) FROM pg_stat_activity"
 """What any cycle physically needs on a target: one read of the view (a bare SELECT 1 understates it)."""
 
 
+WARM_ROUNDS = 12
+"""Unmeasured rounds first: every statement past psycopg's preparing and PostgreSQL's custom plans."""
+
+
 @dataclass
 class References:
     """Per-round wall times over all targets at the operator's concurrency, connections reused."""
 
     floor_first: float = 0.0
     floor: list[float] = field(default_factory=list)
+    statement: list[float] = field(default_factory=list)
     engine: list[float] = field(default_factory=list)
 
 
 async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds: int, refs: References) -> None:
-    """Interleaved rounds of (a) one read of pg_stat_activity on every target (the floor) and (b) one engine
-    cycle of the bench policy on every target through `EngineTarget`, what the operator's worker calls (so: the
-    controller's own cost is cycle - engine). Both on the engine's own connection to each target: the servers
-    hold one backend per target, as under the operator. (Separate floor connections doubled the backends each
-    read walks, and with them the floor's cost: 75 against 37 ms at 200 targets, a ratio understated by half.)"""
+    """Interleaved rounds of (a) one read of pg_stat_activity on every target (the floor), (b) the policy's
+    compiled observation statement on every target through bare psycopg (what the rules cost the server and the
+    driver, without the engine's Python) and (c) one engine cycle of the bench policy on every target through
+    `EngineTarget`, what the operator's worker calls (so: the controller's own cost is cycle - engine). All on
+    the engine's own connection to each target: the servers hold one backend per target, as under the operator.
+    (Separate floor connections doubled the backends each read walks, and with them the floor's cost: 75
+    against 37 ms at 200 targets, a ratio understated by half.)"""
     engines = [
         EngineTarget(host=h, port=port, dbname="postgres", user=USER, password=PASSWORD, sslmode="prefer")
         for h in hosts
     ]
     spec = parse_spec(policy("reference", port, "2s", {"app": "pg"})["spec"])
+    query = compile_observation(spec)
     sem = asyncio.Semaphore(concurrency)
 
     async def count_activity(i: int) -> None:
@@ -144,6 +158,12 @@ async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds
             conn = await engines[i]._session.connection()  # the engine's own backend; connects the first time
             cur = await conn.execute(FLOOR_STATEMENT)
             await cur.fetchall()
+
+    async def observation_statement(i: int) -> None:
+        async with sem:
+            conn = await engines[i]._session.connection()
+            cur = await conn.execute(query.statement, query.params)
+            await cur.fetchone()
 
     async def engine_cycle(i: int) -> None:
         async with sem:
@@ -158,11 +178,16 @@ async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds
     try:
         first = await round_(count_activity)
         refs.floor_first = refs.floor_first or first
-        for _ in range(5):  # let psycopg prepare both statements
+        # psycopg prepares a statement after 5 runs, and PostgreSQL then plans the first 5 runs of it afresh
+        # (custom plans: ~1.4 ms of server CPU for the observation against ~0.2 ms once it settles on the generic
+        # one); with 5 rounds, 1,000-target runs measured that planning (engine 1.1-1.3 s instead of ~0.4 s).
+        for _ in range(WARM_ROUNDS):
             await round_(count_activity)
+            await round_(observation_statement)
             await round_(engine_cycle)
         for _ in range(rounds):
             refs.floor.append(await round_(count_activity))
+            refs.statement.append(await round_(observation_statement))
             refs.engine.append(await round_(engine_cycle))
     finally:
         await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
@@ -460,11 +485,38 @@ class Bench:
             print("\n".join(line for line in op.metrics().splitlines() if "pass" in line or "targets" in line))
             raise
 
+    @staticmethod
+    def settle(op: Operator, targets: int, timeout: float) -> tuple[float, float]:
+        """(the first pass's duration, seconds from now until two passes in a row were each over every target).
+
+        A first pass that outlasts the gap (1,000 new connections at interval 2s) leaves every target overdue
+        as it lands, so the passes after it are split until they merge again; the window is measured after.
+        """
+        started = time.monotonic()
+        first: float | None = None
+        seen = whole_in_a_row = 0
+        while time.monotonic() - started < timeout:
+            text = op.metrics(*PASS_METRICS)
+            count = int(sample(text, "pgwarden_policy_pass_duration_seconds_count", "bench") or 0)
+            if count > seen:
+                if first is None:
+                    first = sample(text, "pgwarden_policy_pass_duration_seconds_sum", "bench") or 0.0
+                whole = count - seen == 1 and sample(text, "pgwarden_policy_pass_targets", "bench") == targets
+                whole_in_a_row = whole_in_a_row + 1 if whole and seen > 0 else 0
+                seen = count
+                if whole_in_a_row == 2:
+                    return first, time.monotonic() - started
+            time.sleep(0.1)
+        raise TimeoutError(f"passes not whole again within {timeout:.0f} s")
+
     def one_policy(self, targets: int, interval: str, minute: float) -> tuple[list[float], float]:
         """Phase 1: one policy over every pod; full cycles, writes and Events over a steady-state minute."""
         create = custom(self.api).create_namespaced_custom_object
         with self.operator() as op:
             create(GROUP, VERSION, self.namespace, PLURAL, policy("bench", self.port, interval, {"app": "pg"}))
+            first, whole = self.settle(op, targets, timeout=180)
+            self.row("first pass (connections included)", f"{first:.1f} s")
+            self.row("passes whole from (two full passes in a row)", f"{whole:.1f} s", "after the policy was created")
             self.wait_passes(op, {"bench": targets}, passes=3, timeout=120, full=False)
             time.sleep(5)  # connections opened, first statuses written
             print(f"  warm: {operator_connections(self.servers)} operator connections", flush=True)
@@ -548,6 +600,8 @@ class Bench:
 
 def summarise(refs: References, cycles: list[float], bench: Bench) -> None:
     floor, engine = statistics.median(refs.floor), statistics.median(refs.engine)
+    statement = statistics.median(refs.statement)
+    statement = statistics.median(refs.statement)
     rows = [
         (
             "floor: count(*) of pg_stat_activity on every target",
@@ -556,9 +610,14 @@ def summarise(refs: References, cycles: list[float], bench: Bench) -> None:
         ),
         ("floor: first round (connect + count(*))", f"{refs.floor_first * 1000:.1f} ms", ""),
         (
+            "observation statement alone (bare psycopg)",
+            f"{statement * 1000:.1f} ms",
+            f"{statement / floor:.2f} x floor: what the rules cost",
+        ),
+        (
             "engine alone: one cycle on every target (no kopf)",
             f"{engine * 1000:.1f} ms",
-            f"{engine / floor:.2f} x floor",
+            f"{engine / floor:.2f} x floor, {engine / statement:.2f} x statement",
         ),
     ]
     if cycles:
@@ -623,12 +682,13 @@ def run(args: argparse.Namespace, sets: list[list[str]], port: int, logdir: Path
         refs = References()
         asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
         floor, engine = statistics.median(refs.floor), statistics.median(refs.engine)
-        print(f"  floor {floor * 1000:.1f} ms, engine {engine * 1000:.1f} ms", flush=True)
+        statement = statistics.median(refs.statement)
+        print(f"  floor {floor * 1000:.1f} ms, statement {statement * 1000:.1f} ms, engine {engine * 1000:.1f} ms")
         cycles, _ = bench.one_policy(args.targets, args.interval, args.minute)
         asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
         print(
-            f"  floor and engine again, after: {statistics.median(refs.floor) * 1000:.1f} ms, "
-            f"{statistics.median(refs.engine) * 1000:.1f} ms",
+            f"  floor, statement and engine again, after: {statistics.median(refs.floor) * 1000:.1f} ms, "
+            f"{statistics.median(refs.statement) * 1000:.1f} ms, {statistics.median(refs.engine) * 1000:.1f} ms",
             flush=True,
         )
         bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=False)
@@ -645,7 +705,9 @@ def main() -> None:
     parser.add_argument("--interval", default="2s", help="the one-policy phase's interval (more cycles per minute)")
     parser.add_argument("--rss-interval", default="30s", help="the many-policies phases' interval (CRD default)")
     parser.add_argument("--minute", type=float, default=60.0, help="length of the steady-state window, seconds")
-    parser.add_argument("--reference-rounds", type=int, default=20, help="floor and engine rounds, before and after")
+    parser.add_argument(
+        "--reference-rounds", type=int, default=20, help="floor, statement and engine rounds, before and after"
+    )
     args = parser.parse_args()
     if args.targets % args.servers:
         parser.error("--targets must be a multiple of --servers")
