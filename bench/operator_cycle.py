@@ -10,6 +10,10 @@ one policy's `connection.port`. Nothing matches any rule. Measured in one run, e
            cost the server and the driver, without the engine's Python (engine / statement is that Python)
   engine   the same for one engine cycle of the policy per target (`EngineTarget.evaluate`, what the
            operator's worker calls), so the controller's own share is cycle / engine
+  worker   one pass of the controller's PolicyWorker over every target in this process, through the shared
+           pool on the same engine connections, status sink a no-op: worker / engine is the worker's own
+           Python (selection, scheduling, pool turns, metrics, log context); cycle / worker is the rest of
+           the operator's process (status bookkeeping and writer, kopf, the metrics server, threads)
   settle   the first pass's duration (connections included), and when passes are whole again: two passes
            in a row over every target (a first pass longer than the gap splits the ones after it for a while)
   cycle    median wall time of one full cycle of one policy over every target (interval 2s), from the
@@ -64,11 +68,15 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO)]
 
 from kubernetes import client, watch  # noqa: E402
 
-from pgwarden.enforcement.status import differs  # noqa: E402
+from pgwarden.enforcement.kube import Credentials  # noqa: E402
+from pgwarden.enforcement.pool import ConnectionPool  # noqa: E402
+from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs  # noqa: E402
+from pgwarden.enforcement.targets import PodInfo  # noqa: E402
+from pgwarden.enforcement.worker import PolicyWorker  # noqa: E402
 from pgwarden.engine.observe import compile_observation  # noqa: E402
 from pgwarden.engine.session import EngineTarget  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
-from pgwarden.policy import parse_spec  # noqa: E402
+from pgwarden.policy import CredentialsSecret, parse_spec  # noqa: E402
 from pgwarden.policy.api import CREDENTIALS_LABEL, GROUP, PLURAL, VERSION  # noqa: E402
 from pgwarden.settings import DEFAULTS  # noqa: E402
 from tests.fixtures.operator import apply_crds  # noqa: E402
@@ -135,13 +143,49 @@ class References:
     floor: list[float] = field(default_factory=list)
     statement: list[float] = field(default_factory=list)
     engine: list[float] = field(default_factory=list)
+    worker: list[float] = field(default_factory=list)
+
+
+class BenchCredentials:
+    """The worker's Secret reader, answering with the role every benchmark server has."""
+
+    async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
+        return Credentials(USER, PASSWORD)
+
+    def invalidate(self, namespace: str, name: str) -> None:
+        pass
+
+
+def reference_worker(engines: dict[str, EngineTarget], concurrency: int) -> tuple[PolicyWorker, list[float]]:
+    """A PolicyWorker whose pool hands out the given engine connections (no second backend per target) and
+    whose status and Events go nowhere, on a clock that `skew` (the returned list) moves forward: adding the
+    gap to it makes every target due at once, as a pass of the operator finds them."""
+    skew = [0.0]
+
+    async def no_status(
+        updates: list[TargetUpdate], owned: list[str], condition: PolicyCondition | None, final: bool
+    ) -> None:
+        return None
+
+    worker = PolicyWorker(
+        namespace="bench",
+        name="reference",
+        secrets=BenchCredentials(),
+        make_enforcer=ConnectionPool(connect=lambda endpoint: engines[endpoint.host]).acquire,
+        write_status=no_status,
+        post_event=lambda event: None,
+        concurrency=asyncio.Semaphore(concurrency),
+        clock=lambda: time.monotonic() + skew[0],
+    )
+    return worker, skew
 
 
 async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds: int, refs: References) -> None:
     """Interleaved rounds of (a) one read of pg_stat_activity on every target (the floor), (b) the policy's
     compiled observation statement on every target through bare psycopg (what the rules cost the server and the
     driver, without the engine's Python) and (c) one engine cycle of the bench policy on every target through
-    `EngineTarget`, what the operator's worker calls (so: the controller's own cost is cycle - engine). All on
+    `EngineTarget`, what the operator's worker calls (so: the controller's own cost is cycle - engine) and (d)
+    one pass of a PolicyWorker over every target (the controller's per-pass Python without kopf). All on
     the engine's own connection to each target: the servers hold one backend per target, as under the operator.
     (Separate floor connections doubled the backends each read walks, and with them the floor's cost: 75
     against 37 ms at 200 targets, a ratio understated by half.)"""
@@ -149,9 +193,13 @@ async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds
         EngineTarget(host=h, port=port, dbname="postgres", user=USER, password=PASSWORD, sslmode="prefer")
         for h in hosts
     ]
-    spec = parse_spec(policy("reference", port, "2s", {"app": "pg"})["spec"])
+    body = policy("reference", port, "2s", {"app": "pg"})
+    body["metadata"].update(namespace="bench", generation=1)
+    spec = parse_spec(body["spec"])
     query = compile_observation(spec)
     sem = asyncio.Semaphore(concurrency)
+    worker, skew = reference_worker(dict(zip(hosts, engines, strict=True)), concurrency)
+    pods = [PodInfo(f"db-{i:04d}", "bench", "Running", h, {"app": "pg"}) for i, h in enumerate(hosts)]
 
     async def count_activity(i: int) -> None:
         async with sem:
@@ -170,6 +218,15 @@ async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds
             report, _ = await engines[i].evaluate(spec, policy="bench/reference", target=f"{hosts[i]}:{port}")
             assert not report.actions, report.actions
 
+    async def worker_pass() -> float:
+        skew[0] += spec.interval.total_seconds()  # every target due now, as at the start of an operator pass
+        started = time.perf_counter()
+        await worker.step(body, pods)
+        assert len(worker.inflight()) == len(hosts), "a pass over every target"
+        await asyncio.gather(*worker.inflight())
+        await worker.step(body, pods)  # harvests, as the operator's step that ends a pass
+        return time.perf_counter() - started
+
     async def round_(one: Any) -> float:
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(len(hosts))))
@@ -185,11 +242,14 @@ async def reference_rounds(hosts: list[str], port: int, concurrency: int, rounds
             await round_(count_activity)
             await round_(observation_statement)
             await round_(engine_cycle)
+            await worker_pass()
         for _ in range(rounds):
             refs.floor.append(await round_(count_activity))
             refs.statement.append(await round_(observation_statement))
             refs.engine.append(await round_(engine_cycle))
+            refs.worker.append(await worker_pass())
     finally:
+        await worker.close()  # lets go of the pool's handles; the pool closes the engines it was lent
         await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
 
 
@@ -600,8 +660,7 @@ class Bench:
 
 def summarise(refs: References, cycles: list[float], bench: Bench) -> None:
     floor, engine = statistics.median(refs.floor), statistics.median(refs.engine)
-    statement = statistics.median(refs.statement)
-    statement = statistics.median(refs.statement)
+    statement, worker = statistics.median(refs.statement), statistics.median(refs.worker)
     rows = [
         (
             "floor: count(*) of pg_stat_activity on every target",
@@ -619,6 +678,11 @@ def summarise(refs: References, cycles: list[float], bench: Bench) -> None:
             f"{engine * 1000:.1f} ms",
             f"{engine / floor:.2f} x floor, {engine / statement:.2f} x statement",
         ),
+        (
+            "worker alone: one PolicyWorker pass (no kopf, no status)",
+            f"{worker * 1000:.1f} ms",
+            f"{worker / floor:.2f} x floor, {worker / engine:.2f} x engine",
+        ),
     ]
     if cycles:
         cycle = statistics.median(cycles)
@@ -627,6 +691,7 @@ def summarise(refs: References, cycles: list[float], bench: Bench) -> None:
         )
         rows.append(("ratio cycle / floor", f"{cycle / floor:.2f}", "target <= 1.5"))
         rows.append(("ratio cycle / engine alone", f"{cycle / engine:.2f}", "the controller's own share"))
+        rows.append(("ratio cycle / worker alone", f"{cycle / worker:.2f}", "the operator's process beyond the worker"))
     print("\nsummary")
     print(f"  {'what':<54} {'value':>14}  note")
     for what, value, note in rows + bench.rows:
@@ -683,12 +748,17 @@ def run(args: argparse.Namespace, sets: list[list[str]], port: int, logdir: Path
         asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
         floor, engine = statistics.median(refs.floor), statistics.median(refs.engine)
         statement = statistics.median(refs.statement)
-        print(f"  floor {floor * 1000:.1f} ms, statement {statement * 1000:.1f} ms, engine {engine * 1000:.1f} ms")
+        worker = statistics.median(refs.worker)
+        print(
+            f"  floor {floor * 1000:.1f} ms, statement {statement * 1000:.1f} ms, engine {engine * 1000:.1f} ms, "
+            f"worker {worker * 1000:.1f} ms"
+        )
         cycles, _ = bench.one_policy(args.targets, args.interval, args.minute)
         asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
         print(
-            f"  floor, statement and engine again, after: {statistics.median(refs.floor) * 1000:.1f} ms, "
-            f"{statistics.median(refs.statement) * 1000:.1f} ms, {statistics.median(refs.engine) * 1000:.1f} ms",
+            f"  floor, statement, engine and worker again, after: {statistics.median(refs.floor) * 1000:.1f} ms, "
+            f"{statistics.median(refs.statement) * 1000:.1f} ms, {statistics.median(refs.engine) * 1000:.1f} ms, "
+            f"{statistics.median(refs.worker) * 1000:.1f} ms",
             flush=True,
         )
         bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=False)
