@@ -68,7 +68,6 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO)]
 
 from kubernetes import client, watch  # noqa: E402
 
-from pgwarden.enforcement.kube import Credentials  # noqa: E402
 from pgwarden.enforcement.pool import ConnectionPool  # noqa: E402
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate, differs  # noqa: E402
 from pgwarden.enforcement.targets import PodInfo  # noqa: E402
@@ -76,11 +75,12 @@ from pgwarden.enforcement.worker import PolicyWorker  # noqa: E402
 from pgwarden.engine.observe import compile_observation  # noqa: E402
 from pgwarden.engine.session import EngineTarget  # noqa: E402
 from pgwarden.logs import configure_logging  # noqa: E402
-from pgwarden.policy import CredentialsSecret, parse_spec  # noqa: E402
+from pgwarden.policy import parse_spec  # noqa: E402
 from pgwarden.policy.api import CREDENTIALS_LABEL, GROUP, PLURAL, VERSION  # noqa: E402
 from pgwarden.settings import DEFAULTS  # noqa: E402
 from tests.fixtures.operator import apply_crds  # noqa: E402
 from tests.harness.controlplane import ControlPlane  # noqa: E402
+from tests.harness.credentials import FixedCredentials  # noqa: E402
 from tests.harness.k8s import MERGE_PATCH, new_namespace, running_status  # noqa: E402
 from tests.harness.pgbinaries import selected_versions  # noqa: E402
 from tests.harness.postgres import PgServer, free_port, running_server, wait_for  # noqa: E402
@@ -145,15 +145,10 @@ class References:
     engine: list[float] = field(default_factory=list)
     worker: list[float] = field(default_factory=list)
 
-
-class BenchCredentials:
-    """The worker's Secret reader, answering with the role every benchmark server has."""
-
-    async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
-        return Credentials(USER, PASSWORD)
-
-    def invalidate(self, namespace: str, name: str) -> None:
-        pass
+    def medians(self) -> str:
+        """Each reference's median so far, for the progress lines (the summary reads the lists itself)."""
+        kinds = {"floor": self.floor, "statement": self.statement, "engine": self.engine, "worker": self.worker}
+        return ", ".join(f"{kind} {statistics.median(times) * 1000:.1f} ms" for kind, times in kinds.items())
 
 
 def reference_worker(engines: dict[str, EngineTarget], concurrency: int) -> tuple[PolicyWorker, list[float]]:
@@ -170,7 +165,7 @@ def reference_worker(engines: dict[str, EngineTarget], concurrency: int) -> tupl
     worker = PolicyWorker(
         namespace="bench",
         name="reference",
-        secrets=BenchCredentials(),
+        secrets=FixedCredentials(USER, PASSWORD),  # the role every benchmark server has
         make_enforcer=ConnectionPool(connect=lambda endpoint: engines[endpoint.host]).acquire,
         write_status=no_status,
         post_event=lambda event: None,
@@ -746,21 +741,10 @@ def run(args: argparse.Namespace, sets: list[list[str]], port: int, logdir: Path
 
         refs = References()
         asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
-        floor, engine = statistics.median(refs.floor), statistics.median(refs.engine)
-        statement = statistics.median(refs.statement)
-        worker = statistics.median(refs.worker)
-        print(
-            f"  floor {floor * 1000:.1f} ms, statement {statement * 1000:.1f} ms, engine {engine * 1000:.1f} ms, "
-            f"worker {worker * 1000:.1f} ms"
-        )
+        print(f"  medians: {refs.medians()}", flush=True)
         cycles, _ = bench.one_policy(args.targets, args.interval, args.minute)
         asyncio.run(reference_rounds(hosts, port, DEFAULTS.concurrency, args.reference_rounds, refs))
-        print(
-            f"  floor, statement, engine and worker again, after: {statistics.median(refs.floor) * 1000:.1f} ms, "
-            f"{statistics.median(refs.statement) * 1000:.1f} ms, {statistics.median(refs.engine) * 1000:.1f} ms, "
-            f"{statistics.median(refs.worker) * 1000:.1f} ms",
-            flush=True,
-        )
+        print(f"  medians again, with the rounds after: {refs.medians()}", flush=True)
         bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=False)
         bench.many_policies(args.policies, args.targets, args.rss_interval, overlap=True)
         summarise(refs, cycles, bench)

@@ -21,7 +21,6 @@ import pytest
 from psycopg import conninfo
 
 from pgwarden.cli import EXIT_UNREACHABLE
-from pgwarden.enforcement.kube import Credentials
 from pgwarden.enforcement.pool import ConnectionPool
 from pgwarden.enforcement.status import PolicyCondition, TargetUpdate
 from pgwarden.enforcement.targets import PodInfo
@@ -30,9 +29,9 @@ from pgwarden.engine import session as session_module
 from pgwarden.engine.connection import parse_dsn
 from pgwarden.engine.errors import TargetUnreachable
 from pgwarden.engine.session import EVALUATION_TIMEOUT_SECONDS, TargetSession
-from pgwarden.policy import CredentialsSecret
 from tests.fixtures.postgres import PgFactory
 from tests.harness.cli import policy_file
+from tests.harness.credentials import FixedCredentials
 from tests.harness.engine import spec_of
 from tests.harness.faults import Relay, Stopwatch, report_figures
 from tests.harness.postgres import PgServer, free_port
@@ -119,16 +118,6 @@ async def test_a_cycle_that_outlives_its_severed_socket_is_ended_by_the_backstop
     pg.wait_gone(backend)  # abandoned: the server sees the connection closed
 
 
-class OneSecret:
-    """The controller's SecretReader, minus the API server: every policy gets the same login."""
-
-    async def credentials(self, namespace: str, ref: CredentialsSecret) -> Credentials:
-        return Credentials("warden", PASSWORD)
-
-    def invalidate(self, namespace: str, name: str) -> None:
-        """Nothing cached here."""
-
-
 def policy(name: str, app: str, port: int) -> dict[str, Any]:
     spec = {
         "selector": {"matchLabels": {"app": app}},
@@ -171,7 +160,9 @@ async def test_wedged_target_with_many_policies_never_stalls_healthy_ones(pg_fac
         bodies = {f"wedged-{i}": policy(f"wedged-{i}", "wedged", relay.port) for i in range(6)}
         bodies["healthy"] = policy("healthy", "healthy", healthy.port)
         workers = {
-            name: PolicyWorker("faults", name, OneSecret(), pool.acquire, sink(name), lambda e: None, slots)
+            name: PolicyWorker(
+                "faults", name, FixedCredentials("warden", PASSWORD), pool.acquire, sink(name), lambda e: None, slots
+            )
             for name in bodies
         }
         stop = asyncio.Event()
