@@ -27,7 +27,7 @@ import yaml
 from kubernetes import client
 
 from pgwarden.policy.api import ConditionType, EventReason
-from tests.fixtures.operator import OperatorProcess
+from tests.fixtures.operator import OperatorProcess, crd_established
 from tests.harness.controlplane import ControlPlane
 from tests.harness.helm import CHART, RELEASE, Key, by_key, helm, render, values_file
 from tests.harness.k8s import as_dict, create_running_pod, new_namespace
@@ -36,7 +36,6 @@ from tests.harness.manifests import (
     MANIFESTS,
     SYSTEM_NAMESPACE,
     apply_documents,
-    crd_established,
     example_secret,
     fast_idle_reaper,
     open_session_mix,

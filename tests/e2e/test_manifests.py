@@ -35,7 +35,7 @@ from kubernetes import client
 from pgwarden import __version__
 from pgwarden.policy import parse_spec
 from pgwarden.policy.api import ConditionType, EventReason
-from tests.fixtures.operator import OperatorFactory
+from tests.fixtures.operator import OperatorFactory, crd_established
 from tests.fixtures.postgres import PgFactory
 from tests.harness.controlplane import ControlPlane
 from tests.harness.k8s import as_dict, create_running_pod, new_namespace
@@ -47,7 +47,6 @@ from tests.harness.manifests import (
     ROLE_SCRIPT,
     SYSTEM_NAMESPACE,
     apply_documents,
-    crd_established,
     documents,
     example_secret,
     fast_idle_reaper,

@@ -16,6 +16,7 @@ from kubernetes import client
 from psycopg import sql
 
 from pgwarden.policy.api import GROUP, PLURAL, VERSION
+from tests.fixtures.operator import crd_established
 from tests.harness.controlplane import ControlPlane
 from tests.harness.policies import PASSWORD, open_app_sessions
 from tests.harness.postgres import PgServer, wait_for
@@ -47,17 +48,6 @@ def apply_documents(plane: ControlPlane, namespace: str, docs: list[dict[str, An
     """Write `docs` to `path` and `kubectl apply -f` them into `namespace`, as a user would; returns stdout."""
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return plane.kubectl("apply", "-n", namespace, "-f", str(path)).stdout
-
-
-def crd_established(api: client.ApiClient, name: str) -> bool:
-    try:
-        crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(name)
-    except client.ApiException as error:
-        if error.status == 404:
-            return False
-        raise
-    conditions = (crd.status.conditions if crd.status is not None else None) or []
-    return any(c.type == "Established" and c.status == "True" for c in conditions)
 
 
 def policies_served(api: client.ApiClient, namespace: str) -> bool:
